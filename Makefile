@@ -1,0 +1,54 @@
+# robib build, test and demo targets. `make test` installs the third-party
+# NBD clients the tests drive (apt-get, as root) before running anything.
+
+GO        ?= go
+BIN       := bin/robib
+VERSION   ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+LDFLAGS   := -s -w -X main.version=$(VERSION)
+FUZZTIME  ?= 10s
+# package:FuzzTarget pairs run briefly by `make fuzz` (and so by `make test`).
+FUZZ      := ./nbdfront:FuzzHandshake ./nbdfront:FuzzTransmission ./volume:FuzzMeta ./fsm:FuzzDecode
+
+.PHONY: all build test unit e2e fuzz tools bench demo lint soak clean
+
+all: build
+
+build:
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/robib
+
+tools:
+	@ops/scripts/install-test-tools.sh
+
+# The whole suite: unit tests with the race detector, the end-to-end tests
+# against real NBD clients, and a short run of every fuzz target.
+test: tools lint
+	ROBIB_REQUIRE_TOOLS=1 $(GO) test -race -count=1 -timeout 40m ./...
+	@$(MAKE) --no-print-directory fuzz
+
+unit:
+	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v /tests)
+
+e2e: tools
+	ROBIB_REQUIRE_TOOLS=1 $(GO) test -count=1 -v -timeout 40m ./tests/...
+
+fuzz:
+	@set -e; for t in $(FUZZ); do \
+		pkg=$${t%%:*}; fn=$${t##*:}; \
+		echo "fuzz $$pkg $$fn ($(FUZZTIME))"; \
+		$(GO) test -run='^$$' -fuzz="^$$fn$$" -fuzztime=$(FUZZTIME) $$pkg; \
+	done
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+bench: build tools
+	$(GO) test -run='^$$' -bench=. -benchmem ./volume ./nbdfront ./dcd ./fsm
+	tests/bench/run.sh
+
+demo: build
+	ops/scripts/demo.sh
+
+clean:
+	rm -rf bin

@@ -1,0 +1,304 @@
+// Package cluster turns one site into a member of a robib cluster: it runs
+// hashicorp/raft over the replicated state machine (package fsm), uses
+// hashicorp/memberlist to discover sites and detect failures, turns gossip
+// members into Raft voters, and proposes commands — locally on the leader,
+// or forwarded to the leader from any other site.
+//
+// The package never opens a listener or dials by itself: the Raft listener
+// and every dialer come from Config, so transport security is added in one
+// place (the caller's network layer).
+package cluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+	"github.com/hashicorp/raft"
+	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
+
+	"github.com/robib/robib/fsm"
+)
+
+// Errors of this package. Retryable ones (ErrNoLeader, ErrNotLeader,
+// ErrUnreachable) wrap ErrRetry so writers can tell them from final answers.
+var (
+	ErrRetry       = errors.New("temporary cluster condition, retry")
+	ErrNoLeader    = fmt.Errorf("%w: no leader", ErrRetry)
+	ErrNotLeader   = fmt.Errorf("%w: not the leader", ErrRetry)
+	ErrUnreachable = fmt.Errorf("%w: leader unreachable", ErrRetry)
+	ErrClosed      = errors.New("cluster node closed")
+	ErrUnknownSite = errors.New("unknown site")
+	ErrInvalid     = errors.New("invalid cluster request")
+)
+
+// IsRetryable reports whether err is a transient condition after which the
+// same command may be proposed again (writers dedupe by session and seq).
+func IsRetryable(err error) bool {
+	return errors.Is(err, ErrRetry) || errors.Is(err, fsm.ErrSeqGap) || errors.Is(err, context.DeadlineExceeded)
+}
+
+// Config configures a Node. Addresses are host:port as other sites reach
+// them.
+type Config struct {
+	Name       string // site name: Raft server ID and gossip node name
+	DataDir    string // Raft log, stable store and snapshots live in DataDir/raft
+	RaftAddr   string // advertised Raft address (RaftListener listens on it)
+	GossipAddr string // memberlist bind and advertise address
+	APIAddr    string // advertised admin API address (leader forwarding goes there)
+	NBDAddr    string // advertised NBD address (shown to users)
+
+	Join            []string // gossip addresses of existing members
+	BootstrapExpect int      // start a new cluster once this many sites gossip (0: see Open)
+
+	SnapshotThreshold  uint64        // Raft entries between snapshots
+	SnapshotInterval   time.Duration // how often Raft checks the threshold
+	TrailingLogs       uint64        // entries kept after a snapshot for slow followers
+	SnapshotRetain     int
+	HeartbeatTimeout   time.Duration
+	ElectionTimeout    time.Duration
+	LeaderLeaseTimeout time.Duration
+	CommitTimeout      time.Duration
+
+	// RaftListener is the listener for Raft traffic (built by the caller's
+	// network layer); Dial opens connections for Raft and gossip-adjacent
+	// RPC. HTTPClient carries forwarded requests to other sites' APIs.
+	RaftListener net.Listener
+	Dial         func(ctx context.Context, addr string) (net.Conn, error)
+	HTTPClient   *http.Client
+
+	Logger *slog.Logger
+}
+
+func (c *Config) setDefaults() {
+	if c.SnapshotThreshold == 0 {
+		c.SnapshotThreshold = 8192
+	}
+	if c.SnapshotInterval == 0 {
+		c.SnapshotInterval = 30 * time.Second
+	}
+	if c.TrailingLogs == 0 {
+		c.TrailingLogs = 1024
+	}
+	if c.SnapshotRetain == 0 {
+		c.SnapshotRetain = 2
+	}
+	if c.HeartbeatTimeout == 0 {
+		c.HeartbeatTimeout = 1000 * time.Millisecond
+	}
+	if c.ElectionTimeout == 0 {
+		c.ElectionTimeout = 1000 * time.Millisecond
+	}
+	if c.LeaderLeaseTimeout == 0 {
+		c.LeaderLeaseTimeout = 500 * time.Millisecond
+	}
+	if c.CommitTimeout == 0 {
+		c.CommitTimeout = 5 * time.Millisecond
+	}
+	if c.HTTPClient == nil {
+		c.HTTPClient = &http.Client{Timeout: 2 * time.Minute}
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+}
+
+// Node is this site's membership in the cluster. Its methods are safe for
+// concurrent use.
+type Node struct {
+	cfg   Config
+	log   *slog.Logger
+	fsm   *fsm.FSM
+	raft  *raft.Raft
+	store *raftboltdb.BoltStore
+	trans *raft.NetworkTransport
+	ml    *memberlist.Memberlist
+	rpc   *rpcClient
+
+	events chan struct{} // nudges the reconcile loop on membership changes
+	stop   chan struct{}
+	wg     sync.WaitGroup
+
+	closeOnce sync.Once
+	leftMu    sync.Mutex
+	left      bool
+}
+
+// Open starts Raft and gossip for this site over f. A site with no Raft
+// state and no Join bootstraps a one-site cluster (so a lone agent is a
+// complete robib); with BootstrapExpect N it waits for N gossiping sites and
+// bootstraps them together; otherwise it waits for the leader to add it.
+func Open(cfg Config, f *fsm.FSM) (*Node, error) {
+	cfg.setDefaults()
+	if cfg.RaftListener == nil || cfg.Dial == nil {
+		return nil, fmt.Errorf("%w: RaftListener and Dial are required", ErrInvalid)
+	}
+	n := &Node{
+		cfg:    cfg,
+		log:    cfg.Logger,
+		fsm:    f,
+		events: make(chan struct{}, 1),
+		stop:   make(chan struct{}),
+	}
+	n.rpc = &rpcClient{http: cfg.HTTPClient}
+	if err := n.openRaft(); err != nil {
+		return nil, err
+	}
+	if err := n.openGossip(); err != nil {
+		n.shutdownRaft()
+		return nil, err
+	}
+	n.wg.Add(1)
+	go n.reconcileLoop()
+	return n, nil
+}
+
+func (n *Node) openRaft() error {
+	dir := filepath.Join(n.cfg.DataDir, "raft")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("raft dir: %w", err)
+	}
+	store, err := raftboltdb.New(raftboltdb.Options{Path: filepath.Join(dir, "raft.db")})
+	if err != nil {
+		return fmt.Errorf("opening raft log %s: %w", dir, err)
+	}
+	snaps, err := n.fsm.SnapshotStore(filepath.Join(dir, "snapshots"), n.cfg.SnapshotRetain)
+	if err != nil {
+		store.Close()
+		return fmt.Errorf("opening snapshot store: %w", err)
+	}
+	hlog := newHCLogger("raft", n.log)
+	n.trans = raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
+		Stream:  &streamLayer{Listener: n.cfg.RaftListener, dial: n.cfg.Dial, advertise: n.cfg.RaftAddr},
+		MaxPool: 4,
+		Timeout: 10 * time.Second,
+		Logger:  hlog,
+	})
+	rc := raft.DefaultConfig()
+	rc.LocalID = raft.ServerID(n.cfg.Name)
+	rc.Logger = hlog
+	rc.HeartbeatTimeout = n.cfg.HeartbeatTimeout
+	rc.ElectionTimeout = n.cfg.ElectionTimeout
+	rc.LeaderLeaseTimeout = n.cfg.LeaderLeaseTimeout
+	rc.CommitTimeout = n.cfg.CommitTimeout
+	rc.SnapshotThreshold = n.cfg.SnapshotThreshold
+	rc.SnapshotInterval = n.cfg.SnapshotInterval
+	rc.TrailingLogs = n.cfg.TrailingLogs
+	rc.BatchApplyCh = true
+	rc.NoLegacyTelemetry = true
+	// The FSM persists its own applied index and volumes are files on
+	// disk: a restart replays the log tail instead of rewriting volumes
+	// from the last snapshot (see fsm/DESIGN.md).
+	rc.NoSnapshotRestoreOnStart = true
+	if err := raft.ValidateConfig(rc); err != nil {
+		store.Close()
+		return fmt.Errorf("%w: raft config: %v", ErrInvalid, err)
+	}
+	hasState, err := raft.HasExistingState(store, store, snaps)
+	if err != nil {
+		store.Close()
+		return fmt.Errorf("reading raft state: %w", err)
+	}
+	r, err := raft.NewRaft(rc, n.fsm, store, store, snaps, n.trans)
+	if err != nil {
+		store.Close()
+		return fmt.Errorf("starting raft: %w", err)
+	}
+	n.raft, n.store = r, store
+	if !hasState && len(n.cfg.Join) == 0 && n.cfg.BootstrapExpect <= 1 {
+		n.log.Info("bootstrapping a new one-site cluster", "site", n.cfg.Name)
+		if err := n.bootstrap([]raft.Server{n.self()}); err != nil {
+			n.shutdownRaft()
+			return err
+		}
+	}
+	if !hasState && n.cfg.BootstrapExpect > 1 {
+		n.wg.Add(1)
+		go n.bootstrapExpectLoop()
+	}
+	return nil
+}
+
+func (n *Node) self() raft.Server {
+	return raft.Server{Suffrage: raft.Voter, ID: raft.ServerID(n.cfg.Name), Address: raft.ServerAddress(n.cfg.RaftAddr)}
+}
+
+func (n *Node) bootstrap(servers []raft.Server) error {
+	err := n.raft.BootstrapCluster(raft.Configuration{Servers: servers}).Error()
+	if err != nil && !errors.Is(err, raft.ErrCantBootstrap) {
+		return fmt.Errorf("bootstrapping cluster: %w", err)
+	}
+	return nil
+}
+
+func (n *Node) shutdownRaft() {
+	if n.raft != nil {
+		if err := n.raft.Shutdown().Error(); err != nil {
+			n.log.Warn("raft shutdown", "err", err)
+		}
+	}
+	if n.trans != nil {
+		n.trans.Close()
+	}
+	if n.store != nil {
+		n.store.Close()
+	}
+}
+
+// Close leaves nothing behind: stops gossip (without announcing a leave:
+// a stopped site stays a voter) and Raft, and closes the log store.
+func (n *Node) Close() error {
+	n.closeOnce.Do(func() {
+		close(n.stop)
+		n.wg.Wait()
+		if n.ml != nil {
+			if err := n.ml.Shutdown(); err != nil {
+				n.log.Warn("gossip shutdown", "err", err)
+			}
+		}
+		n.shutdownRaft()
+	})
+	return nil
+}
+
+// Name is this site's name.
+func (n *Node) Name() string { return n.cfg.Name }
+
+// FSM is the state machine this node replicates.
+func (n *Node) FSM() *fsm.FSM { return n.fsm }
+
+// IsLeader reports whether this site currently leads.
+func (n *Node) IsLeader() bool { return n.raft.State() == raft.Leader }
+
+// Leader returns the current leader's site name, or "" when unknown.
+func (n *Node) Leader() string {
+	_, id := n.raft.LeaderWithID()
+	return string(id)
+}
+
+// WaitForLeader blocks until some site leads (this one or another), or ctx
+// ends.
+func (n *Node) WaitForLeader(ctx context.Context) (string, error) {
+	t := time.NewTicker(20 * time.Millisecond)
+	defer t.Stop()
+	for {
+		if l := n.Leader(); l != "" {
+			return l, nil
+		}
+		select {
+		case <-ctx.Done():
+			return "", fmt.Errorf("waiting for a leader: %w", ctx.Err())
+		case <-n.stop:
+			return "", ErrClosed
+		case <-t.C:
+		}
+	}
+}

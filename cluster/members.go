@@ -1,0 +1,238 @@
+package cluster
+
+import (
+	"encoding/json"
+	"fmt"
+	"log"
+	"net"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+	"github.com/hashicorp/raft"
+)
+
+// siteMeta is what each site gossips about itself.
+type siteMeta struct {
+	Raft string `json:"raft"`
+	API  string `json:"api"`
+	NBD  string `json:"nbd"`
+}
+
+// delegate answers memberlist's questions about this site and turns
+// membership events into reconcile nudges. memberlist calls it from its own
+// goroutines; it only reads immutable fields and does non-blocking sends.
+type delegate struct {
+	meta []byte
+	n    *Node
+}
+
+func (d *delegate) NodeMeta(limit int) []byte {
+	if len(d.meta) > limit {
+		return nil
+	}
+	return d.meta
+}
+func (d *delegate) NotifyMsg([]byte)                {}
+func (d *delegate) GetBroadcasts(int, int) [][]byte { return nil }
+func (d *delegate) LocalState(bool) []byte          { return nil }
+func (d *delegate) MergeRemoteState([]byte, bool)   {}
+func (d *delegate) NotifyJoin(*memberlist.Node)     { d.n.nudge() }
+func (d *delegate) NotifyLeave(*memberlist.Node)    { d.n.nudge() }
+func (d *delegate) NotifyUpdate(*memberlist.Node)   { d.n.nudge() }
+
+func (n *Node) nudge() {
+	select {
+	case n.events <- struct{}{}:
+	default:
+	}
+}
+
+func (n *Node) openGossip() error {
+	host, portStr, err := net.SplitHostPort(n.cfg.GossipAddr)
+	if err != nil {
+		return fmt.Errorf("%w: gossip address %q: %v", ErrInvalid, n.cfg.GossipAddr, err)
+	}
+	port, err := strconv.Atoi(portStr)
+	if err != nil {
+		return fmt.Errorf("%w: gossip port %q", ErrInvalid, portStr)
+	}
+	meta, err := json.Marshal(siteMeta{Raft: n.cfg.RaftAddr, API: n.cfg.APIAddr, NBD: n.cfg.NBDAddr})
+	if err != nil {
+		return err
+	}
+	mc := memberlist.DefaultLANConfig()
+	mc.Name = n.cfg.Name
+	mc.BindAddr = host
+	mc.BindPort = port
+	mc.AdvertiseAddr = host
+	mc.AdvertisePort = port
+	d := &delegate{meta: meta, n: n}
+	mc.Delegate = d
+	mc.Events = d
+	mc.Logger = log.New(&logWriter{log: n.log, component: "gossip"}, "", 0)
+	// Faster failure detection than the LAN default: sites are few.
+	mc.ProbeInterval = 500 * time.Millisecond
+	mc.ProbeTimeout = 250 * time.Millisecond
+	mc.GossipInterval = 100 * time.Millisecond
+	mc.PushPullInterval = 15 * time.Second
+	ml, err := memberlist.Create(mc)
+	if err != nil {
+		return fmt.Errorf("starting gossip on %s: %w", n.cfg.GossipAddr, err)
+	}
+	n.ml = ml
+	if len(n.cfg.Join) > 0 {
+		n.wg.Add(1)
+		go n.joinLoop()
+	}
+	return nil
+}
+
+// joinLoop keeps trying to reach an existing member until one answers.
+func (n *Node) joinLoop() {
+	defer n.wg.Done()
+	backoff := 100 * time.Millisecond
+	for {
+		if _, err := n.ml.Join(n.cfg.Join); err == nil {
+			n.log.Info("joined gossip", "via", n.cfg.Join)
+			return
+		} else {
+			n.log.Warn("joining gossip failed; retrying", "via", n.cfg.Join, "err", err, "in", backoff)
+		}
+		select {
+		case <-n.stop:
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, 5*time.Second)
+	}
+}
+
+// member is one gossiping site with its decoded metadata.
+type member struct {
+	Name string
+	Meta siteMeta
+	Live bool
+}
+
+// members lists the sites gossip currently knows as alive or suspect.
+func (n *Node) members() []member {
+	var out []member
+	for _, m := range n.ml.Members() {
+		var meta siteMeta
+		if err := json.Unmarshal(m.Meta, &meta); err != nil || meta.Raft == "" {
+			continue
+		}
+		out = append(out, member{Name: m.Name, Meta: meta, Live: m.State == memberlist.StateAlive})
+	}
+	slices.SortFunc(out, func(a, b member) int { return cmpString(a.Name, b.Name) })
+	return out
+}
+
+func cmpString(a, b string) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// memberMeta returns the gossiped addresses of a site.
+func (n *Node) memberMeta(name string) (siteMeta, bool) {
+	if name == n.cfg.Name {
+		return siteMeta{Raft: n.cfg.RaftAddr, API: n.cfg.APIAddr, NBD: n.cfg.NBDAddr}, true
+	}
+	for _, m := range n.members() {
+		if m.Name == name {
+			return m.Meta, true
+		}
+	}
+	return siteMeta{}, false
+}
+
+// bootstrapExpectLoop waits until BootstrapExpect sites gossip, then
+// bootstraps Raft with exactly those sites. Every starting site does the same
+// with the same sorted list, which Raft accepts as one configuration.
+func (n *Node) bootstrapExpectLoop() {
+	defer n.wg.Done()
+	t := time.NewTicker(200 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-n.stop:
+			return
+		case <-t.C:
+		}
+		if n.Leader() != "" {
+			return // someone else bootstrapped and we were added
+		}
+		ms := n.members()
+		if len(ms) < n.cfg.BootstrapExpect {
+			continue
+		}
+		var servers []raft.Server
+		for _, m := range ms[:n.cfg.BootstrapExpect] {
+			servers = append(servers, raft.Server{Suffrage: raft.Voter, ID: raft.ServerID(m.Name), Address: raft.ServerAddress(m.Meta.Raft)})
+		}
+		if !slices.ContainsFunc(servers, func(s raft.Server) bool { return s.ID == raft.ServerID(n.cfg.Name) }) {
+			n.log.Warn("more sites than --bootstrap-expect are gossiping; waiting to be added by the leader")
+			return
+		}
+		n.log.Info("bootstrapping cluster", "sites", len(servers))
+		if err := n.bootstrap(servers); err != nil {
+			n.log.Error("bootstrap failed", "err", err)
+		}
+		return
+	}
+}
+
+// reconcileLoop, on the leader, makes every live gossip member a Raft
+// voter. A site that dies stays a voter: it is a backup, and only an
+// operator removes it (cluster leave / cluster remove).
+func (n *Node) reconcileLoop() {
+	defer n.wg.Done()
+	t := time.NewTicker(2 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-n.stop:
+			return
+		case <-t.C:
+		case <-n.events:
+		}
+		if n.raft.State() != raft.Leader {
+			continue
+		}
+		if err := n.reconcile(); err != nil {
+			n.log.Warn("reconciling members", "err", err)
+		}
+	}
+}
+
+func (n *Node) reconcile() error {
+	fut := n.raft.GetConfiguration()
+	if err := fut.Error(); err != nil {
+		return err
+	}
+	known := map[raft.ServerID]raft.ServerAddress{}
+	for _, s := range fut.Configuration().Servers {
+		known[s.ID] = s.Address
+	}
+	for _, m := range n.members() {
+		if !m.Live {
+			continue
+		}
+		id, addr := raft.ServerID(m.Name), raft.ServerAddress(m.Meta.Raft)
+		if cur, ok := known[id]; ok && cur == addr {
+			continue
+		}
+		n.log.Info("adding site as voter", "site", m.Name, "raft", m.Meta.Raft)
+		if err := n.raft.AddVoter(id, addr, 0, 10*time.Second).Error(); err != nil {
+			return fmt.Errorf("adding %s: %w", m.Name, err)
+		}
+	}
+	return nil
+}

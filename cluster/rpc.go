@@ -1,0 +1,235 @@
+package cluster
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/robib/robib/fsm"
+)
+
+// Internal site-to-site endpoints, served on each site's API listener under
+// /internal/v1/. They carry forwarded proposals and the per-site views that
+// status and verify collect.
+const (
+	pathApply        = "/internal/v1/apply"
+	pathLocalStatus  = "/internal/v1/local-status"
+	pathVerify       = "/internal/v1/verify/"
+	pathRemoveServer = "/internal/v1/remove-server"
+	pathTransfer     = "/internal/v1/transfer-leadership"
+
+	// maxForwardBody bounds a forwarded command (entries are kept far
+	// smaller, see dcd).
+	maxForwardBody = 16 << 20
+)
+
+// applyReply is the answer to a forwarded proposal.
+type applyReply struct {
+	Index     uint64 `json:"index"`
+	Duplicate bool   `json:"duplicate,omitempty"`
+	Code      string `json:"code,omitempty"`  // fsm.ErrorCode of the FSM's verdict
+	Error     string `json:"error,omitempty"` // its message
+	Retry     bool   `json:"retry,omitempty"` // the receiver was not the leader etc.
+}
+
+// Handler serves the internal endpoints. Mount it at /internal/.
+func (n *Node) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST "+pathApply, n.handleApply)
+	mux.HandleFunc("GET "+pathLocalStatus, func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, n.LocalStatus())
+	})
+	mux.HandleFunc("GET "+pathVerify+"{id}", n.handleVerify)
+	mux.HandleFunc("POST "+pathRemoveServer, n.handleRemoveServer)
+	mux.HandleFunc("POST "+pathTransfer, n.handleTransfer)
+	return mux
+}
+
+func (n *Node) handleApply(w http.ResponseWriter, r *http.Request) {
+	data, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxForwardBody))
+	if err != nil {
+		writeJSON(w, http.StatusBadRequest, applyReply{Code: "invalid", Error: err.Error()})
+		return
+	}
+	if !n.IsLeader() {
+		writeJSON(w, http.StatusOK, applyReply{Retry: true, Error: "not the leader"})
+		return
+	}
+	if _, err := fsm.Decode(data); err != nil {
+		writeJSON(w, http.StatusOK, applyReply{Code: fsm.ErrorCode(err), Error: err.Error()})
+		return
+	}
+	res, err := n.applyLocal(r.Context(), data)
+	if err != nil {
+		writeJSON(w, http.StatusOK, applyReply{Retry: IsRetryable(err) || errors.Is(err, ErrClosed), Error: err.Error()})
+		return
+	}
+	rep := applyReply{Index: res.Index, Duplicate: res.Duplicate}
+	if res.Err != nil {
+		rep.Code, rep.Error = fsm.ErrorCode(res.Err), res.Err.Error()
+	}
+	writeJSON(w, http.StatusOK, rep)
+}
+
+func (n *Node) handleVerify(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	idx, _ := strconv.ParseUint(r.URL.Query().Get("index"), 10, 64)
+	ctx, cancel := context.WithTimeout(r.Context(), 60*time.Second)
+	defer cancel()
+	if err := n.fsm.WaitApplied(ctx, idx); err != nil {
+		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"error": fmt.Sprintf("site %s has not applied index %d: %v", n.cfg.Name, idx, err)})
+		return
+	}
+	rep, ok := n.fsm.VerifyResult(id)
+	if !ok {
+		writeJSON(w, http.StatusNotFound, map[string]string{"error": "no verify result " + id + " at site " + n.cfg.Name})
+		return
+	}
+	writeJSON(w, http.StatusOK, rep)
+}
+
+type siteRequest struct {
+	Site string `json:"site"`
+}
+
+func (n *Node) handleRemoveServer(w http.ResponseWriter, r *http.Request) {
+	var req siteRequest
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4096)).Decode(&req); err != nil {
+		writeJSON(w, http.StatusBadRequest, map[string]string{"error": err.Error()})
+		return
+	}
+	if err := n.removeServerLocal(req.Site); err != nil {
+		writeJSON(w, statusFor(err), map[string]string{"error": err.Error()})
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (n *Node) handleTransfer(w http.ResponseWriter, r *http.Request) {
+	var req siteRequest
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4096)).Decode(&req); err != nil {
+		writeJSON(w, http.StatusBadRequest, map[string]string{"error": err.Error()})
+		return
+	}
+	if err := n.transferLocal(req.Site); err != nil {
+		writeJSON(w, statusFor(err), map[string]string{"error": err.Error()})
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func statusFor(err error) int {
+	switch {
+	case errors.Is(err, ErrRetry):
+		return http.StatusServiceUnavailable
+	case errors.Is(err, ErrUnknownSite):
+		return http.StatusNotFound
+	case errors.Is(err, ErrInvalid):
+		return http.StatusBadRequest
+	}
+	return http.StatusInternalServerError
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+// rpcClient calls other sites' internal endpoints.
+type rpcClient struct {
+	http *http.Client
+}
+
+func (c *rpcClient) url(addr, path string) string { return "http://" + addr + path }
+
+// apply forwards an encoded command to the leader's API.
+func (c *rpcClient) apply(ctx context.Context, addr string, data []byte) (*fsm.Result, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.url(addr, pathApply), bytes.NewReader(data))
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Content-Type", "application/octet-stream")
+	resp, err := c.http.Do(req)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		return nil, fmt.Errorf("%w: %v", ErrUnreachable, err)
+	}
+	defer resp.Body.Close()
+	var rep applyReply
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&rep); err != nil {
+		return nil, fmt.Errorf("%w: bad answer from %s (%s): %v", ErrUnreachable, addr, resp.Status, err)
+	}
+	if rep.Retry {
+		return nil, fmt.Errorf("%w: %s: %s", ErrNotLeader, addr, rep.Error)
+	}
+	res := &fsm.Result{Index: rep.Index, Duplicate: rep.Duplicate}
+	if rep.Code != "" || rep.Error != "" {
+		res.Err = fsm.ErrorFromCode(rep.Code, rep.Error)
+	}
+	return res, nil
+}
+
+// getJSON fetches a site's internal endpoint into out.
+func (c *rpcClient) getJSON(ctx context.Context, addr, path string, out any) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.url(addr, path), nil)
+	if err != nil {
+		return err
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	if err != nil {
+		return err
+	}
+	if resp.StatusCode != http.StatusOK {
+		var e struct{ Error string }
+		_ = json.Unmarshal(body, &e)
+		return fmt.Errorf("%s%s: %s: %s", addr, path, resp.Status, e.Error)
+	}
+	return json.Unmarshal(body, out)
+}
+
+// postJSON sends in to a site's internal endpoint.
+func (c *rpcClient) postJSON(ctx context.Context, addr, path string, in any) error {
+	b, err := json.Marshal(in)
+	if err != nil {
+		return err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.url(addr, path), bytes.NewReader(b))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return fmt.Errorf("%w: %v", ErrUnreachable, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode/100 == 2 {
+		return nil
+	}
+	var e struct{ Error string }
+	_ = json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&e)
+	err = fmt.Errorf("%s: %s", resp.Status, e.Error)
+	switch resp.StatusCode {
+	case http.StatusServiceUnavailable:
+		return fmt.Errorf("%w: %v", ErrRetry, err)
+	case http.StatusNotFound:
+		return fmt.Errorf("%w: %v", ErrUnknownSite, err)
+	case http.StatusBadRequest:
+		return fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	return err
+}

@@ -1,0 +1,68 @@
+package cluster
+
+import (
+	"context"
+	"log/slog"
+	"net"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/raft"
+)
+
+// streamLayer adapts the caller's listener and dialer to Raft's transport.
+type streamLayer struct {
+	net.Listener
+	dial      func(ctx context.Context, addr string) (net.Conn, error)
+	advertise string
+}
+
+// Dial opens a Raft connection to address.
+func (s *streamLayer) Dial(address raft.ServerAddress, timeout time.Duration) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	return s.dial(ctx, string(address))
+}
+
+// Addr is the advertised address, which may differ from the bound one
+// (e.g. bound to 0.0.0.0).
+func (s *streamLayer) Addr() net.Addr {
+	if a, err := net.ResolveTCPAddr("tcp", s.advertise); err == nil {
+		return a
+	}
+	return s.Listener.Addr()
+}
+
+// logWriter turns the line-oriented logs of raft (hclog) and memberlist
+// (log.Logger) into structured slog records, keeping their level.
+type logWriter struct {
+	log       *slog.Logger
+	component string
+}
+
+func (w *logWriter) Write(p []byte) (int, error) {
+	line := strings.TrimSpace(string(p))
+	lvl := slog.LevelInfo
+	for prefix, l := range map[string]slog.Level{
+		"[TRACE]": slog.LevelDebug - 4, "[DEBUG]": slog.LevelDebug, "[INFO]": slog.LevelInfo,
+		"[WARN]": slog.LevelWarn, "[ERR]": slog.LevelError, "[ERROR]": slog.LevelError,
+	} {
+		if i := strings.Index(line, prefix); i >= 0 && i < 40 {
+			lvl = l
+			line = strings.TrimSpace(line[i+len(prefix):])
+			break
+		}
+	}
+	w.log.Log(context.Background(), lvl, line, "component", w.component)
+	return len(p), nil
+}
+
+func newHCLogger(name string, log *slog.Logger) hclog.Logger {
+	return hclog.New(&hclog.LoggerOptions{
+		Name:        name,
+		Level:       hclog.Info,
+		Output:      &logWriter{log: log, component: name},
+		DisableTime: true,
+	})
+}

@@ -1,0 +1,166 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/robib/robib/cluster"
+	"github.com/robib/robib/cmd/internal/api"
+	"github.com/robib/robib/fsm"
+	"github.com/robib/robib/volume"
+)
+
+// adminTimeout bounds an admin command that waits for a leader.
+const adminTimeout = 30 * time.Second
+
+// clusterService serves the admin API: metadata changes go through Raft
+// (from any site: the node forwards to the leader), reads come from this
+// site's replicated copy.
+type clusterService struct {
+	node  *cluster.Node
+	store *volume.Store
+}
+
+func toAPI(m volume.Meta) api.Volume {
+	sync := "flush"
+	if m.SyncWrites {
+		sync = "always"
+	}
+	return api.Volume{Name: m.Name, Size: m.Size, BlockSize: m.BlockSize, Created: m.Created, Sync: sync}
+}
+
+// apiErr tags errors of the layers below with the API sentinel that picks
+// the HTTP status.
+func apiErr(err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, volume.ErrNotFound), errors.Is(err, fsm.ErrUnknownVolume), errors.Is(err, cluster.ErrUnknownSite):
+		return fmt.Errorf("%w: %w", api.ErrNotFound, err)
+	case errors.Is(err, volume.ErrExists), errors.Is(err, fsm.ErrVolumeExists):
+		return fmt.Errorf("%w: %w", api.ErrExists, err)
+	case errors.Is(err, volume.ErrInvalidName), errors.Is(err, volume.ErrInvalidSize),
+		errors.Is(err, fsm.ErrInvalid), errors.Is(err, fsm.ErrOutOfRange), errors.Is(err, cluster.ErrInvalid):
+		return fmt.Errorf("%w: %w", api.ErrInvalid, err)
+	case errors.Is(err, cluster.ErrRetry), errors.Is(err, context.DeadlineExceeded), errors.Is(err, cluster.ErrClosed):
+		return fmt.Errorf("%w: %w", api.ErrUnavailable, err)
+	}
+	return err
+}
+
+func withTimeout(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, adminTimeout)
+}
+
+func (s *clusterService) CreateVolume(ctx context.Context, req api.CreateVolumeRequest) (api.Volume, error) {
+	syncWrites, err := parseSync(req.Sync)
+	if err != nil {
+		return api.Volume{}, err
+	}
+	bs := req.BlockSize
+	if bs == 0 {
+		bs = volume.DefaultBlockSize
+	}
+	m := volume.Meta{Name: req.Name, Size: req.Size, BlockSize: bs, SyncWrites: syncWrites}
+	if err := volume.ValidateMeta(m); err != nil {
+		return api.Volume{}, apiErr(err)
+	}
+	ctx, cancel := withTimeout(ctx)
+	defer cancel()
+	cmd := &fsm.CreateVolume{Name: m.Name, Size: m.Size, BlockSize: m.BlockSize, SyncWrites: syncWrites, Created: time.Now().UTC().UnixNano()}
+	if _, err := s.node.ApplyAndWait(ctx, cmd); err != nil {
+		return api.Volume{}, apiErr(err)
+	}
+	return s.GetVolume(ctx, req.Name)
+}
+
+func parseSync(s string) (bool, error) {
+	switch s {
+	case "", "flush":
+		return false, nil
+	case "always":
+		return true, nil
+	}
+	return false, fmt.Errorf("%w: sync mode %q: want flush or always", api.ErrInvalid, s)
+}
+
+func (s *clusterService) ListVolumes(context.Context) ([]api.Volume, error) {
+	metas := s.store.List()
+	out := make([]api.Volume, 0, len(metas))
+	for _, m := range metas {
+		out = append(out, toAPI(m))
+	}
+	return out, nil
+}
+
+func (s *clusterService) GetVolume(_ context.Context, name string) (api.Volume, error) {
+	v, err := s.store.Get(name)
+	if err != nil {
+		return api.Volume{}, apiErr(err)
+	}
+	return toAPI(v.Meta()), nil
+}
+
+func (s *clusterService) DeleteVolume(ctx context.Context, name string) error {
+	if err := volume.ValidateName(name); err != nil {
+		return apiErr(err)
+	}
+	ctx, cancel := withTimeout(ctx)
+	defer cancel()
+	_, err := s.node.ApplyAndWait(ctx, &fsm.DeleteVolume{Name: name})
+	return apiErr(err)
+}
+
+func (s *clusterService) ResizeVolume(ctx context.Context, name string, size int64) (api.Volume, error) {
+	v, err := s.store.Get(name)
+	if err != nil {
+		return api.Volume{}, apiErr(err)
+	}
+	m := v.Meta()
+	m.Size = size
+	if err := volume.ValidateMeta(m); err != nil {
+		return api.Volume{}, apiErr(err)
+	}
+	ctx, cancel := withTimeout(ctx)
+	defer cancel()
+	if _, err := s.node.ApplyAndWait(ctx, &fsm.ResizeVolume{Name: name, Size: size}); err != nil {
+		return api.Volume{}, apiErr(err)
+	}
+	return s.GetVolume(ctx, name)
+}
+
+func (s *clusterService) VerifyVolume(ctx context.Context, name string, req api.VerifyRequest) (cluster.VerifyResult, error) {
+	if req.ChunkSize == 0 {
+		req.ChunkSize = 1 << 20
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*adminTimeout)
+	defer cancel()
+	res, err := s.node.VerifyRange(ctx, name, req.Offset, req.Length, req.ChunkSize)
+	return res, apiErr(err)
+}
+
+func (s *clusterService) ClusterStatus(ctx context.Context) (cluster.Status, error) {
+	st, err := s.node.Status(ctx)
+	return st, apiErr(err)
+}
+
+func (s *clusterService) Leave(ctx context.Context) error {
+	ctx, cancel := withTimeout(ctx)
+	defer cancel()
+	return apiErr(s.node.Leave(ctx))
+}
+
+func (s *clusterService) RemoveSite(ctx context.Context, site string) error {
+	ctx, cancel := withTimeout(ctx)
+	defer cancel()
+	return apiErr(s.node.RemoveSite(ctx, site))
+}
+
+func (s *clusterService) TransferLeadership(ctx context.Context, to string) (string, error) {
+	ctx, cancel := withTimeout(ctx)
+	defer cancel()
+	l, err := s.node.TransferLeadership(ctx, to)
+	return l, apiErr(err)
+}

@@ -1,0 +1,78 @@
+// Package api is the agent's admin HTTP/JSON API and its Go client, used by
+// the robib CLI. The server is a thin translation layer: it decodes and
+// bounds requests, calls a Service, and maps the Service's errors to HTTP
+// status codes. It never touches volumes or the cluster itself.
+package api
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/robib/robib/cluster"
+)
+
+// Errors a Service returns (wrapped) so the server picks the right status.
+// Errors that match none of these are reported as 500.
+var (
+	ErrNotFound    = errors.New("not found")               // 404
+	ErrExists      = errors.New("already exists")          // 409
+	ErrInvalid     = errors.New("invalid request")         // 400
+	ErrUnavailable = errors.New("temporarily unavailable") // 503
+)
+
+// Volume is a volume as the API shows it.
+type Volume struct {
+	Name      string    `json:"name"`
+	Size      int64     `json:"size"`
+	BlockSize int       `json:"block_size"`
+	Created   time.Time `json:"created"`
+	Sync      string    `json:"sync"` // "flush" (default) or "always"
+}
+
+// CreateVolumeRequest is the body of POST /v1/volumes.
+type CreateVolumeRequest struct {
+	Name      string `json:"name"`
+	Size      int64  `json:"size"`
+	BlockSize int    `json:"block_size,omitempty"`
+	Sync      string `json:"sync,omitempty"` // "flush" (default) or "always"
+}
+
+// ResizeVolumeRequest is the body of POST /v1/volumes/{name}/resize.
+type ResizeVolumeRequest struct {
+	Size int64 `json:"size"`
+}
+
+// ErrorBody is the body of every non-2xx answer.
+type ErrorBody struct {
+	Error string `json:"error"`
+}
+
+// Service is what the API serves. Implementations are safe for concurrent
+// use; the ctx carries the request's deadline.
+type Service interface {
+	CreateVolume(ctx context.Context, req CreateVolumeRequest) (Volume, error)
+	ListVolumes(ctx context.Context) ([]Volume, error)
+	GetVolume(ctx context.Context, name string) (Volume, error)
+	DeleteVolume(ctx context.Context, name string) error
+	ResizeVolume(ctx context.Context, name string, size int64) (Volume, error)
+	VerifyVolume(ctx context.Context, name string, req VerifyRequest) (cluster.VerifyResult, error)
+
+	ClusterStatus(ctx context.Context) (cluster.Status, error)
+	Leave(ctx context.Context) error
+	RemoveSite(ctx context.Context, site string) error
+	TransferLeadership(ctx context.Context, to string) (string, error)
+}
+
+// VerifyRequest is the body of POST /v1/volumes/{name}/verify: one range,
+// hashed by every site at the same log index.
+type VerifyRequest struct {
+	Offset    int64 `json:"offset"`
+	Length    int64 `json:"length"`
+	ChunkSize int64 `json:"chunk_size"`
+}
+
+// SiteRequest names a site (cluster remove, transfer-leadership).
+type SiteRequest struct {
+	Site string `json:"site"`
+}

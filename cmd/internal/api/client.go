@@ -1,0 +1,166 @@
+package api
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/robib/robib/cluster"
+)
+
+// Client calls an agent's admin API.
+type Client struct {
+	base string
+	http *http.Client
+}
+
+// NewClient returns a client for the agent at base ("http://host:port" or
+// "host:port").
+func NewClient(base string, hc *http.Client) (*Client, error) {
+	if !strings.Contains(base, "://") {
+		base = "http://" + base
+	}
+	u, err := url.Parse(base)
+	if err != nil || u.Host == "" || (u.Scheme != "http" && u.Scheme != "https") {
+		return nil, fmt.Errorf("%w: bad API address %q", ErrInvalid, base)
+	}
+	if hc == nil {
+		hc = &http.Client{Timeout: 2 * time.Minute}
+	}
+	return &Client{base: strings.TrimRight(u.String(), "/"), http: hc}, nil
+}
+
+// StatusError is a non-2xx answer from the agent.
+type StatusError struct {
+	Status  int
+	Message string
+}
+
+func (e *StatusError) Error() string { return e.Message }
+
+// Unwrap lets errors.Is match the API's sentinels on the client side too.
+func (e *StatusError) Unwrap() error {
+	switch e.Status {
+	case http.StatusNotFound:
+		return ErrNotFound
+	case http.StatusConflict:
+		return ErrExists
+	case http.StatusBadRequest:
+		return ErrInvalid
+	case http.StatusServiceUnavailable:
+		return ErrUnavailable
+	}
+	return nil
+}
+
+// Do sends one request with an optional JSON body and decodes a JSON answer
+// into out (if non-nil).
+func (c *Client) Do(ctx context.Context, method, path string, in, out any) error {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, c.base+path, body)
+	if err != nil {
+		return err
+	}
+	if in != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return fmt.Errorf("contacting robib agent at %s: %w", c.base, err)
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	if err != nil {
+		return fmt.Errorf("reading answer from %s: %w", c.base, err)
+	}
+	if resp.StatusCode/100 != 2 {
+		var eb ErrorBody
+		if json.Unmarshal(data, &eb) != nil || eb.Error == "" {
+			eb.Error = fmt.Sprintf("%s %s: %s", method, path, resp.Status)
+		}
+		return &StatusError{Status: resp.StatusCode, Message: eb.Error}
+	}
+	if out != nil && len(data) > 0 {
+		if err := json.Unmarshal(data, out); err != nil {
+			return fmt.Errorf("decoding answer from %s: %w", c.base, err)
+		}
+	}
+	return nil
+}
+
+// CreateVolume creates a volume.
+func (c *Client) CreateVolume(ctx context.Context, req CreateVolumeRequest) (Volume, error) {
+	var v Volume
+	err := c.Do(ctx, http.MethodPost, "/v1/volumes", req, &v)
+	return v, err
+}
+
+// ListVolumes lists volumes.
+func (c *Client) ListVolumes(ctx context.Context) ([]Volume, error) {
+	var vs []Volume
+	err := c.Do(ctx, http.MethodGet, "/v1/volumes", nil, &vs)
+	return vs, err
+}
+
+// GetVolume reads one volume.
+func (c *Client) GetVolume(ctx context.Context, name string) (Volume, error) {
+	var v Volume
+	err := c.Do(ctx, http.MethodGet, "/v1/volumes/"+url.PathEscape(name), nil, &v)
+	return v, err
+}
+
+// DeleteVolume deletes a volume.
+func (c *Client) DeleteVolume(ctx context.Context, name string) error {
+	return c.Do(ctx, http.MethodDelete, "/v1/volumes/"+url.PathEscape(name), nil, nil)
+}
+
+// ResizeVolume changes a volume's size.
+func (c *Client) ResizeVolume(ctx context.Context, name string, size int64) (Volume, error) {
+	var v Volume
+	err := c.Do(ctx, http.MethodPost, "/v1/volumes/"+url.PathEscape(name)+"/resize", ResizeVolumeRequest{Size: size}, &v)
+	return v, err
+}
+
+// VerifyVolume verifies one range of a volume across sites.
+func (c *Client) VerifyVolume(ctx context.Context, name string, req VerifyRequest) (cluster.VerifyResult, error) {
+	var res cluster.VerifyResult
+	err := c.Do(ctx, http.MethodPost, "/v1/volumes/"+url.PathEscape(name)+"/verify", req, &res)
+	return res, err
+}
+
+// ClusterStatus reads the cluster status.
+func (c *Client) ClusterStatus(ctx context.Context) (cluster.Status, error) {
+	var st cluster.Status
+	err := c.Do(ctx, http.MethodGet, "/v1/cluster/status", nil, &st)
+	return st, err
+}
+
+// Leave removes the agent's site from the cluster.
+func (c *Client) Leave(ctx context.Context) error {
+	return c.Do(ctx, http.MethodPost, "/v1/cluster/leave", nil, nil)
+}
+
+// RemoveSite removes a dead site from the cluster.
+func (c *Client) RemoveSite(ctx context.Context, site string) error {
+	return c.Do(ctx, http.MethodPost, "/v1/cluster/remove", SiteRequest{Site: site}, nil)
+}
+
+// TransferLeadership moves leadership to site ("" for any).
+func (c *Client) TransferLeadership(ctx context.Context, to string) (string, error) {
+	var out map[string]string
+	err := c.Do(ctx, http.MethodPost, "/v1/cluster/transfer-leadership", SiteRequest{Site: to}, &out)
+	return out["leader"], err
+}

@@ -1,0 +1,216 @@
+package api
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"time"
+)
+
+// maxBody bounds every request body.
+const maxBody = 1 << 20
+
+// NewHandler returns a mux serving svc under /v1; callers may mount more
+// handlers on it (the cluster's /internal/ endpoints).
+func NewHandler(svc Service, log *slog.Logger) *http.ServeMux {
+	if log == nil {
+		log = slog.Default()
+	}
+	h := &handler{svc: svc, log: log}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/volumes", h.listVolumes)
+	mux.HandleFunc("POST /v1/volumes", h.createVolume)
+	mux.HandleFunc("GET /v1/volumes/{name}", h.getVolume)
+	mux.HandleFunc("DELETE /v1/volumes/{name}", h.deleteVolume)
+	mux.HandleFunc("POST /v1/volumes/{name}/resize", h.resizeVolume)
+	mux.HandleFunc("POST /v1/volumes/{name}/verify", h.verifyVolume)
+	mux.HandleFunc("GET /v1/cluster/status", h.clusterStatus)
+	mux.HandleFunc("POST /v1/cluster/leave", h.leave)
+	mux.HandleFunc("POST /v1/cluster/remove", h.removeSite)
+	mux.HandleFunc("POST /v1/cluster/transfer-leadership", h.transferLeadership)
+	mux.HandleFunc("GET /v1/health", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	})
+	return mux
+}
+
+// NewServer wraps a handler in an http.Server with sane timeouts.
+func NewServer(h http.Handler) *http.Server {
+	return &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       30 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+	}
+}
+
+type handler struct {
+	svc Service
+	log *slog.Logger
+}
+
+func (h *handler) listVolumes(w http.ResponseWriter, r *http.Request) {
+	vols, err := h.svc.ListVolumes(r.Context())
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	if vols == nil {
+		vols = []Volume{}
+	}
+	writeJSON(w, http.StatusOK, vols)
+}
+
+func (h *handler) createVolume(w http.ResponseWriter, r *http.Request) {
+	var req CreateVolumeRequest
+	if err := decode(w, r, &req); err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	v, err := h.svc.CreateVolume(r.Context(), req)
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusCreated, v)
+}
+
+func (h *handler) getVolume(w http.ResponseWriter, r *http.Request) {
+	v, err := h.svc.GetVolume(r.Context(), r.PathValue("name"))
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, v)
+}
+
+func (h *handler) deleteVolume(w http.ResponseWriter, r *http.Request) {
+	if err := h.svc.DeleteVolume(r.Context(), r.PathValue("name")); err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (h *handler) resizeVolume(w http.ResponseWriter, r *http.Request) {
+	var req ResizeVolumeRequest
+	if err := decode(w, r, &req); err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	v, err := h.svc.ResizeVolume(r.Context(), r.PathValue("name"), req.Size)
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, v)
+}
+
+func (h *handler) verifyVolume(w http.ResponseWriter, r *http.Request) {
+	var req VerifyRequest
+	if err := decode(w, r, &req); err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	res, err := h.svc.VerifyVolume(r.Context(), r.PathValue("name"), req)
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, res)
+}
+
+func (h *handler) clusterStatus(w http.ResponseWriter, r *http.Request) {
+	st, err := h.svc.ClusterStatus(r.Context())
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, st)
+}
+
+func (h *handler) leave(w http.ResponseWriter, r *http.Request) {
+	if err := h.svc.Leave(r.Context()); err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (h *handler) removeSite(w http.ResponseWriter, r *http.Request) {
+	var req SiteRequest
+	if err := decode(w, r, &req); err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	if err := h.svc.RemoveSite(r.Context(), req.Site); err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (h *handler) transferLeadership(w http.ResponseWriter, r *http.Request) {
+	var req SiteRequest
+	if err := decode(w, r, &req); err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	leader, err := h.svc.TransferLeadership(r.Context(), req.Site)
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]string{"leader": leader})
+}
+
+// decode reads one JSON object, bounded in size, rejecting unknown fields and
+// trailing data.
+func decode(w http.ResponseWriter, r *http.Request, dst any) error {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(dst); err != nil {
+		return fmt.Errorf("%w: request body: %v", ErrInvalid, err)
+	}
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		return fmt.Errorf("%w: request body: trailing data after JSON object", ErrInvalid)
+	}
+	return nil
+}
+
+// StatusOf maps a Service error to an HTTP status.
+func StatusOf(err error) int {
+	switch {
+	case errors.Is(err, ErrNotFound):
+		return http.StatusNotFound
+	case errors.Is(err, ErrExists):
+		return http.StatusConflict
+	case errors.Is(err, ErrInvalid):
+		return http.StatusBadRequest
+	case errors.Is(err, ErrUnavailable):
+		return http.StatusServiceUnavailable
+	default:
+		return http.StatusInternalServerError
+	}
+}
+
+func (h *handler) fail(w http.ResponseWriter, r *http.Request, err error) {
+	status := StatusOf(err)
+	lvl := slog.LevelInfo
+	if status >= 500 {
+		lvl = slog.LevelError
+	}
+	h.log.Log(r.Context(), lvl, "api request failed", "method", r.Method, "path", r.URL.Path, "status", status, "err", err)
+	writeJSON(w, status, ErrorBody{Error: err.Error()})
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v)
+}

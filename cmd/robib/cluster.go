@@ -1,0 +1,118 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"text/tabwriter"
+
+	"github.com/spf13/cobra"
+)
+
+func newClusterCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "cluster",
+		Short: "Inspect and change cluster membership",
+	}
+	cmd.AddCommand(newClusterStatusCmd(g), newClusterLeaveCmd(g), newClusterRemoveCmd(g), newClusterTransferCmd(g))
+	return cmd
+}
+
+func newClusterStatusCmd(g *globals) *cobra.Command {
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "status",
+		Short: "Show sites, leader, Raft state and how far each site lags",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			st, err := c.ClusterStatus(cmd.Context())
+			if err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			if asJSON {
+				enc := json.NewEncoder(out)
+				enc.SetIndent("", "  ")
+				return enc.Encode(st)
+			}
+			leader := st.Leader
+			if leader == "" {
+				leader = "(none)"
+			}
+			fmt.Fprintf(out, "leader: %s   commit index: %d\n\n", leader, st.CommitIndex)
+			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "SITE\tSTATE\tVOTER\tGOSSIP\tAPPLIED\tCOMMIT\tLAG\tRAFT\tNBD\tAPI")
+			for _, s := range st.Sites {
+				fmt.Fprintf(tw, "%s\t%s\t%v\t%s\t%d\t%d\t%d\t%s\t%s\t%s\n", s.Name, s.State, s.Voter, s.Gossip,
+					s.AppliedIndex, s.CommitIndex, s.Lag, s.RaftAddr, s.NBDAddr, s.APIAddr)
+			}
+			return tw.Flush()
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	return cmd
+}
+
+func newClusterLeaveCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "leave",
+		Short: "Remove the site behind --api from the cluster (its data stays on disk)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			if err := c.Leave(cmd.Context()); err != nil {
+				return err
+			}
+			fmt.Fprintln(cmd.OutOrStdout(), "site left the cluster; stop its agent now")
+			return nil
+		},
+	}
+}
+
+func newClusterRemoveCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "remove SITE",
+		Short: "Remove a dead site from the cluster (an alive site must use leave)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			if err := c.RemoveSite(cmd.Context(), args[0]); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "removed site %s\n", args[0])
+			return nil
+		},
+	}
+}
+
+func newClusterTransferCmd(g *globals) *cobra.Command {
+	var to string
+	cmd := &cobra.Command{
+		Use:   "transfer-leadership [--to SITE]",
+		Short: "Hand Raft leadership to another site",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			leader, err := c.TransferLeadership(cmd.Context(), to)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "leader is now %s\n", leader)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&to, "to", "", "site to lead (default: any other voter)")
+	return cmd
+}

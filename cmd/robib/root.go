@@ -1,0 +1,91 @@
+package main
+
+import (
+	"fmt"
+	"log/slog"
+	"os"
+
+	"github.com/spf13/cobra"
+
+	"github.com/robib/robib/cmd/internal/agent"
+	"github.com/robib/robib/cmd/internal/api"
+	"github.com/robib/robib/cmd/internal/config"
+	"github.com/robib/robib/cmd/internal/netx"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+// defaultAPI is the admin API the CLI talks to unless --api or ROBIB_API say
+// otherwise.
+const defaultAPI = "http://" + config.DefaultAPIAddr
+
+type globals struct {
+	api string
+}
+
+func newRootCmd() *cobra.Command {
+	g := &globals{}
+	root := &cobra.Command{
+		Use:           "robib",
+		Short:         "robib: real-time remote backup for block storage",
+		Long:          "robib replicates block volumes across sites with Raft and serves them over NBD.",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		Version:       version,
+	}
+	def := defaultAPI
+	if env := os.Getenv("ROBIB_API"); env != "" {
+		def = env
+	}
+	root.PersistentFlags().StringVar(&g.api, "api", def, "admin API of the agent to talk to (env ROBIB_API)")
+	root.AddCommand(newAgentCmd(), newVolumeCmd(g), newClusterCmd(g))
+	return root
+}
+
+func (g *globals) client() (*api.Client, error) {
+	return api.NewClient(g.api, nil)
+}
+
+func newAgentCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "agent",
+		Short: "Run a robib site",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := config.Load(cmd.Flags())
+			if err != nil {
+				return err
+			}
+			log, err := newLogger(cfg)
+			if err != nil {
+				return err
+			}
+			a, err := agent.New(cfg, log, &netx.Network{})
+			if err != nil {
+				return err
+			}
+			return a.Run(cmd.Context())
+		},
+	}
+	config.RegisterFlags(cmd.Flags())
+	return cmd
+}
+
+func newLogger(cfg config.Config) (*slog.Logger, error) {
+	lvl, err := config.ParseLevel(cfg.LogLevel)
+	if err != nil {
+		return nil, err
+	}
+	opts := &slog.HandlerOptions{Level: lvl}
+	var h slog.Handler = slog.NewTextHandler(os.Stderr, opts)
+	if cfg.LogFormat == "json" {
+		h = slog.NewJSONHandler(os.Stderr, opts)
+	}
+	return slog.New(h).With("site", cfg.Name), nil
+}
+
+// usageError marks a bad command line.
+func usageError(format string, args ...any) error {
+	return fmt.Errorf("usage: "+format, args...)
+}

@@ -1,0 +1,146 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+	"sort"
+
+	"github.com/spf13/cobra"
+
+	"github.com/robib/robib/cluster"
+	"github.com/robib/robib/cmd/internal/api"
+	"github.com/robib/robib/cmd/internal/config"
+)
+
+// errVerifyFailed makes `volume verify` exit non-zero after its report.
+var errVerifyFailed = errors.New("verify failed")
+
+func newVolumeVerifyCmd(g *globals) *cobra.Command {
+	var chunk, rangeSize string
+	var asJSON, quiet bool
+	cmd := &cobra.Command{
+		Use:   "verify NAME",
+		Short: "Compare every site's copy of a volume, chunk by chunk, at the same log index",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			chunkSize, err := config.ParseSize(chunk)
+			if err != nil {
+				return fmt.Errorf("--chunk-size: %w", err)
+			}
+			step, err := config.ParseSize(rangeSize)
+			if err != nil {
+				return fmt.Errorf("--range-size: %w", err)
+			}
+			if step > cluster.MaxVerifyRange || step < chunkSize || step%chunkSize != 0 {
+				return usageError("--range-size must be a multiple of --chunk-size and at most %s", config.FormatSize(cluster.MaxVerifyRange))
+			}
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			v, err := c.GetVolume(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			out, progress := cmd.OutOrStdout(), cmd.ErrOrStderr()
+			if quiet || asJSON {
+				progress = io.Discard
+			}
+			sum := verifySummary{Volume: v.Name, Size: v.Size, ChunkSize: chunkSize, Unreachable: map[string]string{}}
+			sites := map[string]bool{}
+			for off := int64(0); off < v.Size; off += step {
+				n := min(step, v.Size-off)
+				res, err := c.VerifyVolume(cmd.Context(), v.Name, api.VerifyRequest{Offset: off, Length: n, ChunkSize: chunkSize})
+				if err != nil {
+					return err
+				}
+				sum.Chunks += res.Chunks
+				sum.Mismatches = append(sum.Mismatches, res.Mismatches...)
+				for _, s := range res.Sites {
+					sites[s] = true
+				}
+				for s, why := range res.Unreachable {
+					sum.Unreachable[s] = why
+				}
+				fmt.Fprintf(progress, "\rverify %s: %5.1f%% (%s of %s, index %d, %d mismatching chunks)",
+					v.Name, 100*float64(off+n)/float64(v.Size), config.FormatSize(off+n), config.FormatSize(v.Size), res.Index, len(sum.Mismatches))
+			}
+			fmt.Fprintln(progress)
+			for s := range sites {
+				sum.Sites = append(sum.Sites, s)
+			}
+			sort.Strings(sum.Sites)
+			for s := range sum.Unreachable {
+				if slices.Contains(sum.Sites, s) {
+					delete(sum.Unreachable, s) // answered for some ranges only: still a failure below
+					sum.Partial = append(sum.Partial, s)
+				}
+			}
+			sum.OK = len(sum.Mismatches) == 0 && len(sum.Unreachable) == 0 && len(sum.Partial) == 0
+			if asJSON {
+				enc := json.NewEncoder(out)
+				enc.SetIndent("", "  ")
+				if err := enc.Encode(sum); err != nil {
+					return err
+				}
+			} else {
+				sum.print(out)
+			}
+			if !sum.OK {
+				return errVerifyFailed
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&chunk, "chunk-size", "1MiB", "size of each compared chunk")
+	cmd.Flags().StringVar(&rangeSize, "range-size", "64MiB", "bytes hashed per replicated verify step")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print the report as JSON")
+	cmd.Flags().BoolVarP(&quiet, "quiet", "q", false, "no progress output")
+	return cmd
+}
+
+type verifySummary struct {
+	Volume      string                    `json:"volume"`
+	Size        int64                     `json:"size"`
+	ChunkSize   int64                     `json:"chunk_size"`
+	Chunks      int                       `json:"chunks"`
+	Sites       []string                  `json:"sites"`
+	Unreachable map[string]string         `json:"unreachable,omitempty"`
+	Partial     []string                  `json:"partial,omitempty"`
+	Mismatches  []cluster.VerifyChunkDiff `json:"mismatches,omitempty"`
+	OK          bool                      `json:"ok"`
+}
+
+func (s verifySummary) print(w io.Writer) {
+	fmt.Fprintf(w, "volume %s: %d chunks of %s compared across %d sites %v\n", s.Volume, s.Chunks, config.FormatSize(s.ChunkSize), len(s.Sites), s.Sites)
+	for site, why := range s.Unreachable {
+		fmt.Fprintf(w, "  site %s not compared: %s\n", site, why)
+	}
+	for _, site := range s.Partial {
+		fmt.Fprintf(w, "  site %s answered only part of the verify\n", site)
+	}
+	for _, m := range s.Mismatches {
+		fmt.Fprintf(w, "  MISMATCH at offset %d (+%d):", m.Offset, m.Length)
+		sites := make([]string, 0, len(m.Hashes))
+		for site := range m.Hashes {
+			sites = append(sites, site)
+		}
+		sort.Strings(sites)
+		for _, site := range sites {
+			h := m.Hashes[site]
+			if len(h) > 12 {
+				h = h[:12]
+			}
+			fmt.Fprintf(w, " %s=%s", site, h)
+		}
+		fmt.Fprintln(w)
+	}
+	if s.OK {
+		fmt.Fprintln(w, "all copies identical")
+	} else {
+		fmt.Fprintf(w, "copies differ or could not all be compared: %d mismatching chunks\n", len(s.Mismatches))
+	}
+}

@@ -1,0 +1,607 @@
+package nbdfront
+
+// The transmission phase. Goroutines per connection:
+//
+//   - the reader (the connection handler goroutine) reads and validates
+//     request headers, reads WRITE payloads, answers invalid requests
+//     itself and starts one worker goroutine per valid request;
+//   - workers call the Device and write their reply.
+//
+// Replies are written whole under wmu, so they never interleave; they may
+// go out in any order. The reader bounds concurrency: it takes a slot (at
+// most MaxWorkers) and charges the payload buffer to the connection's byte
+// budget (MaxConnBuffer) before allocating or reading anything a request
+// needs; the worker gives both back after its reply is written.
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"runtime/debug"
+	"sync"
+)
+
+const (
+	// maxBlockStatusExtents caps the descriptors in one
+	// NBD_REPLY_TYPE_BLOCK_STATUS chunk (the spec asks for at most 2^20;
+	// clients ask again for the rest).
+	maxBlockStatusExtents = 1 << 16
+	// minDiscardLimit: WRITE payloads up to this size are skipped after an
+	// error reply instead of disconnecting, because the spec says payloads
+	// up to 32 MiB should not be treated as a denial of service.
+	minDiscardLimit = 1 << 25
+)
+
+// rules decides whether a request is acceptable on this connection. It is
+// immutable after the handshake.
+type rules struct {
+	info       ExportInfo // normalized
+	flags      uint16     // transmission flags sent to the client
+	structured bool
+	metaID     uint32
+}
+
+// check validates a request against the negotiated state and returns the
+// NBD error and a message for an invalid request, or 0 for a valid one.
+// NBD_CMD_DISC is not checked (it is never answered).
+func (r *rules) check(req request) (uint32, string) {
+	allowed := cmdFlagFUA // valid on every command once SEND_FUA is advertised
+	switch req.Type {
+	case cmdRead:
+		if r.structured {
+			allowed |= cmdFlagDF
+		}
+	case cmdWrite, cmdFlush, cmdTrim, cmdCache:
+	case cmdWriteZeroes:
+		allowed |= cmdFlagNoHole
+		if r.flags&tFlagSendFastZero != 0 {
+			allowed |= cmdFlagFastZero
+		}
+	case cmdBlockStatus:
+		allowed |= cmdFlagReqOne
+	default:
+		return EINVAL, fmt.Sprintf("unknown command %d", req.Type)
+	}
+	if bad := req.Flags &^ allowed; bad != 0 {
+		return EINVAL, fmt.Sprintf("command flags %#x not valid for %s", bad, cmdName(req.Type))
+	}
+
+	switch req.Type {
+	case cmdWrite, cmdTrim, cmdWriteZeroes:
+		if r.info.ReadOnly {
+			return EPERM, "export is read-only"
+		}
+	}
+	switch req.Type {
+	case cmdFlush:
+		if req.Offset != 0 || req.Length != 0 {
+			return EINVAL, "flush offset and length must be zero"
+		}
+		return 0, ""
+	case cmdTrim:
+		if !r.info.CanTrim {
+			return EINVAL, "trim is not supported by this export"
+		}
+	case cmdWriteZeroes:
+		if !r.info.CanZero {
+			return EINVAL, "write zeroes is not supported by this export"
+		}
+	case cmdBlockStatus:
+		if r.metaID == 0 {
+			return EINVAL, "block status requires a negotiated metadata context"
+		}
+	}
+
+	if req.Length == 0 {
+		return EINVAL, fmt.Sprintf("%s of zero length", cmdName(req.Type))
+	}
+	if (req.Type == cmdRead || req.Type == cmdWrite) && req.Length > r.info.MaxBlock {
+		code := EINVAL
+		if req.Type == cmdRead && r.structured {
+			code = EOVERFLOW
+		}
+		return code, fmt.Sprintf("%s length %d exceeds maximum payload %d", cmdName(req.Type), req.Length, r.info.MaxBlock)
+	}
+	size := uint64(r.info.Size)
+	end := req.Offset + uint64(req.Length)
+	if end < req.Offset || end > size {
+		code := EINVAL
+		if req.Type == cmdWrite || req.Type == cmdWriteZeroes {
+			code = ENOSPC
+		}
+		return code, fmt.Sprintf("%s [%d, +%d) beyond export size %d", cmdName(req.Type), req.Offset, req.Length, size)
+	}
+	if m := uint64(r.info.MinBlock); m > 1 {
+		if req.Offset%m != 0 || (uint64(req.Length)%m != 0 && end != size) {
+			return EINVAL, fmt.Sprintf("%s [%d, +%d) not aligned to minimum block size %d", cmdName(req.Type), req.Offset, req.Length, m)
+		}
+	}
+	return 0, ""
+}
+
+// maxExtents is how many block status descriptors fit in one chunk whose
+// variable part (context ID and descriptors) must stay within MaxBlock.
+func (r *rules) maxExtents() int {
+	return int(min(maxBlockStatusExtents, (r.info.MaxBlock-4)/8))
+}
+
+// transmission is one connection in the transmission phase.
+type transmission struct {
+	s   *Server
+	sc  *serverConn
+	br  *bufio.Reader // owned by the reader goroutine
+	log *slog.Logger
+	exp Export
+	rules
+
+	discardLimit int64 // largest WRITE payload skipped after an error reply
+	slots        chan struct{}
+	budget       *budget
+	inflight     sync.WaitGroup // workers started and not finished
+
+	hdr [requestHeaderLen]byte // reader scratch
+
+	wmu      sync.Mutex // serializes replies on the connection
+	werr     error      // first reply write error, guarded by wmu
+	failOnce sync.Once
+}
+
+func newTransmission(s *Server, sc *serverConn, br *bufio.Reader, log *slog.Logger, sess *session) *transmission {
+	return &transmission{
+		s:   s,
+		sc:  sc,
+		br:  br,
+		log: log,
+		exp: sess.exp,
+		rules: rules{
+			info:       sess.info,
+			flags:      sess.flags,
+			structured: sess.structured,
+			metaID:     sess.metaID,
+		},
+		discardLimit: max(int64(s.cfg.MaxPayload), minDiscardLimit),
+		slots:        make(chan struct{}, s.cfg.MaxWorkers),
+		budget:       newBudget(s.cfg.MaxConnBuffer),
+	}
+}
+
+// run serves requests until NBD_CMD_DISC, end of stream, a protocol error
+// or server shutdown; then it waits for the workers, closes the connection
+// and closes the export.
+func (t *transmission) run() {
+	err := t.readLoop()
+	switch {
+	case err == nil:
+		t.log.Debug("nbd client disconnected")
+	case errors.Is(err, io.EOF):
+		t.log.Debug("nbd client closed the connection")
+	case t.sc.isClosing():
+		t.log.Debug("nbd connection shut down", "err", err)
+	case t.writeFailed():
+		t.log.Debug("nbd connection ended after a failed reply", "err", err)
+	default:
+		// Hard disconnect: replies still in flight are dropped.
+		t.log.Info("nbd connection error; disconnecting", "err", err)
+		t.sc.Conn.Close()
+	}
+	// Orderly ends let in-flight requests finish and reply, as NBD_CMD_DISC
+	// and server shutdown require.
+	t.inflight.Wait()
+	t.sc.Conn.Close()
+	closeExport(t.exp, t.log)
+}
+
+// readLoop reads requests until NBD_CMD_DISC (nil), clean end of stream
+// (io.EOF) or an error.
+func (t *transmission) readLoop() (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			t.log.Error("nbd request reader panicked", "panic", r, "stack", string(debug.Stack()))
+			err = fmt.Errorf("%w: %v", errPanic, r)
+		}
+	}()
+	for {
+		if _, err := io.ReadFull(t.br, t.hdr[:]); err != nil {
+			if err == io.EOF {
+				return io.EOF
+			}
+			return fmt.Errorf("read request header: %w", err)
+		}
+		req, err := parseRequestHeader(t.hdr[:])
+		if err != nil {
+			return err
+		}
+		if req.Type == cmdDisc {
+			return nil
+		}
+		if err := t.dispatch(req); err != nil {
+			return err
+		}
+	}
+}
+
+// dispatch answers an invalid request or starts a worker for a valid one.
+// An error ends the connection.
+func (t *transmission) dispatch(req request) error {
+	if code, msg := t.check(req); code != 0 {
+		return t.reject(req, code, msg)
+	}
+
+	// Payload buffer for READ data, WRITE data or block status
+	// descriptors; nothing is allocated before the budget allows it.
+	var need int
+	switch req.Type {
+	case cmdRead, cmdWrite:
+		need = int(req.Length) // ≤ MaxBlock ≤ MaxPayload, checked above
+	case cmdBlockStatus:
+		need = 8 * t.maxExtents()
+		if req.Flags&cmdFlagReqOne != 0 {
+			need = 8
+		}
+	}
+
+	t.slots <- struct{}{}
+	j := getJob()
+	j.req = req
+	if need > 0 {
+		j.charge = int64(t.s.pool.classSize(need))
+		t.budget.acquire(j.charge)
+		j.buf = t.s.pool.get(need)
+	}
+	if req.Type == cmdWrite {
+		if _, err := io.ReadFull(t.br, *j.buf); err != nil {
+			t.release(j)
+			return fmt.Errorf("read write payload: %w", err)
+		}
+	}
+	j.started = true
+	t.inflight.Add(1)
+	go t.work(j)
+	return nil
+}
+
+// reject answers an invalid request from the reader goroutine. A WRITE
+// payload is skipped to keep the stream in sync, unless it is so large
+// that the connection is dropped instead.
+func (t *transmission) reject(req request, code uint32, msg string) error {
+	t.log.Debug("nbd request rejected", "cmd", cmdName(req.Type), "flags", req.Flags,
+		"offset", req.Offset, "length", req.Length, "errno", code, "msg", msg)
+	j := getJob()
+	j.req = req
+	defer putJob(j)
+	if req.Type == cmdWrite && req.Length > 0 {
+		if int64(req.Length) > t.discardLimit {
+			t.sendError(j, code, msg) // best effort before the hard disconnect
+			return fmt.Errorf("write payload of %d bytes is too large to skip", req.Length)
+		}
+		if _, err := io.CopyN(io.Discard, t.br, int64(req.Length)); err != nil {
+			return fmt.Errorf("skip write payload: %w", err)
+		}
+	}
+	return t.sendError(j, code, msg)
+}
+
+// work executes one valid request on the device and replies.
+func (t *transmission) work(j *job) {
+	defer func() {
+		if r := recover(); r != nil {
+			t.log.Error("nbd device call panicked", "cmd", cmdName(j.req.Type), "offset", j.req.Offset,
+				"length", j.req.Length, "panic", r, "stack", string(debug.Stack()))
+			if !j.replied {
+				t.sendError(j, EIO, "internal server error")
+			} else {
+				t.fail(fmt.Errorf("%w while replying: %v", errPanic, r))
+			}
+		}
+		t.release(j)
+	}()
+
+	req := j.req
+	off, length := int64(req.Offset), int64(req.Length)
+	var err error
+	switch req.Type {
+	case cmdRead:
+		if err = readFull(t.exp, *j.buf, off); err == nil {
+			t.sendRead(j)
+			return
+		}
+	case cmdWrite:
+		err = writeFull(t.exp, *j.buf, off)
+	case cmdFlush:
+		err = t.exp.Flush()
+	case cmdTrim:
+		err = t.exp.Trim(off, length)
+	case cmdCache:
+		// Advisory only; the Device has no cache to warm.
+	case cmdWriteZeroes:
+		// NBD_CMD_FLAG_FAST_ZERO is only accepted when the export declared
+		// CanFastZero, i.e. its WriteZeroes is always fast.
+		err = t.exp.WriteZeroes(off, length, req.Flags&cmdFlagNoHole != 0)
+	case cmdBlockStatus:
+		var exts []Extent
+		if exts, err = t.exp.BlockStatus(off, length); err == nil {
+			var n int
+			if n, err = encodeExtents(*j.buf, exts, off, length); err == nil {
+				t.sendBlockStatus(j, n)
+				return
+			}
+		}
+	}
+	if err == nil && req.Flags&cmdFlagFUA != 0 && isWriteCmd(req.Type) {
+		err = t.exp.Flush()
+	}
+	if err != nil {
+		code := t.errorCode(req, err)
+		t.log.Warn("nbd request failed", "cmd", cmdName(req.Type), "offset", req.Offset,
+			"length", req.Length, "errno", code, "err", err)
+		t.sendError(j, code, err.Error())
+		return
+	}
+	t.sendOK(j)
+}
+
+// release returns a job's slot, budget and buffer.
+func (t *transmission) release(j *job) {
+	started := j.started
+	if j.buf != nil {
+		t.s.pool.put(j.buf)
+		j.buf = nil
+	}
+	t.budget.release(j.charge)
+	putJob(j)
+	<-t.slots
+	if started {
+		t.inflight.Done()
+	}
+}
+
+// errorCode maps a device error to the NBD error sent for req.
+func (t *transmission) errorCode(req request, err error) uint32 {
+	code := t.s.cfg.ErrorCode(err)
+	if code == 0 {
+		code = EIO
+	}
+	// The spec reserves ENOTSUP for fast-zero requests.
+	if code == ENOTSUP && (req.Type != cmdWriteZeroes || req.Flags&cmdFlagFastZero == 0) {
+		code = EINVAL
+	}
+	return code
+}
+
+// readFull reads exactly len(buf) bytes at off.
+func readFull(d Device, buf []byte, off int64) error {
+	n, err := d.ReadAt(buf, off)
+	if n == len(buf) && (err == nil || err == io.EOF) {
+		return nil
+	}
+	if err == nil || err == io.EOF {
+		err = io.ErrUnexpectedEOF
+	}
+	return fmt.Errorf("read %d bytes at %d: got %d: %w", len(buf), off, n, err)
+}
+
+// writeFull writes all of buf at off.
+func writeFull(d Device, buf []byte, off int64) error {
+	n, err := d.WriteAt(buf, off)
+	if err == nil && n != len(buf) {
+		err = io.ErrShortWrite
+	}
+	if err != nil {
+		return fmt.Errorf("write %d bytes at %d: %w", len(buf), off, err)
+	}
+	return nil
+}
+
+// encodeExtents encodes block status descriptors for the request [off,
+// off+length) into dst (whose length bounds the count) and returns the
+// bytes used. Extents are clipped to the request, adjacent extents with
+// equal flags are merged, and at least one descriptor is produced.
+func encodeExtents(dst []byte, exts []Extent, off, length int64) (int, error) {
+	end := off + length
+	pos := off
+	n := 0
+	var last uint32
+	for _, e := range exts {
+		if pos >= end {
+			break
+		}
+		if e.Length <= 0 {
+			break // device contract violation; keep what is valid
+		}
+		l := min(e.Length, end-pos) // ≤ length ≤ MaxUint32
+		var flags uint32
+		if e.Hole {
+			flags |= stateHole | stateZero
+		}
+		if e.Zero {
+			flags |= stateZero
+		}
+		if n > 0 && flags == last {
+			prev := binary.BigEndian.Uint32(dst[n-8:])
+			binary.BigEndian.PutUint32(dst[n-8:], prev+uint32(l))
+		} else {
+			if n+8 > len(dst) {
+				break
+			}
+			binary.BigEndian.PutUint32(dst[n:], uint32(l))
+			binary.BigEndian.PutUint32(dst[n+4:], flags)
+			n += 8
+			last = flags
+		}
+		pos += l
+	}
+	if n == 0 {
+		return 0, fmt.Errorf("block status at %d: device returned no usable extent", off)
+	}
+	return n, nil
+}
+
+func isWriteCmd(typ uint16) bool {
+	return typ == cmdWrite || typ == cmdTrim || typ == cmdWriteZeroes
+}
+
+func cmdName(typ uint16) string {
+	switch typ {
+	case cmdRead:
+		return "read"
+	case cmdWrite:
+		return "write"
+	case cmdDisc:
+		return "disconnect"
+	case cmdFlush:
+		return "flush"
+	case cmdTrim:
+		return "trim"
+	case cmdCache:
+		return "cache"
+	case cmdWriteZeroes:
+		return "write-zeroes"
+	case cmdBlockStatus:
+		return "block-status"
+	default:
+		return fmt.Sprintf("command-%d", typ)
+	}
+}
+
+// Replies. Each builds its header in the job's scratch and sends it with
+// its data as one message.
+
+func (t *transmission) sendOK(j *job) error {
+	return t.send(j, appendSimpleReply(j.hdr[:0], 0, j.req.Cookie), nil)
+}
+
+// sendError sends an error reply: a structured NBD_REPLY_TYPE_ERROR chunk
+// with the message when structured replies are on, else a simple reply.
+func (t *transmission) sendError(j *job, code uint32, msg string) error {
+	if !t.structured {
+		return t.send(j, appendSimpleReply(j.hdr[:0], code, j.req.Cookie), nil)
+	}
+	msg = sanitizeString(msg, maxStringLen)
+	h := appendChunkHeader(j.hdr[:0], replyFlagDone, replyTypeError, j.req.Cookie, 4+2+len(msg))
+	h = binary.BigEndian.AppendUint32(h, code)
+	h = binary.BigEndian.AppendUint16(h, uint16(len(msg)))
+	return t.send(j, h, []byte(msg))
+}
+
+// sendRead sends READ data: one NBD_REPLY_TYPE_OFFSET_DATA chunk (which
+// also satisfies NBD_CMD_FLAG_DF) or a simple reply.
+func (t *transmission) sendRead(j *job) error {
+	data := *j.buf
+	if !t.structured {
+		return t.send(j, appendSimpleReply(j.hdr[:0], 0, j.req.Cookie), data)
+	}
+	h := appendChunkHeader(j.hdr[:0], replyFlagDone, replyTypeOffsetData, j.req.Cookie, 8+len(data))
+	h = binary.BigEndian.AppendUint64(h, j.req.Offset)
+	return t.send(j, h, data)
+}
+
+// sendBlockStatus sends the single NBD_REPLY_TYPE_BLOCK_STATUS chunk of
+// n bytes of descriptors in j.buf.
+func (t *transmission) sendBlockStatus(j *job, n int) error {
+	h := appendChunkHeader(j.hdr[:0], replyFlagDone, replyTypeBlockStatus, j.req.Cookie, 4+n)
+	h = binary.BigEndian.AppendUint32(h, t.metaID)
+	return t.send(j, h, (*j.buf)[:n])
+}
+
+// send writes one reply message. After the first write error every send
+// fails and the connection is closed.
+func (t *transmission) send(j *job, hdr, data []byte) error {
+	j.replied = true
+	j.nb = append(j.arr[:0], hdr)
+	if len(data) > 0 {
+		j.nb = append(j.nb, data)
+	}
+	t.wmu.Lock()
+	err := t.werr
+	if err == nil {
+		if _, err = j.nb.WriteTo(t.sc.Conn); err != nil {
+			err = fmt.Errorf("write reply: %w", err)
+			t.werr = err
+		}
+	}
+	t.wmu.Unlock()
+	j.arr = [2][]byte{}
+	if err != nil {
+		t.fail(err)
+	}
+	return err
+}
+
+// fail closes the connection after a reply could not be written; the
+// reader then stops.
+func (t *transmission) fail(err error) {
+	t.failOnce.Do(func() {
+		if !t.sc.isClosing() {
+			t.log.Info("nbd reply failed; closing connection", "err", err)
+		}
+		t.sc.Conn.Close()
+	})
+}
+
+func (t *transmission) writeFailed() bool {
+	t.wmu.Lock()
+	defer t.wmu.Unlock()
+	return t.werr != nil
+}
+
+// job is one request on its way through a worker. Jobs are pooled so the
+// hot path allocates nothing per request.
+type job struct {
+	req     request
+	buf     *[]byte // pooled payload buffer, nil if none
+	charge  int64   // bytes charged to the connection budget
+	started bool    // counted in inflight
+	replied bool    // a reply was (at least partly) sent
+
+	hdr [32]byte // reply header scratch
+	arr [2][]byte
+	nb  net.Buffers
+}
+
+var jobPool = sync.Pool{New: func() any { return new(job) }}
+
+func getJob() *job { return jobPool.Get().(*job) }
+
+func putJob(j *job) {
+	*j = job{}
+	jobPool.Put(j)
+}
+
+// budget is a counting semaphore over bytes. Only the reader acquires,
+// workers release.
+type budget struct {
+	mu   sync.Mutex
+	cond sync.Cond
+	free int64
+}
+
+func newBudget(n int64) *budget {
+	b := &budget{free: n}
+	b.cond.L = &b.mu
+	return b
+}
+
+// acquire blocks until n bytes are free and takes them. n must not exceed
+// the total.
+func (b *budget) acquire(n int64) {
+	b.mu.Lock()
+	for b.free < n {
+		b.cond.Wait()
+	}
+	b.free -= n
+	b.mu.Unlock()
+}
+
+func (b *budget) release(n int64) {
+	if n == 0 {
+		return
+	}
+	b.mu.Lock()
+	b.free += n
+	b.mu.Unlock()
+	b.cond.Broadcast()
+}
