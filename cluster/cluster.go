@@ -43,7 +43,11 @@ var (
 // IsRetryable reports whether err is a transient condition after which the
 // same command may be proposed again (writers dedupe by session and seq).
 func IsRetryable(err error) bool {
-	return errors.Is(err, ErrRetry) || errors.Is(err, fsm.ErrSeqGap) || errors.Is(err, context.DeadlineExceeded)
+	return errors.Is(err, ErrRetry) || errors.Is(err, fsm.ErrSeqGap) || errors.Is(err, context.DeadlineExceeded) ||
+		// The leader's own copy failed while applying a committed entry: the
+		// entry stands; the leader steps down and a resend reaches a healthy
+		// one, where it is a duplicate.
+		errors.Is(err, fsm.ErrFailed)
 }
 
 // Config configures a Node. Addresses are host:port as other sites reach
@@ -122,14 +126,17 @@ type Node struct {
 	trans *raft.NetworkTransport
 	ml    *memberlist.Memberlist
 	rpc   *rpcClient
+	seq   *sequencer
 
-	events chan struct{} // nudges the reconcile loop on membership changes
-	stop   chan struct{}
-	wg     sync.WaitGroup
+	needBootstrap bool          // set by openRaft: wait for BootstrapExpect sites
+	events        chan struct{} // nudges the reconcile loop on membership changes
+	stop          chan struct{}
+	wg            sync.WaitGroup
 
-	closeOnce sync.Once
-	leftMu    sync.Mutex
-	left      bool
+	closeOnce    sync.Once
+	stepDownOnce sync.Once
+	leftMu       sync.Mutex
+	left         bool
 }
 
 // Open starts Raft and gossip for this site over f. A site with no Raft
@@ -149,12 +156,17 @@ func Open(cfg Config, f *fsm.FSM) (*Node, error) {
 		stop:   make(chan struct{}),
 	}
 	n.rpc = &rpcClient{http: cfg.HTTPClient}
+	n.seq = newSequencer(500 * time.Millisecond)
 	if err := n.openRaft(); err != nil {
 		return nil, err
 	}
 	if err := n.openGossip(); err != nil {
 		n.shutdownRaft()
 		return nil, err
+	}
+	if n.needBootstrap {
+		n.wg.Add(1)
+		go n.bootstrapExpectLoop()
 	}
 	n.wg.Add(1)
 	go n.reconcileLoop()
@@ -220,10 +232,7 @@ func (n *Node) openRaft() error {
 			return err
 		}
 	}
-	if !hasState && n.cfg.BootstrapExpect > 1 {
-		n.wg.Add(1)
-		go n.bootstrapExpectLoop()
-	}
+	n.needBootstrap = !hasState && n.cfg.BootstrapExpect > 1
 	return nil
 }
 

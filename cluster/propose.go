@@ -24,7 +24,7 @@ func (n *Node) Apply(ctx context.Context, cmd fsm.Command) (*fsm.Result, error) 
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
 	}
-	return n.propose(ctx, data)
+	return n.propose(ctx, cmd, data)
 }
 
 // ApplyAndWait is Apply followed by waiting until this site has applied the
@@ -39,7 +39,7 @@ func (n *Node) ApplyAndWait(ctx context.Context, cmd fsm.Command) (*fsm.Result, 
 	}
 	backoff := 20 * time.Millisecond
 	for {
-		res, err := n.propose(ctx, data)
+		res, err := n.propose(ctx, cmd, data)
 		if err == nil {
 			if res.Err != nil {
 				return res, res.Err
@@ -76,14 +76,14 @@ func (n *Node) WaitApplied(ctx context.Context, index uint64) error {
 }
 
 // propose applies encoded data on the leader, locally or by forwarding.
-func (n *Node) propose(ctx context.Context, data []byte) (*fsm.Result, error) {
+func (n *Node) propose(ctx context.Context, cmd fsm.Command, data []byte) (*fsm.Result, error) {
 	select {
 	case <-n.stop:
 		return nil, ErrClosed
 	default:
 	}
 	if n.raft.State() == raft.Leader {
-		return n.applyLocal(ctx, data)
+		return n.applyLocal(ctx, cmd, data)
 	}
 	leader := n.Leader()
 	if leader == "" {
@@ -97,8 +97,9 @@ func (n *Node) propose(ctx context.Context, data []byte) (*fsm.Result, error) {
 }
 
 // applyLocal appends data to the Raft log on this (leader) site and waits
-// for it to be committed and applied.
-func (n *Node) applyLocal(ctx context.Context, data []byte) (*fsm.Result, error) {
+// for it to be committed and applied. Write batches pass the sequencer so a
+// session's pipelined batches enter the log in Seq order.
+func (n *Node) applyLocal(ctx context.Context, cmd fsm.Command, data []byte) (*fsm.Result, error) {
 	timeout := defaultApplyTimeout
 	if dl, ok := ctx.Deadline(); ok {
 		timeout = time.Until(dl)
@@ -106,7 +107,16 @@ func (n *Node) applyLocal(ctx context.Context, data []byte) (*fsm.Result, error)
 			return nil, context.DeadlineExceeded
 		}
 	}
-	fut := n.raft.Apply(data, timeout)
+	var fut raft.ApplyFuture
+	switch c := cmd.(type) {
+	case *fsm.WriteBatch:
+		n.seq.append(c.Session, c.Seq, func() { fut = n.raft.Apply(data, timeout) })
+	case *fsm.EndSession:
+		n.seq.forget(c.Session)
+		fut = n.raft.Apply(data, timeout)
+	default:
+		fut = n.raft.Apply(data, timeout)
+	}
 	done := make(chan error, 1)
 	go func() { done <- fut.Error() }()
 	select {
@@ -121,6 +131,12 @@ func (n *Node) applyLocal(ctx context.Context, data []byte) (*fsm.Result, error)
 	res, ok := fut.Response().(*fsm.Result)
 	if !ok {
 		return nil, fmt.Errorf("unexpected FSM response %T", fut.Response())
+	}
+	if errors.Is(res.Err, fsm.ErrFailed) {
+		n.stepDownOnce.Do(func() {
+			n.log.Error("this site's copy failed to apply a committed entry; handing over leadership", "err", res.Err)
+			go n.raft.LeadershipTransfer()
+		})
 	}
 	return res, nil
 }

@@ -61,11 +61,12 @@ func (n *Node) handleApply(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, applyReply{Retry: true, Error: "not the leader"})
 		return
 	}
-	if _, err := fsm.Decode(data); err != nil {
+	cmd, err := fsm.Decode(data)
+	if err != nil {
 		writeJSON(w, http.StatusOK, applyReply{Code: fsm.ErrorCode(err), Error: err.Error()})
 		return
 	}
-	res, err := n.applyLocal(r.Context(), data)
+	res, err := n.applyLocal(r.Context(), cmd, data)
 	if err != nil {
 		writeJSON(w, http.StatusOK, applyReply{Retry: IsRetryable(err) || errors.Is(err, ErrClosed), Error: err.Error()})
 		return

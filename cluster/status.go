@@ -23,7 +23,8 @@ type SiteStatus struct {
 	APIAddr           string `json:"api_addr,omitempty"`
 	NBDAddr           string `json:"nbd_addr,omitempty"`
 	Term              uint64 `json:"term"`
-	AppliedIndex      uint64 `json:"applied_index"`
+	AppliedIndex      uint64 `json:"applied_index"` // last Raft entry this site applied
+	FSMIndex          uint64 `json:"fsm_index"`     // last command entry its state machine applied
 	CommitIndex       uint64 `json:"commit_index"`
 	LastLogIndex      uint64 `json:"last_log_index"`
 	LastSnapshotIndex uint64 `json:"last_snapshot_index"`
@@ -50,7 +51,8 @@ func (n *Node) LocalStatus() SiteStatus {
 		APIAddr:           n.cfg.APIAddr,
 		NBDAddr:           n.cfg.NBDAddr,
 		Term:              num("term"),
-		AppliedIndex:      n.fsm.AppliedIndex(),
+		AppliedIndex:      n.raft.AppliedIndex(), // counts no-op and configuration entries too, unlike the FSM's
+		FSMIndex:          n.fsm.AppliedIndex(),
 		CommitIndex:       num("commit_index"),
 		LastLogIndex:      num("last_log_index"),
 		LastSnapshotIndex: num("last_snapshot_index"),

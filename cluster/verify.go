@@ -123,13 +123,26 @@ func (n *Node) fetchVerify(ctx context.Context, site, id string, index uint64) (
 		if !ok {
 			return fsm.VerifyReport{}, fmt.Errorf("no local verify result %s", id)
 		}
-		return rep, nil
+		return rep, checkReport(rep)
 	}
 	meta, ok := n.memberMeta(site)
 	if !ok {
 		return fsm.VerifyReport{}, fmt.Errorf("site %s is not in gossip (down or cut off)", site)
 	}
 	var rep fsm.VerifyReport
-	err := n.rpc.getJSON(ctx, meta.API, fmt.Sprintf("%s%s?index=%d", pathVerify, id, index), &rep)
-	return rep, err
+	if err := n.rpc.getJSON(ctx, meta.API, fmt.Sprintf("%s%s?index=%d", pathVerify, id, index), &rep); err != nil {
+		return rep, err
+	}
+	return rep, checkReport(rep)
+}
+
+// checkReport turns a site's report that cannot be compared into an error.
+func checkReport(rep fsm.VerifyReport) error {
+	switch {
+	case rep.Error != "":
+		return fmt.Errorf("hashing failed: %s", rep.Error)
+	case rep.Fuzzy:
+		return fmt.Errorf("site is still replaying after a snapshot install; its copy is not exact at index %d yet, retry", rep.Index)
+	}
+	return nil
 }

@@ -34,6 +34,9 @@ type CreateVolume struct {
 	Size      int64
 	BlockSize int
 	Created   int64 // Unix nanoseconds, chosen by the proposer so every site agrees
+	// SyncWrites is stored in the volume's metadata (volume.Meta): writers
+	// acknowledge a write only once it is committed. Fixed at creation.
+	SyncWrites bool
 }
 
 // DeleteVolume deletes a volume at every site.

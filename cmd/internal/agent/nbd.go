@@ -29,6 +29,11 @@ type nbdBackend struct {
 	stages map[string]*stage
 }
 
+// releaseTimeout bounds how long closing a volume's write-back stage waits
+// for its buffered writes to commit. Writes not flushed by the client may be
+// lost past it (they were never acknowledged as durable).
+const releaseTimeout = 30 * time.Second
+
 // stage is one volume's shared DCD stage and the connections using it.
 type stage struct {
 	vol  *volume.Volume
@@ -114,9 +119,9 @@ func (b *nbdBackend) release(name string, st *stage) error {
 	if !last {
 		return nil
 	}
-	err := st.dcd.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), releaseTimeout)
 	defer cancel()
+	err := st.dcd.Shutdown(ctx)
 	if _, e := b.node.Apply(ctx, &fsm.EndSession{Session: st.dcd.Session()}); e != nil {
 		b.log.Debug("ending writer session", "volume", name, "err", e)
 	}
@@ -129,8 +134,10 @@ func (b *nbdBackend) closeAll() {
 	stages := b.stages
 	b.stages = map[string]*stage{}
 	b.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), releaseTimeout)
+	defer cancel()
 	for name, st := range stages {
-		if err := st.dcd.Close(); err != nil {
+		if err := st.dcd.Shutdown(ctx); err != nil {
 			b.log.Error("flushing volume at shutdown", "volume", name, "err", err)
 		}
 	}

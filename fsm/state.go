@@ -1,0 +1,296 @@
+package fsm
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/robib/robib/volume"
+)
+
+// errCorruptState is wrapped by every failure to decode a state file or a
+// snapshot's state record.
+var errCorruptState = errors.New("corrupt fsm state")
+
+// session is one writer session's dedup state.
+type session struct {
+	LastSeq   uint64 // Seq of the last batch applied (or rejected) for it
+	LastIndex uint64 // log index of that batch; the LRU eviction key
+}
+
+// sessionEntry is a session with its ID, as stored.
+type sessionEntry struct {
+	ID uint64
+	session
+}
+
+// stateImage is the FSM state that is persisted: in the state file at each
+// checkpoint (Volumes empty) and in the state record of a snapshot
+// (Restoring false, FuzzyUntil 0).
+//
+// Encoding (version 1): version 1 byte, flags 1 byte (bit 0 Restoring),
+// applied uv, fuzzyUntil uv, volume count uv, per volume name str, size uv,
+// blockSize uv, created sv (Unix ns), flags 1 byte (bit 0 SyncWrites),
+// session count uv, per session id uv,
+// lastSeq uv, lastIndex uv. Volumes are sorted by name, sessions by ID,
+// both without duplicates, so equal states encode to equal bytes.
+type stateImage struct {
+	Applied    uint64 // every entry with Index <= Applied is reflected
+	FuzzyUntil uint64 // see FSM.fuzzyUntil
+	Restoring  bool   // a Restore started and has not finished
+	Volumes    []volume.Meta
+	Sessions   []sessionEntry
+}
+
+const (
+	stateVersion      byte = 1
+	stateFlagRestore  byte = 1
+	stateFileName          = "state"
+	stateTmpName           = "state.tmp"
+	stateFileMagic         = "RBFS"
+	maxStateFileBytes      = 64 << 20
+)
+
+func encodeState(img *stateImage) []byte {
+	var e encoder
+	e.byte(stateVersion)
+	var flags byte
+	if img.Restoring {
+		flags |= stateFlagRestore
+	}
+	e.byte(flags)
+	e.uvarint(img.Applied)
+	e.uvarint(img.FuzzyUntil)
+	e.uvarint(uint64(len(img.Volumes)))
+	for _, m := range img.Volumes {
+		e.string(m.Name)
+		e.uvarint(uint64(m.Size))
+		e.uvarint(uint64(m.BlockSize))
+		e.varint(m.Created.UnixNano())
+		var flags byte
+		if m.SyncWrites {
+			flags |= createFlagSyncWrites
+		}
+		e.byte(flags)
+	}
+	e.uvarint(uint64(len(img.Sessions)))
+	for _, s := range img.Sessions {
+		e.uvarint(s.ID)
+		e.uvarint(s.LastSeq)
+		e.uvarint(s.LastIndex)
+	}
+	return e.buf
+}
+
+// decodeState parses encodeState's output. Errors wrap errCorruptState.
+func decodeState(b []byte) (*stateImage, error) {
+	d := decoder{buf: b, kind: errCorruptState}
+	if v := d.byte(); d.err == nil && v != stateVersion {
+		return nil, fmt.Errorf("%w: unsupported state version %d", errCorruptState, v)
+	}
+	flags := d.byte()
+	if flags&^stateFlagRestore != 0 {
+		d.fail("unknown flags 0x%02x", flags)
+	}
+	img := &stateImage{Restoring: flags&stateFlagRestore != 0, Applied: d.uvarint(), FuzzyUntil: d.uvarint()}
+	// A volume takes at least 6 bytes, a session 3.
+	if n := d.uvarint(); n > uint64(d.remaining()/6) {
+		d.fail("%d volumes cannot fit in %d bytes", n, d.remaining())
+	} else if n > 0 {
+		img.Volumes = make([]volume.Meta, n)
+		for i := range img.Volumes {
+			m := volume.Meta{Name: d.name(), Size: d.int64("size")}
+			bs := d.uvarint()
+			created := d.varint()
+			vflags := d.byte()
+			if d.err != nil {
+				break
+			}
+			if vflags&^createFlagSyncWrites != 0 {
+				d.fail("unknown volume flags 0x%02x", vflags)
+				break
+			}
+			m.SyncWrites = vflags&createFlagSyncWrites != 0
+			if bs > 1<<30 {
+				d.fail("block size %d out of range", bs)
+				break
+			}
+			m.BlockSize = int(bs)
+			m.Created = time.Unix(0, created).UTC()
+			if err := volume.ValidateMeta(m); err != nil {
+				d.err = fmt.Errorf("%w: %w", errCorruptState, err)
+				break
+			}
+			if i > 0 && strings.Compare(img.Volumes[i-1].Name, m.Name) >= 0 {
+				d.fail("volumes not sorted by name at %q", m.Name)
+				break
+			}
+			img.Volumes[i] = m
+		}
+	}
+	if n := d.uvarint(); n > uint64(d.remaining()/3) {
+		d.fail("%d sessions cannot fit in %d bytes", n, d.remaining())
+	} else if n > 0 {
+		img.Sessions = make([]sessionEntry, n)
+		for i := range img.Sessions {
+			s := sessionEntry{ID: d.uvarint()}
+			s.LastSeq = d.uvarint()
+			s.LastIndex = d.uvarint()
+			if d.err != nil {
+				break
+			}
+			if s.ID == 0 || s.LastSeq == 0 {
+				d.fail("session %d with seq %d", s.ID, s.LastSeq)
+				break
+			}
+			if i > 0 && img.Sessions[i-1].ID >= s.ID {
+				d.fail("sessions not sorted at %d", s.ID)
+				break
+			}
+			img.Sessions[i] = s
+		}
+	}
+	if d.err != nil {
+		return nil, d.err
+	}
+	if d.remaining() != 0 {
+		return nil, fmt.Errorf("%w: %d trailing bytes", errCorruptState, d.remaining())
+	}
+	return img, nil
+}
+
+// sessionList returns the session table as a list sorted by ID.
+func sessionList(m map[uint64]*session) []sessionEntry {
+	out := make([]sessionEntry, 0, len(m))
+	for id, s := range m {
+		out = append(out, sessionEntry{ID: id, session: *s})
+	}
+	slices.SortFunc(out, func(a, b sessionEntry) int {
+		switch {
+		case a.ID < b.ID:
+			return -1
+		case a.ID > b.ID:
+			return 1
+		}
+		return 0
+	})
+	return out
+}
+
+// sessionMap builds a session table from a list.
+func sessionMap(list []sessionEntry) map[uint64]*session {
+	m := make(map[uint64]*session, len(list))
+	for _, s := range list {
+		m[s.ID] = &session{LastSeq: s.LastSeq, LastIndex: s.LastIndex}
+	}
+	return m
+}
+
+// State file: stateFileMagic, encodeState output, crc32c (LE) of both.
+
+// readStateFile loads dir's state file. It returns (nil, nil) if there is
+// none.
+func readStateFile(dir string) (*stateImage, error) {
+	path := filepath.Join(dir, stateFileName)
+	f, err := os.Open(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, maxStateFileBytes+1))
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", path, err)
+	}
+	img, err := parseStateFile(b)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return img, nil
+}
+
+func parseStateFile(b []byte) (*stateImage, error) {
+	if len(b) > maxStateFileBytes {
+		return nil, fmt.Errorf("%w: file exceeds %d bytes", errCorruptState, maxStateFileBytes)
+	}
+	if len(b) < len(stateFileMagic)+4 || string(b[:len(stateFileMagic)]) != stateFileMagic {
+		return nil, fmt.Errorf("%w: bad magic or too short (%d bytes)", errCorruptState, len(b))
+	}
+	end := len(b) - 4
+	if got, want := binary.LittleEndian.Uint32(b[end:]), crc32.Checksum(b[:end], castagnoli); got != want {
+		return nil, fmt.Errorf("%w: checksum mismatch: stored %08x, computed %08x", errCorruptState, got, want)
+	}
+	img, err := decodeState(b[len(stateFileMagic):end])
+	if err != nil {
+		return nil, err
+	}
+	if len(img.Volumes) != 0 {
+		return nil, fmt.Errorf("%w: state file lists volumes", errCorruptState)
+	}
+	return img, nil
+}
+
+// writeStateFile atomically replaces dir's state file with img: write a
+// temporary file, fsync it, rename it into place, fsync dir. When it
+// returns nil the new state is durable; after a crash the file is either
+// the old or the new state.
+func writeStateFile(dir string, img *stateImage) error {
+	body := encodeState(img)
+	b := make([]byte, 0, len(stateFileMagic)+len(body)+4)
+	b = append(b, stateFileMagic...)
+	b = append(b, body...)
+	b = binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
+	tmp := filepath.Join(dir, stateTmpName)
+	if err := writeFileSync(tmp, b); err != nil {
+		_ = os.Remove(tmp)
+		return fmt.Errorf("write state: %w", err)
+	}
+	if err := os.Rename(tmp, filepath.Join(dir, stateFileName)); err != nil {
+		_ = os.Remove(tmp)
+		return fmt.Errorf("write state: %w", err)
+	}
+	if err := syncDir(dir); err != nil {
+		return fmt.Errorf("write state: %w", err)
+	}
+	return nil
+}
+
+// writeFileSync creates or truncates path, writes b and fsyncs the file.
+func writeFileSync(path string, b []byte) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(b)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// syncDir fsyncs the directory at path, making entries created, renamed or
+// removed in it durable.
+func syncDir(path string) error {
+	d, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	err = d.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
