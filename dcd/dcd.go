@@ -99,6 +99,9 @@ type Config struct {
 	Logger *slog.Logger
 	// Epoch is copied into each batch (volume leases).
 	Epoch uint64
+	// VolumeCreated is copied into each batch (fsm.WriteBatch.Created): the
+	// incarnation of the volume this stage writes to.
+	VolumeCreated int64
 	// Session identifies this writer to the FSM; 0 picks a random non-zero
 	// one. A new one is picked if the FSM evicted the session.
 	Session uint64
@@ -262,7 +265,7 @@ func New(volumeName string, local Local, c Committer, cfg Config) (*Volume, erro
 // batchLimits derives the op size rules from the encoding (fsm.EncodedSize)
 // with every variable-length field at its largest.
 func batchLimits(name string, maxBatch int) (limits, error) {
-	probe := fsm.WriteBatch{Volume: name, Session: math.MaxUint64, Seq: math.MaxUint64, Epoch: math.MaxUint64}
+	probe := fsm.WriteBatch{Volume: name, Session: math.MaxUint64, Seq: math.MaxUint64, Epoch: math.MaxUint64, Created: math.MinInt64}
 	// The op count is a varint: leave room for its longest form.
 	base := fsm.EncodedSize(&probe) + binary.MaxVarintLen64 - 1
 	probe.Ops = []fsm.Op{{Kind: fsm.OpWrite, NoHole: true, Off: math.MaxInt64, Len: math.MaxInt64}}

@@ -223,7 +223,7 @@ func (v *Volume) cutLocked() *batch {
 // lock: a cut batch's ops are never modified, only replaced.
 func (v *Volume) build(b *batch) {
 	ops, joined := coalesce(b.ops) // b.ops is read without the lock: see above
-	wb := &fsm.WriteBatch{Volume: v.name, Epoch: v.cfg.Epoch, Ops: ops}
+	wb := &fsm.WriteBatch{Volume: v.name, Epoch: v.cfg.Epoch, Created: v.cfg.VolumeCreated, Ops: ops}
 	v.mu.Lock()
 	b.ops, b.wb = ops, wb
 	v.stats.Coalesced += uint64(joined)

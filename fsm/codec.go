@@ -183,6 +183,7 @@ func encodeCommand(e *encoder, cmd Command) {
 		e.uvarint(c.Session)
 		e.uvarint(c.Seq)
 		e.uvarint(c.Epoch)
+		e.varint(c.Created)
 		e.uvarint(uint64(len(c.Ops)))
 		for i := range c.Ops {
 			op := &c.Ops[i]
@@ -510,7 +511,7 @@ func (d *decoder) name() string {
 }
 
 func (d *decoder) writeBatch() *WriteBatch {
-	b := &WriteBatch{Volume: d.name(), Session: d.uvarint(), Seq: d.uvarint(), Epoch: d.uvarint()}
+	b := &WriteBatch{Volume: d.name(), Session: d.uvarint(), Seq: d.uvarint(), Epoch: d.uvarint(), Created: d.varint()}
 	n := d.uvarint()
 	if d.err != nil {
 		return b

@@ -124,8 +124,9 @@ func mustEncode(t testing.TB, cmd Command) []byte {
 func TestDecodeMalformed(t *testing.T) {
 	batch := mustEncode(t, &WriteBatch{Volume: "vol", Session: 1, Seq: 2, Ops: []Op{write(0, []byte("data")), {Kind: OpZero, NoHole: true, Off: 8, Len: 8}}})
 	// Offsets in batch: magic 0, version 1, type 2, name len 3, "vol"
-	// 4-6, session 7, seq 8, epoch 9, count 10, op0 kind 11, flags 12,
-	// off 13, len 14, data 15-18, op1 kind 19, flags 20, off 21, len 22.
+	// 4-6, session 7, seq 8, epoch 9, created 10, count 11, op0 kind 12,
+	// flags 13, off 14, len 15, data 16-19, op1 kind 20, flags 21, off 22,
+	// len 23.
 	mod := func(f func(b []byte) []byte) []byte {
 		b := f(append([]byte(nil), batch...))
 		return reCRC(b)
@@ -145,13 +146,13 @@ func TestDecodeMalformed(t *testing.T) {
 		{"trailing", mod(func(b []byte) []byte { return append(b[:len(b)-4], 0, 0, 0, 0, 0) }), ErrBadCommand},
 		{"bad name", mod(func(b []byte) []byte { b[4] = '/'; return b }), ErrBadCommand},
 		{"name too long", mod(func(b []byte) []byte { b[3] = 100; return b }), ErrBadCommand},
-		{"count too big", mod(func(b []byte) []byte { b[10] = 100; return b }), ErrBadCommand},
-		{"count too small", mod(func(b []byte) []byte { b[10] = 1; return b }), ErrBadCommand},
-		{"op kind", mod(func(b []byte) []byte { b[11] = 0; return b }), ErrBadCommand},
-		{"op kind 4", mod(func(b []byte) []byte { b[19] = 4; return b }), ErrBadCommand},
-		{"flags", mod(func(b []byte) []byte { b[20] = 3; return b }), ErrBadCommand},
-		{"nohole on write", mod(func(b []byte) []byte { b[12] = 1; return b }), ErrBadCommand},
-		{"data too long", mod(func(b []byte) []byte { b[14] = 60; return b }), ErrBadCommand},
+		{"count too big", mod(func(b []byte) []byte { b[11] = 100; return b }), ErrBadCommand},
+		{"count too small", mod(func(b []byte) []byte { b[11] = 1; return b }), ErrBadCommand},
+		{"op kind", mod(func(b []byte) []byte { b[12] = 0; return b }), ErrBadCommand},
+		{"op kind 4", mod(func(b []byte) []byte { b[20] = 4; return b }), ErrBadCommand},
+		{"flags", mod(func(b []byte) []byte { b[21] = 3; return b }), ErrBadCommand},
+		{"nohole on write", mod(func(b []byte) []byte { b[13] = 1; return b }), ErrBadCommand},
+		{"data too long", mod(func(b []byte) []byte { b[15] = 60; return b }), ErrBadCommand},
 		{"non-canonical varint", mod(func(b []byte) []byte {
 			// session 1 as 0x81 0x00
 			return append(append(append([]byte(nil), b[:7]...), 0x81, 0x00), b[8:]...)
@@ -162,7 +163,7 @@ func TestDecodeMalformed(t *testing.T) {
 			0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01), 0, 0, 0, 0)), ErrBadCommand},
 		{"size over int64", reCRC(append(append([]byte{codecMagic, codecVersion, cmdResize, 1, 'v'},
 			0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01), 0, 0, 0, 0)), ErrBadCommand},
-		{"range overflow", reCRC(append(append([]byte{codecMagic, codecVersion, cmdWriteBatch, 1, 'v', 1, 1, 0, 1, byte(OpZero), 0},
+		{"range overflow", reCRC(append(append([]byte{codecMagic, codecVersion, cmdWriteBatch, 1, 'v', 1, 1, 0, 0, 1, byte(OpZero), 0},
 			0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f, 0x01), 0, 0, 0, 0)), ErrBadCommand},
 		{"empty verify id", reCRC([]byte{codecMagic, codecVersion, cmdVerify, 0, 1, 'v', 0, 1, 1, 0, 0, 0, 0}), ErrBadCommand},
 		{"block size", reCRC(append(append([]byte{codecMagic, codecVersion, cmdCreate, 1, 'v', 1},

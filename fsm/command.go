@@ -60,6 +60,12 @@ type WriteBatch struct {
 	Session uint64 // random per writer instance, never 0
 	Seq     uint64 // 1, 2, 3, ... per session
 	Epoch   uint64 // volume lease epoch (fencing); 0 until leases exist
+	// Created names the volume incarnation the writer attached to: its
+	// CreateVolume.Created stamp. A batch for a volume that was deleted and
+	// recreated under the same name since is rejected (ErrUnknownVolume),
+	// so a stale writer never lands in the new volume. 0 skips the check
+	// (tests and tools only; the agent always sets it).
+	Created int64
 	Ops     []Op
 }
 

@@ -470,6 +470,9 @@ func (f *FSM) applyOps(b *WriteBatch) (verdict, local error) {
 	if verdict != nil || local != nil {
 		return verdict, local
 	}
+	if b.Created != 0 && v.Meta().Created.UnixNano() != b.Created {
+		return fmt.Errorf("%w: %q was deleted and recreated since this writer attached", ErrUnknownVolume, b.Volume), nil
+	}
 	size := v.Size()
 	for i := range b.Ops {
 		op := &b.Ops[i]

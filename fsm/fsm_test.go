@@ -637,3 +637,28 @@ func BenchmarkApplyWriteBatch(b *testing.B) {
 		}
 	}
 }
+
+// A writer attached to a volume that was deleted and recreated under the
+// same name must not land in the new volume.
+func TestApplyRejectsBatchForOldIncarnation(t *testing.T) {
+	s := newSite(t, t.TempDir(), noCheckpoints)
+	l := &testLog{t: t}
+	s.mustApply(l, create("v", MiB))
+	old := testCreated
+	s.mustApply(l, &WriteBatch{Volume: "v", Session: 7, Seq: 1, Created: old, Ops: []Op{write(0, []byte("old"))}})
+	s.mustApply(l, &DeleteVolume{Name: "v"})
+	recreated := create("v", MiB)
+	recreated.Created = old + 1
+	s.mustApply(l, recreated)
+	r := s.applyLog(l.add(&WriteBatch{Volume: "v", Session: 7, Seq: 2, Created: old, Ops: []Op{write(0, []byte("stale"))}}))
+	if !errors.Is(r.Err, ErrUnknownVolume) {
+		t.Fatalf("stale incarnation: err = %v, want ErrUnknownVolume", r.Err)
+	}
+	if got := s.read("v"); !bytes.Equal(got[:5], make([]byte, 5)) {
+		t.Fatalf("new volume was written by the old writer: %q", got[:5])
+	}
+	s.mustApply(l, &WriteBatch{Volume: "v", Session: 8, Seq: 1, Created: old + 1, Ops: []Op{write(0, []byte("new"))}})
+	if got := s.read("v"); string(got[:3]) != "new" {
+		t.Fatalf("current incarnation write lost: %q", got[:3])
+	}
+}

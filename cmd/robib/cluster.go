@@ -12,6 +12,8 @@ func newClusterCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "cluster",
 		Short: "Inspect and change cluster membership",
+		Args:  cobra.NoArgs, // an unknown subcommand is an error, not help
+		RunE:  func(cmd *cobra.Command, _ []string) error { return cmd.Help() },
 	}
 	cmd.AddCommand(newClusterStatusCmd(g), newClusterLeaveCmd(g), newClusterRemoveCmd(g), newClusterTransferCmd(g))
 	return cmd

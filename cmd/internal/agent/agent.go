@@ -44,7 +44,7 @@ type Agent struct {
 
 // New opens the site's state and joins (or bootstraps) the cluster. The
 // NBD and API listeners open in Start.
-func New(cfg config.Config, log *slog.Logger, network *netx.Network) (a *Agent, err error) {
+func New(cfg config.Config, log *slog.Logger, network *netx.Network) (*Agent, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -54,24 +54,31 @@ func New(cfg config.Config, log *slog.Logger, network *netx.Network) (a *Agent, 
 	if network == nil {
 		network = &netx.Network{}
 	}
-	a = &Agent{cfg: cfg, log: log, net: network}
-	defer func() {
-		if err != nil {
-			a.Close()
-		}
-	}()
+	a := &Agent{cfg: cfg, log: log, net: network}
+	if err := a.open(); err != nil {
+		a.Close()
+		return nil, err
+	}
+	return a, nil
+}
+
+// open builds the agent's parts in order; on error the caller closes
+// whatever was built.
+func (a *Agent) open() error {
+	cfg, log, network := a.cfg, a.log, a.net
+	var err error
 	if a.store, err = volume.Open(cfg.DataDir, log.With("component", "volume")); err != nil {
-		return nil, fmt.Errorf("opening volume store: %w", err)
+		return fmt.Errorf("opening volume store: %w", err)
 	}
 	for name, err := range a.store.Broken() {
 		log.Error("volume cannot be loaded; left untouched on disk", "volume", name, "err", err)
 	}
 	if a.fsm, err = fsm.New(a.store, filepath.Join(cfg.DataDir, "fsm"), fsm.Options{Logger: log.With("component", "fsm")}); err != nil {
-		return nil, fmt.Errorf("opening state machine: %w", err)
+		return fmt.Errorf("opening state machine: %w", err)
 	}
 	raftLn, err := network.Listen(netx.LinkRaft, cfg.RaftAddr)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	httpClient := &http.Client{
 		Timeout: 2 * time.Minute,
@@ -107,7 +114,7 @@ func New(cfg config.Config, log *slog.Logger, network *netx.Network) (a *Agent, 
 	}, a.fsm)
 	if err != nil {
 		raftLn.Close()
-		return nil, err
+		return err
 	}
 	a.backend = &nbdBackend{
 		store:  a.store,
@@ -125,12 +132,12 @@ func New(cfg config.Config, log *slog.Logger, network *netx.Network) (a *Agent, 
 		Logger:    log.With("component", "nbd"),
 		ErrorCode: nbdErrorCode,
 	}); err != nil {
-		return nil, err
+		return err
 	}
 	mux := api.NewHandler(&clusterService{node: a.node, store: a.store}, log.With("component", "api"))
 	mux.Handle("/internal/", a.node.Handler())
 	a.api = api.NewServer(mux)
-	return a, nil
+	return nil
 }
 
 // Start opens the NBD and API listeners and begins serving.

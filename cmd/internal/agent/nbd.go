@@ -35,10 +35,15 @@ type nbdBackend struct {
 const releaseTimeout = 30 * time.Second
 
 // stage is one volume's shared DCD stage and the connections using it.
+// When the last connection goes, the stage stays in the map, marked
+// closing, until its buffered writes are committed and applied: a new
+// connection in that window waits for it, so it never reads the volume file
+// without them.
 type stage struct {
-	vol  *volume.Volume
-	dcd  *dcd.Volume
-	refs int
+	vol     *volume.Volume
+	dcd     *dcd.Volume
+	refs    int
+	closing chan struct{} // non-nil once the last reference is gone; closed when shut down
 }
 
 func exportInfo(m volume.Meta) nbdfront.ExportInfo {
@@ -91,9 +96,17 @@ func (b *nbdBackend) Open(name string) (nbdfront.Export, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	st := b.stages[name]
+	for st != nil && st.closing != nil {
+		ch := st.closing
+		b.mu.Unlock()
+		<-ch
+		b.mu.Lock()
+		st = b.stages[name]
+	}
 	if st == nil || st.vol != v { // new, or the volume was deleted and recreated
 		cfg := b.dcd
 		cfg.SyncWrites = v.Meta().SyncWrites
+		cfg.VolumeCreated = v.Meta().Created.UnixNano()
 		cfg.Logger = b.log.With("volume", name)
 		d, err := dcd.New(name, v, b.node, cfg)
 		if err != nil {
@@ -111,17 +124,22 @@ func (b *nbdBackend) Open(name string) (nbdfront.Export, error) {
 func (b *nbdBackend) release(name string, st *stage) error {
 	b.mu.Lock()
 	st.refs--
-	last := st.refs == 0
-	if last && b.stages[name] == st {
-		delete(b.stages, name)
-	}
-	b.mu.Unlock()
-	if !last {
+	if st.refs > 0 {
+		b.mu.Unlock()
 		return nil
 	}
+	st.closing = make(chan struct{})
+	b.mu.Unlock()
+
 	ctx, cancel := context.WithTimeout(context.Background(), releaseTimeout)
 	defer cancel()
 	err := st.dcd.Shutdown(ctx)
+	b.mu.Lock()
+	if b.stages[name] == st {
+		delete(b.stages, name)
+	}
+	close(st.closing)
+	b.mu.Unlock()
 	if _, e := b.node.Apply(ctx, &fsm.EndSession{Session: st.dcd.Session()}); e != nil {
 		b.log.Debug("ending writer session", "volume", name, "err", e)
 	}
@@ -131,8 +149,12 @@ func (b *nbdBackend) release(name string, st *stage) error {
 // closeAll flushes every stage at shutdown.
 func (b *nbdBackend) closeAll() {
 	b.mu.Lock()
-	stages := b.stages
-	b.stages = map[string]*stage{}
+	var stages = map[string]*stage{}
+	for name, st := range b.stages {
+		if st.closing == nil { // closing ones are being shut down by release
+			stages[name] = st
+		}
+	}
 	b.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), releaseTimeout)
 	defer cancel()
