@@ -24,6 +24,7 @@ import (
 	"github.com/hashicorp/memberlist"
 	"github.com/hashicorp/raft"
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
+	"go.etcd.io/bbolt"
 
 	"github.com/robib/robib/fsm"
 )
@@ -84,13 +85,13 @@ type Config struct {
 
 func (c *Config) setDefaults() {
 	if c.SnapshotThreshold == 0 {
-		c.SnapshotThreshold = 8192
+		c.SnapshotThreshold = 1024
 	}
 	if c.SnapshotInterval == 0 {
-		c.SnapshotInterval = 30 * time.Second
+		c.SnapshotInterval = 10 * time.Second
 	}
 	if c.TrailingLogs == 0 {
-		c.TrailingLogs = 1024
+		c.TrailingLogs = 512
 	}
 	if c.SnapshotRetain == 0 {
 		c.SnapshotRetain = 2
@@ -178,7 +179,19 @@ func (n *Node) openRaft() error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("raft dir: %w", err)
 	}
-	store, err := raftboltdb.New(raftboltdb.Options{Path: filepath.Join(dir, "raft.db")})
+	store, err := raftboltdb.New(raftboltdb.Options{
+		Path: filepath.Join(dir, "raft.db"),
+		BoltOptions: &bbolt.Options{
+			Timeout: time.Second, // a second agent on the same data dir fails instead of hanging
+			// The log churns: entries are appended and compacted away all
+			// the time. A hashmap freelist that is rebuilt on open instead
+			// of written on every commit keeps appends cheap as the file
+			// accumulates free pages.
+			NoFreelistSync:  true,
+			FreelistType:    bbolt.FreelistMapType,
+			InitialMmapSize: 1 << 30,
+		},
+	})
 	if err != nil {
 		return fmt.Errorf("opening raft log %s: %w", dir, err)
 	}

@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"path/filepath"
 	"sync"
 	"time"
@@ -136,6 +137,10 @@ func (a *Agent) open() error {
 	}
 	mux := api.NewHandler(&clusterService{node: a.node, store: a.store}, log.With("component", "api"))
 	mux.Handle("/internal/", a.node.Handler())
+	// Profiling, on the admin listener only (bound to loopback by default).
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	a.api = api.NewServer(mux)
 	return nil
 }
