@@ -446,6 +446,8 @@ func (f *FSM) applyWriteBatch(index uint64, b *WriteBatch) (outcome, error) {
 	}
 	s := f.sessions[b.Session]
 	switch {
+	case s != nil && s.Failed != "":
+		return outcome{err: ErrorFromCode(s.Failed, fmt.Sprintf("session %x lost a batch earlier (%s); it accepts no more writes", b.Session, s.Failed))}, nil
 	case s == nil && b.Seq != 1:
 		return outcome{err: fmt.Errorf("%w: session %x is unknown (new or evicted) and seq is %d, not 1",
 			ErrSeqGap, b.Session, b.Seq)}, nil
@@ -458,8 +460,12 @@ func (f *FSM) applyWriteBatch(index uint64, b *WriteBatch) (outcome, error) {
 	if local != nil {
 		return outcome{}, local
 	}
-	// The verdict, accepted or rejected, is the answer for this Seq.
+	// The verdict, accepted or rejected, is the answer for this Seq; a
+	// rejection fails the session for good (see session.Failed).
 	f.recordSession(b.Session, b.Seq, index)
+	if verdict != nil {
+		f.sessions[b.Session].Failed = ErrorCode(verdict)
+	}
 	return outcome{err: verdict}, nil
 }
 

@@ -74,22 +74,27 @@ func TestApplySessions(t *testing.T) {
 	check(w(1, 'X'), nil, true) // duplicate: not applied again
 	check(w(3, 'X'), ErrSeqGap, false)
 	check(w(2, 'b'), nil, false)
-	check(&WriteBatch{Volume: "v", Session: 7, Seq: 3, Ops: []Op{write(MiB-1, []byte("xx"))}}, ErrOutOfRange, false)
-	check(w(3, 'X'), nil, true) // seq 3 was answered (rejected) already
-	check(w(4, 'd'), nil, false)
-	check(&WriteBatch{Volume: "nope", Session: 7, Seq: 5}, ErrUnknownVolume, false)
-	check(w(6, 'f'), nil, false)
+	check(w(3, 'c'), nil, false)
+	check(&WriteBatch{Volume: "v", Session: 7, Seq: 4, Ops: []Op{write(MiB-1, []byte("xx"))}}, ErrOutOfRange, false)
+	// A rejected batch is lost data for its writer: the session is failed
+	// for good, so neither a resend (which could otherwise pass as a
+	// duplicate) nor a later batch succeeds.
+	check(w(4, 'X'), ErrOutOfRange, false)
+	check(w(2, 'X'), ErrOutOfRange, false)
+	check(w(5, 'X'), ErrOutOfRange, false)
+	check(&WriteBatch{Volume: "nope", Session: 9, Seq: 1}, ErrUnknownVolume, false)
+	check(&WriteBatch{Volume: "v", Session: 9, Seq: 1}, ErrUnknownVolume, false) // the resend, lost answer
 	check(&WriteBatch{Volume: "v", Session: 0, Seq: 1}, ErrInvalid, false)
 	check(&WriteBatch{Volume: "v", Session: 8, Seq: 0}, ErrInvalid, false)
 	check(&EndSession{Session: 0}, ErrInvalid, false)
 
 	got := s.read("v")
-	for seq, want := range map[int]byte{10: 'a', 20: 'b', 30: 0, 40: 'd', 60: 'f'} {
+	for seq, want := range map[int]byte{10: 'a', 20: 'b', 30: 'c', 40: 0, 50: 0} {
 		if got[seq] != want {
 			t.Errorf("byte %d = %q, want %q", seq, got[seq], want)
 		}
 	}
-	if sess := s.fsm.sessions[7]; sess == nil || sess.LastSeq != 6 {
+	if sess := s.fsm.sessions[7]; sess == nil || sess.LastSeq != 4 || sess.Failed != "out_of_range" {
 		t.Fatalf("session 7 = %+v", sess)
 	}
 	check(&EndSession{Session: 7}, nil, false)
@@ -343,9 +348,9 @@ func TestCrashDuringMetaCommand(t *testing.T) {
 		&WriteBatch{Volume: "a", Session: 1, Seq: 1, Ops: []Op{write(0, []byte("one"))}},
 		&WriteBatch{Volume: "b", Session: 1, Seq: 2, Ops: []Op{write(0, []byte("rejected: no b yet"))}},
 		create("b", MiB),
-		&WriteBatch{Volume: "b", Session: 1, Seq: 3, Ops: []Op{write(5, []byte("two"))}},
+		&WriteBatch{Volume: "b", Session: 2, Seq: 1, Ops: []Op{write(5, []byte("two"))}},
 		&ResizeVolume{Name: "a", Size: 2 * MiB},
-		&WriteBatch{Volume: "a", Session: 1, Seq: 4, Ops: []Op{write(MiB+5, []byte("three"))}},
+		&WriteBatch{Volume: "a", Session: 2, Seq: 2, Ops: []Op{write(MiB+5, []byte("three"))}},
 	}
 	stateDir := filepath.Join(s.dir, "fsm")
 	var saved []byte

@@ -24,6 +24,12 @@ var errCorruptState = errors.New("corrupt fsm state")
 type session struct {
 	LastSeq   uint64 // Seq of the last batch applied (or rejected) for it
 	LastIndex uint64 // log index of that batch; the LRU eviction key
+	// Failed is the ErrorCode of the first batch of this session that was
+	// rejected, "" while none was. A rejected batch is lost data for its
+	// writer, so every later batch of the session — a resend of any Seq
+	// included — gets the same verdict: a writer whose answer was lost
+	// can never see a resend succeed as a duplicate.
+	Failed string
 }
 
 // sessionEntry is a session with its ID, as stored.
@@ -86,6 +92,7 @@ func encodeState(img *stateImage) []byte {
 		e.uvarint(s.ID)
 		e.uvarint(s.LastSeq)
 		e.uvarint(s.LastIndex)
+		e.string(s.Failed)
 	}
 	return e.buf
 }
@@ -101,7 +108,7 @@ func decodeState(b []byte) (*stateImage, error) {
 		d.fail("unknown flags 0x%02x", flags)
 	}
 	img := &stateImage{Restoring: flags&stateFlagRestore != 0, Applied: d.uvarint(), FuzzyUntil: d.uvarint()}
-	// A volume takes at least 6 bytes, a session 3.
+	// A volume takes at least 6 bytes, a session 4.
 	if n := d.uvarint(); n > uint64(d.remaining()/6) {
 		d.fail("%d volumes cannot fit in %d bytes", n, d.remaining())
 	} else if n > 0 {
@@ -136,7 +143,7 @@ func decodeState(b []byte) (*stateImage, error) {
 			img.Volumes[i] = m
 		}
 	}
-	if n := d.uvarint(); n > uint64(d.remaining()/3) {
+	if n := d.uvarint(); n > uint64(d.remaining()/4) {
 		d.fail("%d sessions cannot fit in %d bytes", n, d.remaining())
 	} else if n > 0 {
 		img.Sessions = make([]sessionEntry, n)
@@ -144,6 +151,7 @@ func decodeState(b []byte) (*stateImage, error) {
 			s := sessionEntry{ID: d.uvarint()}
 			s.LastSeq = d.uvarint()
 			s.LastIndex = d.uvarint()
+			s.Failed = string(d.str())
 			if d.err != nil {
 				break
 			}
@@ -189,7 +197,7 @@ func sessionList(m map[uint64]*session) []sessionEntry {
 func sessionMap(list []sessionEntry) map[uint64]*session {
 	m := make(map[uint64]*session, len(list))
 	for _, s := range list {
-		m[s.ID] = &session{LastSeq: s.LastSeq, LastIndex: s.LastIndex}
+		m[s.ID] = &session{LastSeq: s.LastSeq, LastIndex: s.LastIndex, Failed: s.Failed}
 	}
 	return m
 }

@@ -1,0 +1,140 @@
+package api
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+
+	"github.com/robib/robib/cluster"
+)
+
+// fakeService records calls and fails with err when set.
+type fakeService struct {
+	err  error
+	last CreateVolumeRequest
+}
+
+func (f *fakeService) CreateVolume(_ context.Context, r CreateVolumeRequest) (Volume, error) {
+	f.last = r
+	return Volume{Name: r.Name, Size: r.Size, BlockSize: 4096, Sync: "flush"}, f.err
+}
+func (f *fakeService) ListVolumes(context.Context) ([]Volume, error) { return nil, f.err }
+func (f *fakeService) GetVolume(_ context.Context, n string) (Volume, error) {
+	return Volume{Name: n}, f.err
+}
+func (f *fakeService) DeleteVolume(context.Context, string) error { return f.err }
+func (f *fakeService) ResizeVolume(_ context.Context, n string, s int64) (Volume, error) {
+	return Volume{Name: n, Size: s}, f.err
+}
+func (f *fakeService) VerifyVolume(context.Context, string, VerifyRequest) (cluster.VerifyResult, error) {
+	return cluster.VerifyResult{}, f.err
+}
+func (f *fakeService) ClusterStatus(context.Context) (cluster.Status, error) {
+	return cluster.Status{Leader: "s1"}, f.err
+}
+func (f *fakeService) Leave(context.Context) error                                { return f.err }
+func (f *fakeService) RemoveSite(context.Context, string) error                   { return f.err }
+func (f *fakeService) TransferLeadership(context.Context, string) (string, error) { return "s2", f.err }
+
+func newTestServer(t *testing.T, svc Service) (*httptest.Server, *Client) {
+	t.Helper()
+	srv := httptest.NewServer(NewHandler(svc, slog.New(slog.NewTextHandler(io.Discard, nil))))
+	t.Cleanup(srv.Close)
+	c, err := NewClient(srv.URL, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return srv, c
+}
+
+func TestClientServerRoundTrip(t *testing.T) {
+	svc := &fakeService{}
+	_, c := newTestServer(t, svc)
+	ctx := context.Background()
+	v, err := c.CreateVolume(ctx, CreateVolumeRequest{Name: "db", Size: 1 << 30, Sync: "always"})
+	if err != nil || v.Name != "db" || svc.last.Sync != "always" {
+		t.Fatalf("create: %+v %v (service saw %+v)", v, err, svc.last)
+	}
+	if vs, err := c.ListVolumes(ctx); err != nil || vs != nil && len(vs) != 0 {
+		t.Fatalf("list: %v %v", vs, err)
+	}
+	if st, err := c.ClusterStatus(ctx); err != nil || st.Leader != "s1" {
+		t.Fatalf("status: %+v %v", st, err)
+	}
+	if l, err := c.TransferLeadership(ctx, "s2"); err != nil || l != "s2" {
+		t.Fatalf("transfer: %q %v", l, err)
+	}
+	if v, err := c.ResizeVolume(ctx, "a b/c", 42); err != nil || v.Name != "a b/c" {
+		t.Fatalf("resize with an escaped name: %+v %v", v, err)
+	}
+}
+
+func TestErrorsMapToStatusAndBack(t *testing.T) {
+	for _, sentinel := range []error{ErrNotFound, ErrExists, ErrInvalid, ErrUnavailable} {
+		svc := &fakeService{err: fmt.Errorf("%w: volume \"x\"", sentinel)}
+		_, c := newTestServer(t, svc)
+		err := c.DeleteVolume(context.Background(), "x")
+		if !errors.Is(err, sentinel) {
+			t.Errorf("%v: client got %v", sentinel, err)
+		}
+		if !strings.Contains(err.Error(), `volume "x"`) {
+			t.Errorf("%v: message lost: %v", sentinel, err)
+		}
+	}
+	svc := &fakeService{err: errors.New("disk on fire")}
+	_, c := newTestServer(t, svc)
+	var se *StatusError
+	if err := c.Leave(context.Background()); !errors.As(err, &se) || se.Status != http.StatusInternalServerError {
+		t.Fatalf("unknown error: %v", err)
+	}
+}
+
+func TestServerRejectsBadBodies(t *testing.T) {
+	srv, _ := newTestServer(t, &fakeService{})
+	cases := map[string]string{
+		"not json":       "{{{",
+		"unknown field":  `{"name":"a","size":1,"sise":2}`,
+		"trailing data":  `{"name":"a","size":1} {"x":1}`,
+		"wrong type":     `{"name":"a","size":"big"}`,
+		"empty":          ``,
+		"too big":        `{"name":"` + strings.Repeat("a", 2<<20) + `"}`,
+		"array not obj":  `[1,2]`,
+		"negative block": `{"name":"a","size":1,"block_size":"x"}`,
+	}
+	for name, body := range cases {
+		resp, err := http.Post(srv.URL+"/v1/volumes", "application/json", strings.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusBadRequest || !strings.Contains(string(b), "error") {
+			t.Errorf("%s: status %d body %s", name, resp.StatusCode, b)
+		}
+	}
+	resp, err := http.Get(srv.URL + "/v1/nope")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNotFound {
+		t.Errorf("unknown path: %d", resp.StatusCode)
+	}
+}
+
+func TestNewClientRejectsBadAddresses(t *testing.T) {
+	for _, a := range []string{"", "ftp://x:1", "http://", "::::"} {
+		if _, err := NewClient(a, nil); err == nil {
+			t.Errorf("NewClient(%q) accepted", a)
+		}
+	}
+	if _, err := NewClient("127.0.0.1:10810", nil); err != nil {
+		t.Errorf("host:port: %v", err)
+	}
+}

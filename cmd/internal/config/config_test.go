@@ -1,0 +1,138 @@
+package config
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spf13/pflag"
+)
+
+func TestParseSize(t *testing.T) {
+	good := map[string]int64{
+		"4096": 4096, "1B": 1, "10GiB": 10 << 30, "10G": 10 << 30, "10g": 10 << 30, "512M": 512 << 20,
+		"512MiB": 512 << 20, "1T": 1 << 40, "4K": 4096, "4KiB": 4096, "1KB": 1000, "1MB": 1e6, "2GB": 2e9,
+		" 8 MiB ": 8 << 20, "1.5G": 3 << 29, "0.5KiB": 512, "1P": 1 << 50,
+	}
+	for in, want := range good {
+		got, err := ParseSize(in)
+		if err != nil || got != want {
+			t.Errorf("ParseSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	bad := []string{"", " ", "abc", "-1", "0", "0G", "10XB", "1.5", "1.2.3G", "G", "1e9", "9223372036854775807K",
+		"99999999999999999999", "1.0000001KiB", "+5", "5 5", "1..5M", "NaNG", "Inf"}
+	for _, in := range bad {
+		if n, err := ParseSize(in); err == nil || !errors.Is(err, ErrBadSize) {
+			t.Errorf("ParseSize(%q) = %d, %v; want ErrBadSize", in, n, err)
+		}
+	}
+}
+
+func TestFormatSizeRoundTrips(t *testing.T) {
+	for _, n := range []int64{1, 511, 4096, 10 << 30, 3 << 29, 1 << 50, 1<<40 + 4096} {
+		if got, err := ParseSize(FormatSize(n)); err != nil || got != n {
+			t.Errorf("round trip of %d via %q = %d, %v", n, FormatSize(n), got, err)
+		}
+	}
+}
+
+func FuzzParseSize(f *testing.F) {
+	for _, s := range []string{"10GiB", "1.5G", "4096", "1KB", "0", "-1", "9223372036854775807", "1e3"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		n, err := ParseSize(s)
+		if err != nil {
+			if !errors.Is(err, ErrBadSize) {
+				t.Fatalf("ParseSize(%q): error %v does not wrap ErrBadSize", s, err)
+			}
+			return
+		}
+		if n <= 0 {
+			t.Fatalf("ParseSize(%q) = %d, not positive", s, n)
+		}
+		if back, err := ParseSize(FormatSize(n)); err != nil || back != n {
+			t.Fatalf("FormatSize(%d) = %q does not parse back: %d, %v", n, FormatSize(n), back, err)
+		}
+	})
+}
+
+func load(t *testing.T, args []string, env map[string]string) (Config, error) {
+	t.Helper()
+	for k, v := range env {
+		t.Setenv(k, v)
+	}
+	fs := pflag.NewFlagSet("agent", pflag.ContinueOnError)
+	RegisterFlags(fs)
+	if err := fs.Parse(args); err != nil {
+		return Config{}, err
+	}
+	return Load(fs)
+}
+
+func TestLoadDefaultsAndPrecedence(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "site.yaml")
+	if err := os.WriteFile(file, []byte("name: fromfile\ndata-dir: /from/file\njoin: [\"10.0.0.1:1\"]\ndcd-buffer: 32MiB\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c, err := load(t, []string{"--config", file, "--name", "fromflag"}, map[string]string{"ROBIB_DATA_DIR": "/from/env"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Name != "fromflag" || c.DataDir != "/from/env" || len(c.Join) != 1 || c.Join[0] != "10.0.0.1:1" || c.DCDBuffer != 32<<20 {
+		t.Fatalf("precedence flag > env > file broken: %+v", c)
+	}
+	if c.NBDAddr != DefaultNBDAddr || c.RaftAddr != DefaultRaftAddr || c.ElectionTimeout != time.Second {
+		t.Fatalf("defaults: %+v", c)
+	}
+}
+
+func TestLoadRejectsBadInput(t *testing.T) {
+	dir := t.TempDir()
+	typo := filepath.Join(dir, "typo.yaml")
+	os.WriteFile(typo, []byte("data-dir: /x\ndata_dri: /y\n"), 0o600)
+	garbage := filepath.Join(dir, "garbage.yaml")
+	os.WriteFile(garbage, []byte("{{{ not yaml"), 0o600)
+	base := []string{"--name", "s1", "--data-dir", dir}
+	cases := map[string][]string{
+		"missing data dir":     {"--name", "s1"},
+		"bad name":             {"--name", "../x", "--data-dir", dir},
+		"name with space":      {"--name", "a b", "--data-dir", dir},
+		"bad nbd addr":         append(base, "--nbd-addr", "nonsense"),
+		"bad api port":         append(base, "--api-addr", "127.0.0.1:99999"),
+		"wildcard raft":        append(base, "--raft-addr", "0.0.0.0:10811"),
+		"raft port 0":          append(base, "--raft-addr", "127.0.0.1:0"),
+		"raft equals gossip":   append(base, "--raft-addr", "127.0.0.1:7000", "--gossip-addr", "127.0.0.1:7000"),
+		"bad join":             append(base, "--join", "nohostport"),
+		"bootstrap negative":   append(base, "--bootstrap-expect", "-1"),
+		"bootstrap huge":       append(base, "--bootstrap-expect", "99"),
+		"tiny threshold":       append(base, "--snapshot-threshold", "1"),
+		"tiny interval":        append(base, "--snapshot-interval", "1ms"),
+		"lease over heartbeat": append(base, "--leader-lease-timeout", "5s"),
+		"tiny election":        append(base, "--election-timeout", "1ms"),
+		"bad buffer":           append(base, "--dcd-buffer", "lots"),
+		"tiny buffer":          append(base, "--dcd-buffer", "4KiB"),
+		"bad inflight":         append(base, "--dcd-inflight", "0"),
+		"bad log level":        append(base, "--log-level", "loud"),
+		"bad log format":       append(base, "--log-format", "xml"),
+		"unknown config key":   append(base, "--config", typo),
+		"unreadable config":    append(base, "--config", garbage),
+		"missing config":       append(base, "--config", filepath.Join(dir, "nope.yaml")),
+	}
+	for name, args := range cases {
+		t.Run(name, func(t *testing.T) {
+			_, err := load(t, args, nil)
+			if err == nil {
+				t.Fatalf("%v: accepted", args)
+			}
+			if !errors.Is(err, ErrInvalid) && !strings.Contains(err.Error(), "invalid") {
+				t.Fatalf("%v: error %q does not say what is invalid", args, err)
+			}
+		})
+	}
+}
