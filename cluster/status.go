@@ -276,6 +276,10 @@ func (n *Node) transferLocal(site string) error {
 // TransferLeadership moves leadership to site ("" lets Raft pick) and
 // waits until a new leader is known.
 func (n *Node) TransferLeadership(ctx context.Context, site string) (string, error) {
+	old := n.Leader()
+	if site != "" && site == old {
+		return old, nil
+	}
 	if err := n.onLeader(ctx, func() error { return n.transferLocal(site) }, pathTransfer, siteRequest{Site: site}); err != nil {
 		return "", err
 	}
@@ -283,7 +287,7 @@ func (n *Node) TransferLeadership(ctx context.Context, site string) (string, err
 	defer t.Stop()
 	for {
 		l := n.Leader()
-		if l != "" && (site == "" || l == site) {
+		if l != "" && l != old && (site == "" || l == site) {
 			return l, nil
 		}
 		select {

@@ -187,9 +187,25 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.Close()
 		return err
 	}
-	<-ctx.Done()
-	a.log.Info("shutting down", "site", a.cfg.Name)
-	return a.Close()
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			a.log.Info("shutting down", "site", a.cfg.Name)
+			return a.Close()
+		case <-t.C:
+			// A local I/O failure while applying a committed entry stops
+			// this site's state machine (fsm/DESIGN.md, "Failed state").
+			// Exit so a supervisor restarts the agent, which replays the
+			// log from the last checkpoint; the other sites keep serving.
+			if err := a.fsm.Stats().Failed; err != nil {
+				a.log.Error("this site's copy failed; stopping so a restart can replay the log", "err", err)
+				a.Close()
+				return fmt.Errorf("state machine failed: %w", err)
+			}
+		}
+	}
 }
 
 // Close stops serving, flushes buffered writes, leaves Raft and gossip
