@@ -85,13 +85,13 @@ type Config struct {
 
 func (c *Config) setDefaults() {
 	if c.SnapshotThreshold == 0 {
-		c.SnapshotThreshold = 1024
+		c.SnapshotThreshold = 128
 	}
 	if c.SnapshotInterval == 0 {
-		c.SnapshotInterval = 10 * time.Second
+		c.SnapshotInterval = 2 * time.Second
 	}
 	if c.TrailingLogs == 0 {
-		c.TrailingLogs = 512
+		c.TrailingLogs = 256
 	}
 	if c.SnapshotRetain == 0 {
 		c.SnapshotRetain = 2
@@ -133,6 +133,9 @@ type Node struct {
 	events        chan struct{} // nudges the reconcile loop on membership changes
 	stop          chan struct{}
 	wg            sync.WaitGroup
+
+	peersMu sync.Mutex        // guards peers
+	peers   map[string]string // site name -> gossip address, remembered on disk
 
 	closeOnce    sync.Once
 	stepDownOnce sync.Once

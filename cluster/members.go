@@ -2,9 +2,12 @@ package cluster
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log"
 	"net"
+	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"time"
@@ -82,30 +85,142 @@ func (n *Node) openGossip() error {
 		return fmt.Errorf("starting gossip on %s: %w", n.cfg.GossipAddr, err)
 	}
 	n.ml = ml
-	if len(n.cfg.Join) > 0 {
-		n.wg.Add(1)
-		go n.joinLoop()
-	}
+	n.loadPeers()
+	n.wg.Add(1)
+	go n.gossipLoop()
 	return nil
 }
 
-// joinLoop keeps trying to reach an existing member until one answers.
-func (n *Node) joinLoop() {
+// gossipLoop keeps this site in the gossip pool. Gossip alone forgets a
+// peer that stayed unreachable for a while, so a site restarting after a
+// long outage (or a cluster whose --join target is down) would otherwise
+// never find the others again. The loop remembers every peer's gossip
+// address on disk and, whenever a Raft voter is missing from gossip, joins
+// through the --join addresses and the remembered addresses of the missing
+// sites.
+func (n *Node) gossipLoop() {
 	defer n.wg.Done()
-	backoff := 100 * time.Millisecond
+	joined := len(n.cfg.Join) == 0 // with --join, first reach one of them
+	wait := 100 * time.Millisecond
+	warned := false
 	for {
-		if _, err := n.ml.Join(n.cfg.Join); err == nil {
-			n.log.Info("joined gossip", "via", n.cfg.Join)
-			return
-		} else {
-			n.log.Warn("joining gossip failed; retrying", "via", n.cfg.Join, "err", err, "in", backoff)
-		}
 		select {
 		case <-n.stop:
 			return
-		case <-time.After(backoff):
+		case <-time.After(wait):
 		}
-		backoff = min(backoff*2, 5*time.Second)
+		n.rememberPeers()
+		targets := n.rejoinTargets(!joined)
+		if len(targets) == 0 {
+			wait = 2 * time.Second
+			continue
+		}
+		if _, err := n.ml.Join(targets); err != nil {
+			if !warned {
+				n.log.Warn("cannot reach other sites through gossip; retrying", "via", targets, "err", err)
+				warned = true
+			}
+			wait = min(2*wait, 5*time.Second)
+			continue
+		}
+		if !joined || warned {
+			n.log.Info("joined gossip", "via", targets)
+		}
+		joined, warned = true, false
+		wait = 2 * time.Second
+	}
+}
+
+// rejoinTargets lists gossip addresses to join: all known ones when
+// initial is set, else those of Raft voters missing from gossip (plus the
+// --join addresses), or nothing when every voter gossips.
+func (n *Node) rejoinTargets(initial bool) []string {
+	alive := map[string]bool{}
+	for _, m := range n.ml.Members() {
+		if m.State == memberlist.StateAlive {
+			alive[m.Name] = true
+		}
+	}
+	missing := initial
+	if !initial {
+		if fut := n.raft.GetConfiguration(); fut.Error() == nil {
+			for _, s := range fut.Configuration().Servers {
+				if !alive[string(s.ID)] {
+					missing = true
+				}
+			}
+		}
+	}
+	if !missing {
+		return nil
+	}
+	set := map[string]bool{}
+	for _, a := range n.cfg.Join {
+		set[a] = true
+	}
+	n.peersMu.Lock()
+	for name, addr := range n.peers {
+		if !alive[name] {
+			set[addr] = true
+		}
+	}
+	n.peersMu.Unlock()
+	delete(set, n.cfg.GossipAddr)
+	out := make([]string, 0, len(set))
+	for a := range set {
+		out = append(out, a)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// peersFile holds the gossip addresses of the sites this one has seen.
+func (n *Node) peersFile() string { return filepath.Join(n.cfg.DataDir, "raft", "gossip-peers.json") }
+
+// loadPeers reads the remembered gossip addresses; a missing or unreadable
+// file only costs the automatic rejoin, so it is logged, not fatal.
+func (n *Node) loadPeers() {
+	n.peers = map[string]string{}
+	b, err := os.ReadFile(n.peersFile())
+	if err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			n.log.Warn("reading remembered gossip peers", "err", err)
+		}
+		return
+	}
+	if err := json.Unmarshal(b, &n.peers); err != nil {
+		n.log.Warn("ignoring corrupt gossip peers file", "file", n.peersFile(), "err", err)
+		n.peers = map[string]string{}
+	}
+}
+
+// rememberPeers records the gossip address of every live member and saves
+// the list when it changed (write to a temporary file, then rename).
+func (n *Node) rememberPeers() {
+	changed := false
+	n.peersMu.Lock()
+	defer n.peersMu.Unlock()
+	for _, m := range n.ml.Members() {
+		if m.Name == n.cfg.Name || m.State != memberlist.StateAlive {
+			continue
+		}
+		if addr := m.Address(); n.peers[m.Name] != addr {
+			n.peers[m.Name] = addr
+			changed = true
+		}
+	}
+	if !changed {
+		return
+	}
+	b, err := json.MarshalIndent(n.peers, "", "  ")
+	if err == nil {
+		tmp := n.peersFile() + ".tmp"
+		if err = os.WriteFile(tmp, b, 0o600); err == nil {
+			err = os.Rename(tmp, n.peersFile())
+		}
+	}
+	if err != nil {
+		n.log.Warn("saving gossip peers", "err", err)
 	}
 }
 

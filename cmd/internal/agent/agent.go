@@ -215,7 +215,23 @@ func (a *Agent) Close() error {
 	var errs []error
 	a.closed.Do(func() {
 		if a.nbd != nil {
-			errs = append(errs, a.nbd.Close())
+			// Closing the NBD server waits for in-flight requests; a flush
+			// cannot complete while this site is cut off from the majority.
+			// Give buffered writes releaseTimeout to commit, then abandon
+			// them (they were never acknowledged as durable) so that the
+			// waiting requests fail and shutdown finishes.
+			done := make(chan error, 1)
+			go func() { done <- a.nbd.Close() }()
+			select {
+			case err := <-done:
+				errs = append(errs, err)
+			case <-time.After(releaseTimeout):
+				a.log.Error("buffered writes could not be committed in time; abandoning them")
+				if a.backend != nil {
+					a.backend.abortAll()
+				}
+				errs = append(errs, <-done)
+			}
 		}
 		if a.backend != nil {
 			a.backend.closeAll()

@@ -146,6 +146,24 @@ func (b *nbdBackend) release(name string, st *stage) error {
 	return err
 }
 
+// abortAll shuts every open stage down at once, abandoning writes that are
+// not committed yet: their waiting flushes fail.
+func (b *nbdBackend) abortAll() {
+	b.mu.Lock()
+	var stages []*stage
+	for _, st := range b.stages {
+		if st.closing == nil {
+			stages = append(stages, st)
+		}
+	}
+	b.mu.Unlock()
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	for _, st := range stages {
+		_ = st.dcd.Shutdown(ctx)
+	}
+}
+
 // closeAll flushes every stage at shutdown.
 func (b *nbdBackend) closeAll() {
 	b.mu.Lock()
