@@ -119,15 +119,16 @@ func (c *Config) setDefaults() {
 // Node is this site's membership in the cluster. Its methods are safe for
 // concurrent use.
 type Node struct {
-	cfg   Config
-	log   *slog.Logger
-	fsm   *fsm.FSM
-	raft  *raft.Raft
-	store *raftboltdb.BoltStore
-	trans *raft.NetworkTransport
-	ml    *memberlist.Memberlist
-	rpc   *rpcClient
-	seq   *sequencer
+	cfg    Config
+	log    *slog.Logger
+	fsm    *fsm.FSM
+	raft   *raft.Raft
+	store  *raftboltdb.BoltStore
+	trans  *raft.NetworkTransport
+	ml     *memberlist.Memberlist
+	gossip *delegate // this site's copy of the gossip member table
+	rpc    *rpcClient
+	seq    *sequencer
 
 	needBootstrap bool          // set by openRaft: wait for BootstrapExpect sites
 	events        chan struct{} // nudges the reconcile loop on membership changes

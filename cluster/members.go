@@ -5,11 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"log"
+	"maps"
 	"net"
 	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/memberlist"
@@ -23,12 +25,40 @@ type siteMeta struct {
 	NBD  string `json:"nbd"`
 }
 
-// delegate answers memberlist's questions about this site and turns
-// membership events into reconcile nudges. memberlist calls it from its own
-// goroutines; it only reads immutable fields and does non-blocking sends.
+// delegate answers memberlist's questions about this site, keeps this
+// site's own copy of the member table, and turns membership events into
+// reconcile nudges. memberlist calls it from its own goroutines.
+//
+// The copy exists because memberlist.Members returns pointers into
+// memberlist's internal state, whose fields it keeps changing: reading them
+// outside its lock is a data race. Events hand over a node while
+// memberlist holds that lock, so copying there is safe.
 type delegate struct {
 	meta []byte
 	n    *Node
+
+	mu    sync.Mutex // guards nodes
+	nodes map[string]gossipNode
+}
+
+// gossipNode is a copy of what this site needs of a gossip member.
+type gossipNode struct {
+	Addr string // gossip address, host:port
+	Meta []byte
+}
+
+func (d *delegate) set(n *memberlist.Node) {
+	d.mu.Lock()
+	d.nodes[n.Name] = gossipNode{Addr: n.Address(), Meta: slices.Clone(n.Meta)}
+	d.mu.Unlock()
+	d.n.nudge()
+}
+
+// snapshot returns a copy of the live member table.
+func (d *delegate) snapshot() map[string]gossipNode {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return maps.Clone(d.nodes)
 }
 
 func (d *delegate) NodeMeta(limit int) []byte {
@@ -41,9 +71,14 @@ func (d *delegate) NotifyMsg([]byte)                {}
 func (d *delegate) GetBroadcasts(int, int) [][]byte { return nil }
 func (d *delegate) LocalState(bool) []byte          { return nil }
 func (d *delegate) MergeRemoteState([]byte, bool)   {}
-func (d *delegate) NotifyJoin(*memberlist.Node)     { d.n.nudge() }
-func (d *delegate) NotifyLeave(*memberlist.Node)    { d.n.nudge() }
-func (d *delegate) NotifyUpdate(*memberlist.Node)   { d.n.nudge() }
+func (d *delegate) NotifyJoin(n *memberlist.Node)   { d.set(n) }
+func (d *delegate) NotifyLeave(n *memberlist.Node) {
+	d.mu.Lock()
+	delete(d.nodes, n.Name)
+	d.mu.Unlock()
+	d.n.nudge()
+}
+func (d *delegate) NotifyUpdate(n *memberlist.Node) { d.set(n) }
 
 func (n *Node) nudge() {
 	select {
@@ -71,7 +106,8 @@ func (n *Node) openGossip() error {
 	mc.BindPort = port
 	mc.AdvertiseAddr = host
 	mc.AdvertisePort = port
-	d := &delegate{meta: meta, n: n}
+	d := &delegate{meta: meta, n: n, nodes: map[string]gossipNode{}}
+	n.gossip = d
 	mc.Delegate = d
 	mc.Events = d
 	mc.Logger = log.New(&logWriter{log: n.log, component: "gossip"}, "", 0)
@@ -136,10 +172,8 @@ func (n *Node) gossipLoop() {
 // --join addresses), or nothing when every voter gossips.
 func (n *Node) rejoinTargets(initial bool) []string {
 	alive := map[string]bool{}
-	for _, m := range n.ml.Members() {
-		if m.State == memberlist.StateAlive {
-			alive[m.Name] = true
-		}
+	for name := range n.gossip.snapshot() {
+		alive[name] = true
 	}
 	missing := initial
 	if !initial {
@@ -200,12 +234,12 @@ func (n *Node) rememberPeers() {
 	changed := false
 	n.peersMu.Lock()
 	defer n.peersMu.Unlock()
-	for _, m := range n.ml.Members() {
-		if m.Name == n.cfg.Name || m.State != memberlist.StateAlive {
+	for name, g := range n.gossip.snapshot() {
+		if name == n.cfg.Name {
 			continue
 		}
-		if addr := m.Address(); n.peers[m.Name] != addr {
-			n.peers[m.Name] = addr
+		if n.peers[name] != g.Addr {
+			n.peers[name] = g.Addr
 			changed = true
 		}
 	}
@@ -228,18 +262,17 @@ func (n *Node) rememberPeers() {
 type member struct {
 	Name string
 	Meta siteMeta
-	Live bool
 }
 
-// members lists the sites gossip currently knows as alive or suspect.
+// members lists the sites gossip currently knows as alive (or suspect).
 func (n *Node) members() []member {
 	var out []member
-	for _, m := range n.ml.Members() {
+	for name, g := range n.gossip.snapshot() {
 		var meta siteMeta
-		if err := json.Unmarshal(m.Meta, &meta); err != nil || meta.Raft == "" {
+		if err := json.Unmarshal(g.Meta, &meta); err != nil || meta.Raft == "" {
 			continue
 		}
-		out = append(out, member{Name: m.Name, Meta: meta, Live: m.State == memberlist.StateAlive})
+		out = append(out, member{Name: name, Meta: meta})
 	}
 	slices.SortFunc(out, func(a, b member) int { return cmpString(a.Name, b.Name) })
 	return out
@@ -337,9 +370,6 @@ func (n *Node) reconcile() error {
 		known[s.ID] = s.Address
 	}
 	for _, m := range n.members() {
-		if !m.Live {
-			continue
-		}
 		id, addr := raft.ServerID(m.Name), raft.ServerAddress(m.Meta.Raft)
 		if cur, ok := known[id]; ok && cur == addr {
 			continue

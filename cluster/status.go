@@ -18,7 +18,7 @@ type SiteStatus struct {
 	Name              string `json:"name"`
 	State             string `json:"state"` // Leader, Follower, Candidate, Shutdown, unreachable, not-a-voter
 	Voter             bool   `json:"voter"`
-	Gossip            string `json:"gossip"` // alive, suspect, gone
+	Gossip            string `json:"gossip"` // alive or gone
 	RaftAddr          string `json:"raft_addr"`
 	APIAddr           string `json:"api_addr,omitempty"`
 	NBDAddr           string `json:"nbd_addr,omitempty"`
@@ -137,10 +137,8 @@ func (n *Node) siteStatus(ctx context.Context, name string, voters map[string]ra
 		s.Gossip = "alive"
 	case !inGossip:
 		s.Gossip = "gone"
-	case m.Live:
-		s.Gossip = "alive"
 	default:
-		s.Gossip = "suspect"
+		s.Gossip = "alive"
 	}
 	if v, ok := voters[name]; ok {
 		s.Voter = v.Suffrage == raft.Voter
@@ -206,7 +204,7 @@ func (n *Node) RemoveSite(ctx context.Context, site string) error {
 		return fmt.Errorf("%w: use leave to remove the site you are talking to", ErrInvalid)
 	}
 	for _, m := range n.members() {
-		if m.Name == site && m.Live {
+		if m.Name == site {
 			return fmt.Errorf("%w: site %s is alive; run `robib cluster leave` against it", ErrInvalid, site)
 		}
 	}
