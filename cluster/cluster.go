@@ -19,6 +19,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/memberlist"
@@ -140,8 +141,9 @@ type Node struct {
 
 	closeOnce    sync.Once
 	stepDownOnce sync.Once
-	leftMu       sync.Mutex
-	left         bool
+	leftMu       sync.Mutex  // serialises Leave
+	left         atomic.Bool // Leave finished
+	leaving      atomic.Bool // Leave started: gossip must not rejoin
 }
 
 // Open starts Raft and gossip for this site over f. A site with no Raft
@@ -294,6 +296,9 @@ func (n *Node) Close() error {
 	})
 	return nil
 }
+
+// hasLeft reports whether this site left (or is leaving) the cluster.
+func (n *Node) hasLeft() bool { return n.leaving.Load() || n.left.Load() }
 
 // Name is this site's name.
 func (n *Node) Name() string { return n.cfg.Name }

@@ -116,6 +116,7 @@ func (n *Node) openGossip() error {
 	mc.ProbeTimeout = 250 * time.Millisecond
 	mc.GossipInterval = 100 * time.Millisecond
 	mc.PushPullInterval = 15 * time.Second
+	mc.TCPTimeout = 3 * time.Second // bounds each join attempt, and so shutdown
 	ml, err := memberlist.Create(mc)
 	if err != nil {
 		return fmt.Errorf("starting gossip on %s: %w", n.cfg.GossipAddr, err)
@@ -144,6 +145,9 @@ func (n *Node) gossipLoop() {
 		case <-n.stop:
 			return
 		case <-time.After(wait):
+		}
+		if n.hasLeft() {
+			return // a site that left must not find its way back
 		}
 		n.rememberPeers()
 		targets := n.rejoinTargets(!joined)

@@ -218,7 +218,7 @@ func (n *Node) RemoveSite(ctx context.Context, site string) error {
 func (n *Node) Leave(ctx context.Context) error {
 	n.leftMu.Lock()
 	defer n.leftMu.Unlock()
-	if n.left {
+	if n.left.Load() {
 		return nil
 	}
 	if n.IsLeader() {
@@ -226,13 +226,15 @@ func (n *Node) Leave(ctx context.Context) error {
 			return fmt.Errorf("handing over leadership before leaving: %w", raftErr(err))
 		}
 	}
+	n.leaving.Store(true) // stop the gossip loop from rejoining
 	if err := n.ml.Leave(5 * time.Second); err != nil {
+		n.leaving.Store(false)
 		return fmt.Errorf("leaving gossip: %w", err)
 	}
 	if err := n.onLeader(ctx, func() error { return n.removeServerLocal(n.cfg.Name) }, pathRemoveServer, siteRequest{Site: n.cfg.Name}); err != nil {
 		return err
 	}
-	n.left = true
+	n.left.Store(true)
 	n.log.Info("left the cluster", "site", n.cfg.Name)
 	return nil
 }

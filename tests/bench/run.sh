@@ -1,31 +1,68 @@
 #!/usr/bin/env bash
-# Benchmarks robib against nbdkit's file plugin with the same fio jobs, both
-# through fio's libnbd engine (--ioengine=nbd), on the same disk, in one run,
-# and prints a side-by-side markdown table (written with a JSON copy to
-# tests/bench/results/).
+# Benchmarks robib with the same fio jobs as a three-site cluster, as a lone
+# site, against `nbdkit file`, and against the raw file system, all on this
+# machine's one disk and 127.0.0.1, in one run, and prints a side-by-side
+# markdown table (written with a JSON copy to tests/bench/results/).
 #
-# Targets:
-#   robib   `robib agent` with one 1 GiB volume (data dir under $BENCH_DIR)
-#   nbdkit  `nbdkit file` on a sparse 1 GiB file in the same directory, with
-#           the plugin's defaults (cache=default: through the page cache,
-#           fadvise=normal, 16 threads, multi-conn) — the reference for "a
-#           plain file behind a mature NBD server"
+# Targets (BENCH_TARGETS, run one after another in this order; each target
+# is started, prefilled, benchmarked with every job, then stopped and its
+# data removed before the next one starts, so no two targets share the
+# machine at once):
+#   robib-3site  three `robib agent`s (site1..3, --bootstrap-expect 3, sites 2
+#                and 3 --join site1's gossip address), one volume created
+#                once; fio attaches at a FOLLOWER (a site that is not the
+#                leader; re-chosen before a job if leadership moved), for
+#                reads too
+#   robib-1site  one `robib agent`, a one-site cluster
+#   nbdkit       `nbdkit file` on a sparse file, with the plugin's defaults
+#                (cache=default: through the page cache, 16 threads,
+#                multi-conn) — "a plain file behind a mature NBD server"
+#   raw          fio on a plain file, no NBD: the physical limit. ioengine
+#                psync for the sequential and fsync jobs (so iodepth 1),
+#                libaio (iodepth as listed) for the random queue-depth jobs;
+#                through the page cache like the others (--direct=0, set
+#                BENCH_RAW_DIRECT=1 for O_DIRECT) and --invalidate=0 so fio
+#                does not drop the file's cache before a job (it cannot do
+#                that to the NBD targets either)
 #
-# Jobs (each time-based, BENCH_RUNTIME seconds, default 10; one connection
-# each; the whole volume is written once beforehand so reads hit data):
+# Jobs (BENCH_JOBS; each time-based, BENCH_RUNTIME seconds; one connection
+# each; every target is written whole once beforehand so reads hit data):
 #   seq-write-1M       sequential 1 MiB writes, iodepth 8
 #   rand-write-4k      4 KiB random writes, iodepth 32
 #   rand-write-4k-sync 4 KiB random writes, iodepth 1, fsync=1 (an NBD
-#                      flush after every write): flush latency p50/p99
+#                      flush, or fsync(2) on raw, after every write): flush
+#                      latency p50/p99 and flushes/s
 #   seq-read-1M        sequential 1 MiB reads, iodepth 8
 #   rand-read-4k       4 KiB random reads, iodepth 32
 #
+# After every fio run of a robib target the script waits until the cluster
+# has settled (the commit index is stable and every site has applied it), so
+# write-back left over from one job never runs under the next; the wait is
+# reported ("settle"), and it counts in the agents' CPU per GiB written.
+# After every fio run it calls sync(1) so dirty pages of one job are not
+# written back during the next.
+#
+# Besides fio's numbers the report has, per robib agent (and nbdkit, for
+# reference): peak RSS (VmHWM from /proc/PID/status when the target is
+# stopped), CPU seconds (utime+stime from /proc/PID/stat) in total and
+# during the write phases (prefill and write jobs, each with its settle
+# wait), and the latter per GiB the client wrote. And the derived "3-site
+# sequential write limit": raw seq-write bandwidth / 6 (each of three sites
+# writes every byte twice, Raft log then volume, all on this one disk).
+#
 # Environment:
-#   BENCH_RUNTIME  seconds per job and target (default 10)
-#   BENCH_SIZE     volume size (default 1GiB; a size fio and robib both read)
-#   BENCH_DIR      working directory (default: a new one under /var/tmp)
-#   ROBIB_BIN      robib binary (default: build ./cmd/robib into BENCH_DIR)
-#   BENCH_JOBS     space-separated subset of the job names above
+#   BENCH_TARGETS    space-separated targets (default "robib-3site robib-1site nbdkit raw")
+#   BENCH_JOBS       space-separated subset of the job names above (default all)
+#   BENCH_RUNTIME    seconds per job and target (default 10)
+#   BENCH_SIZE       volume/file size (default 1GiB; a multiple of 1 MiB)
+#   BENCH_DIR        working directory, kept afterwards (default: a new one
+#                    under /var/tmp, removed at exit)
+#   BENCH_RAW_DIRECT 1 = raw target uses O_DIRECT (default 0)
+#   ROBIB_BIN        robib binary (default: build ./cmd/robib into the working dir)
+#
+# Every process the script starts is stopped when it exits, however it exits
+# (SIGTERM, then SIGKILL after 30 s); only a SIGKILL of the script itself
+# can leave agents behind.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -33,99 +70,367 @@ root=$(cd "$here/../.." && pwd)
 runtime=${BENCH_RUNTIME:-10}
 size=${BENCH_SIZE:-1GiB}
 jobs=${BENCH_JOBS:-"seq-write-1M rand-write-4k rand-write-4k-sync seq-read-1M rand-read-4k"}
-py=$(command -v python3 || echo /usr/bin/python3)
+targets=${BENCH_TARGETS:-"robib-3site robib-1site nbdkit raw"}
+raw_direct=${BENCH_RAW_DIRECT:-0}
+all_jobs=" seq-write-1M rand-write-4k rand-write-4k-sync seq-read-1M rand-read-4k "
+all_targets=" robib-3site robib-1site nbdkit raw "
+t_start=$(date +%s)
+# The tree as built (the repo may change while the benchmark runs).
+git_rev=$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)
 
-for tool in fio nbdkit curl; do
-  command -v "$tool" >/dev/null || { echo "bench: $tool is missing (ops/scripts/install-test-tools.sh)" >&2; exit 1; }
-done
-fio --enghelp=nbd >/dev/null 2>&1 || { echo "bench: fio has no nbd engine" >&2; exit 1; }
+die() { echo "bench: $*" >&2; exit 1; }
+need() { command -v "$1" >/dev/null 2>&1 || die "$1 is missing ($2)"; }
 
+# --- arguments and tools, checked before anything starts -------------------
+[[ $runtime =~ ^[1-9][0-9]*$ ]] || die "BENCH_RUNTIME must be a positive number of seconds, not '$runtime'"
+[[ $raw_direct =~ ^[01]$ ]] || die "BENCH_RAW_DIRECT must be 0 or 1"
+[ -n "${jobs// /}" ] || die "BENCH_JOBS is empty"
+[ -n "${targets// /}" ] || die "BENCH_TARGETS is empty"
+for j in $jobs; do [[ $all_jobs == *" $j "* ]] || die "unknown job '$j' (jobs:$all_jobs)"; done
+for t in $targets; do [[ $all_targets == *" $t "* ]] || die "unknown target '$t' (targets:$all_targets)"; done
+has_target() { [[ " $targets " == *" $1 "* ]]; }
+
+need python3 "apt-get install python3"
+py=$(command -v python3)
+ctl() { "$py" "$here/benchctl.py" "$@"; }
+need fio "ops/scripts/install-test-tools.sh"
+if has_target robib-3site || has_target robib-1site || has_target nbdkit; then
+  fio --enghelp=nbd >/dev/null 2>&1 || die "fio has no nbd engine (fio built without libnbd; ops/scripts/install-test-tools.sh)"
+fi
+if has_target raw; then
+  fio --enghelp=libaio >/dev/null 2>&1 || die "fio has no libaio engine"
+fi
+if has_target nbdkit; then
+  need nbdkit "ops/scripts/install-test-tools.sh"
+  need nbdinfo "ops/scripts/install-test-tools.sh"
+fi
+need sync coreutils
+bytes=$(ctl size "$size")
+
+# --- working directory, processes, cleanup ----------------------------------
 work=${BENCH_DIR:-$(mktemp -d /var/tmp/robib-bench.XXXXXX)}
 mkdir -p "$work"
-pids=()
+out=$work/fio
+rm -rf "$out"
+mkdir -p "$out"
+phases=$out/phases.jsonl
+pids=()    # every process started (agents, nbdkit)
+fio_pid=""
+# Per-target state, set by the setup_* functions.
+target_pids=()   # this target's processes
+samples=()       # LABEL=PID of the processes whose CPU/RSS we record
+api=""           # robib admin API used for settle/leader queries ("" = not robib)
+uri=""           # NBD URI fio uses
+raw_file=""
+attached=""      # robib-3site: the site fio is attached to
+declare -A site_nbd=() site_pid=()
+
+alive() { # PID: running and not a zombie
+  local st
+  st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -c1) || return 1
+  [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
+}
+
+stop_pids() { # PID...: SIGTERM, up to 30 s, then SIGKILL; reaps them
+  local p i any
+  [ $# -gt 0 ] || return 0
+  for p in "$@"; do kill -TERM "$p" 2>/dev/null || true; done
+  for i in $(seq 300); do
+    any=0
+    for p in "$@"; do alive "$p" && any=1; done
+    [ $any = 0 ] && break
+    sleep 0.1
+  done
+  for p in "$@"; do
+    if alive "$p"; then echo "bench: pid $p ignored SIGTERM for 30 s; killing it" >&2; kill -KILL "$p" 2>/dev/null || true; fi
+    wait "$p" 2>/dev/null || true
+  done
+}
+
 cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  local rc=$?
+  set +eu
+  trap - EXIT
+  trap "" INT TERM HUP  # finish the cleanup even if signalled again
+  if [ -n "$fio_pid" ]; then kill -TERM "$fio_pid" 2>/dev/null; wait "$fio_pid" 2>/dev/null; fi
+  stop_target
+  stop_pids "${pids[@]}"
   if [ -z "${BENCH_DIR:-}" ]; then rm -rf "$work"; fi
+  exit "$rc"
 }
 trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
 
-freeport() { "$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
-
-bin=${ROBIB_BIN:-}
-if [ -z "$bin" ]; then
-  echo "bench: building robib" >&2
-  (cd "$root" && CGO_ENABLED=0 go build -trimpath -o "$work/robib" ./cmd/robib)
-  bin=$work/robib
-fi
-
-# robib
-rnbd=$(freeport); rapi=$(freeport)
-mkdir -p "$work/robib-data"
-"$bin" agent --name bench --data-dir "$work/robib-data" \
-  --nbd-addr "127.0.0.1:$rnbd" --api-addr "127.0.0.1:$rapi" --log-level warn \
-  >"$work/robib.log" 2>&1 &
-pids+=($!)
-for i in $(seq 300); do
-  curl -fsS "http://127.0.0.1:$rapi/v1/health" >/dev/null 2>&1 && break
-  kill -0 "${pids[0]}" 2>/dev/null || { echo "bench: robib agent exited:" >&2; cat "$work/robib.log" >&2; exit 1; }
-  sleep 0.1
-done
-"$bin" --api "http://127.0.0.1:$rapi" volume create bench --size "$size" >/dev/null
-bytes=$("$bin" --api "http://127.0.0.1:$rapi" volume list --json | "$py" -c 'import json,sys; print([v["size"] for v in json.load(sys.stdin) if v["name"]=="bench"][0])')
-
-# nbdkit, on a sparse file of the same size in the same directory
-knbd=$(freeport)
-mkdir -p "$work/nbdkit-data"
-truncate -s "$bytes" "$work/nbdkit-data/disk.img"
-nbdkit --exit-with-parent -f -i 127.0.0.1 -p "$knbd" file "$work/nbdkit-data/disk.img" \
-  >"$work/nbdkit.log" 2>&1 &
-pids+=($!)
-for i in $(seq 300); do
-  nbdinfo --size "nbd://127.0.0.1:$knbd/" >/dev/null 2>&1 && break
-  kill -0 "${pids[1]}" 2>/dev/null || { echo "bench: nbdkit exited:" >&2; cat "$work/nbdkit.log" >&2; exit 1; }
-  sleep 0.1
-done
-
-declare -A uri=([robib]="nbd://127.0.0.1:$rnbd/bench" [nbdkit]="nbd://127.0.0.1:$knbd/")
-out=$work/fio
-mkdir -p "$out"
-
-job_args() {
-  case $1 in
-    seq-write-1M)       echo "--rw=write --bs=1M --iodepth=8" ;;
-    rand-write-4k)      echo "--rw=randwrite --bs=4k --iodepth=32" ;;
-    rand-write-4k-sync) echo "--rw=randwrite --bs=4k --iodepth=1 --fsync=1" ;;
-    seq-read-1M)        echo "--rw=read --bs=1M --iodepth=8" ;;
-    rand-read-4k)       echo "--rw=randread --bs=4k --iodepth=32" ;;
-    *) echo "bench: unknown job $1" >&2; exit 1 ;;
-  esac
+stop_target() {
+  # The site fio wrote through stops first, while the others still form a
+  # majority: an agent commits its buffered writes before it exits and
+  # waits for a quorum to do so, so stopping its peers first would hold it
+  # until stop_pids gives up on it.
+  if [ -n "$attached" ] && [ -n "${site_pid[$attached]:-}" ]; then stop_pids "${site_pid[$attached]}"; fi
+  stop_pids "${target_pids[@]}"
 }
 
-common=(--ioengine=nbd --size="$bytes" --numjobs=1 --group_reporting --randrepeat=0 --output-format=json)
+start_proc() { # LOG CMD...: starts CMD in the background, records its pid in $last_pid
+  local log=$1; shift
+  "$@" >"$log" 2>&1 &
+  last_pid=$!
+  pids+=("$last_pid")
+}
 
-echo "bench: prefilling both volumes ($bytes bytes)" >&2
-for target in robib nbdkit; do
-  fio --name=prefill "${common[@]}" --uri="${uri[$target]}" --rw=write --bs=1M --iodepth=8 \
-    --output="$out/prefill-$target.json" >/dev/null
-done
+bin=""
+if has_target robib-3site || has_target robib-1site; then
+  bin=${ROBIB_BIN:-}
+  if [ -z "$bin" ]; then
+    need go "Go toolchain, or set ROBIB_BIN"
+    echo "bench: building robib" >&2
+    (cd "$root" && CGO_ENABLED=0 go build -trimpath -o "$work/robib" ./cmd/robib) || die "building robib failed"
+    bin=$work/robib
+  fi
+  [ -x "$bin" ] || die "ROBIB_BIN $bin is not executable"
+fi
 
-for job in $jobs; do
-  for target in robib nbdkit; do
-    echo "bench: $job on $target (${runtime}s)" >&2
-    # shellcheck disable=SC2046
-    fio --name="$job" "${common[@]}" --uri="${uri[$target]}" $(job_args "$job") \
-      --time_based --runtime="$runtime" --output="$out/$job-$target.json" >/dev/null
+# --- jobs -------------------------------------------------------------------
+job_args() { # JOB TARGET: fio arguments of JOB for TARGET
+  local rw bs qd extra=() eng
+  case $1 in
+    prefill)            rw=write     bs=1M qd=8 ;;
+    seq-write-1M*)      rw=write     bs=1M qd=8 ;;
+    rand-write-4k)      rw=randwrite bs=4k qd=32 ;;
+    rand-write-4k-sync) rw=randwrite bs=4k qd=1 extra=(--fsync=1) ;;
+    seq-read-1M)        rw=read      bs=1M qd=8 ;;
+    rand-read-4k)       rw=randread  bs=4k qd=32 ;;
+    *) die "unknown job $1" ;;
+  esac
+  if [ "$2" = raw ]; then
+    if [[ $1 == rand-* ]] && [ "$qd" -gt 1 ]; then eng=libaio; else eng=psync qd=1; fi
+    echo "--ioengine=$eng --filename=$raw_file --direct=$raw_direct --invalidate=0 --rw=$rw --bs=$bs --iodepth=$qd ${extra[*]}"
+  else
+    echo "--ioengine=nbd --uri=$uri --rw=$rw --bs=$bs --iodepth=$qd ${extra[*]}"
+  fi
+}
+
+common=(--size="$bytes" --numjobs=1 --group_reporting --randrepeat=0 --output-format=json)
+
+leader_now() {
+  "$bin" --api "$api" cluster status --json 2>/dev/null |
+    "$py" -c 'import json,sys; print(json.load(sys.stdin).get("leader") or "")' 2>/dev/null || true
+}
+
+target_dead() { # prints the labels of this target's dead processes
+  local s
+  for s in "${samples[@]}"; do alive "${s#*=}" || echo "${s%%=*}"; done
+}
+
+show_logs() { # tails the logs of this target
+  local f
+  for f in "$work/$1"/*.log; do
+    [ -e "$f" ] || continue
+    echo "--- $f (last 30 lines)" >&2
+    tail -n 30 "$f" >&2
   done
+}
+
+setup_robib_3site() {
+  local d=$work/robib-3site i st
+  mkdir -p "$d"
+  read -r -a p <<<"$(ctl ports 12)"
+  local urls=()
+  for i in 1 2 3; do
+    local o=$(((i - 1) * 4))
+    local args=(agent --name "site$i" --data-dir "$d/site$i"
+      --nbd-addr "127.0.0.1:${p[o]}" --api-addr "127.0.0.1:${p[o + 1]}"
+      --raft-addr "127.0.0.1:${p[o + 2]}" --gossip-addr "127.0.0.1:${p[o + 3]}"
+      --bootstrap-expect 3 --log-level warn)
+    [ "$i" -gt 1 ] && args+=(--join "127.0.0.1:${p[3]}")
+    start_proc "$d/site$i.log" "$bin" "${args[@]}"
+    target_pids+=("$last_pid")
+    samples+=("site$i=$last_pid")
+    site_nbd[site$i]="127.0.0.1:${p[o]}"
+    site_pid[site$i]=$last_pid
+    urls+=("http://127.0.0.1:${p[o + 1]}")
+  done
+  api=${urls[0]}
+  echo "bench: robib-3site: waiting for a leader and 3 voters" >&2
+  if ! st=$(ctl cluster-wait --bin "$bin" --sites 3 --timeout 60 "${urls[@]}"); then
+    show_logs robib-3site
+    die "robib-3site: the cluster did not form"
+  fi
+  echo "bench: robib-3site: leader $(leader_now)" >&2
+  "$bin" --api "$api" volume create bench --size "$bytes" >/dev/null
+  check_volume
+}
+
+setup_robib_1site() {
+  local d=$work/robib-1site
+  mkdir -p "$d"
+  read -r -a p <<<"$(ctl ports 4)"
+  start_proc "$d/solo.log" "$bin" agent --name solo --data-dir "$d/solo" \
+    --nbd-addr "127.0.0.1:${p[0]}" --api-addr "127.0.0.1:${p[1]}" \
+    --raft-addr "127.0.0.1:${p[2]}" --gossip-addr "127.0.0.1:${p[3]}" --log-level warn
+  target_pids+=("$last_pid")
+  samples+=("solo=$last_pid")
+  api="http://127.0.0.1:${p[1]}"
+  if ! ctl cluster-wait --bin "$bin" --sites 1 --timeout 60 "$api" >/dev/null; then
+    show_logs robib-1site
+    die "robib-1site: the agent did not become leader"
+  fi
+  "$bin" --api "$api" volume create bench --size "$bytes" >/dev/null
+  check_volume
+  uri="nbd://127.0.0.1:${p[0]}/bench"
+}
+
+check_volume() {
+  local got
+  got=$("$bin" --api "$api" volume list --json |
+    "$py" -c 'import json,sys; print([v["size"] for v in json.load(sys.stdin) if v["name"]=="bench"][0])')
+  [ "$got" = "$bytes" ] || die "volume bench has $got bytes, want $bytes"
+}
+
+setup_nbdkit() {
+  local d=$work/nbdkit i
+  mkdir -p "$d"
+  read -r -a p <<<"$(ctl ports 1)"
+  truncate -s "$bytes" "$d/disk.img"
+  start_proc "$d/nbdkit.log" nbdkit --exit-with-parent -f -i 127.0.0.1 -p "${p[0]}" file "$d/disk.img"
+  target_pids+=("$last_pid")
+  samples+=("nbdkit=$last_pid")
+  uri="nbd://127.0.0.1:${p[0]}/"
+  for i in $(seq 300); do
+    nbdinfo --size "$uri" >/dev/null 2>&1 && return 0
+    alive "$last_pid" || { show_logs nbdkit; die "nbdkit exited"; }
+    sleep 0.1
+  done
+  show_logs nbdkit
+  die "nbdkit did not answer within 30 s"
+}
+
+setup_raw() {
+  mkdir -p "$work/raw"
+  raw_file=$work/raw/disk.img
+  truncate -s "$bytes" "$raw_file"
+}
+
+pick_follower() { # robib-3site: keeps $attached if it is still a follower, else picks one
+  local leader s
+  leader=$(leader_now)
+  [ -n "$leader" ] || die "robib-3site: no leader known at $api"
+  if [ -z "$attached" ] || [ "$attached" = "$leader" ]; then
+    [ -n "$attached" ] && echo "bench: robib-3site: $attached became leader; moving fio to another follower" >&2
+    attached=""
+    for s in site1 site2 site3; do
+      if [ "$s" != "$leader" ]; then attached=$s; break; fi
+    done
+  fi
+  uri="nbd://${site_nbd[$attached]}/bench"
+  leader_before=$leader
+}
+
+sample() { if [ ${#samples[@]} -gt 0 ]; then ctl sample "${samples[@]}"; else echo '{}'; fi; }
+
+failed=()   # "target: reason"
+
+run_phase() { # TARGET PHASE: one fio run (+ settle, sync) and its record; non-zero if the target died
+  local t=$1 job=$2 before after settle="" rc=0 t0 t1 dead
+  leader_before=""
+  [ "$t" = robib-3site ] && pick_follower
+  echo "bench: $t: $job${attached:+ at $attached (leader $leader_before)}$([ "$job" = prefill ] || echo " (${runtime}s)")" >&2
+  before=$(sample)
+  local tb=()
+  [ "$job" = prefill ] || tb=(--time_based --runtime="$runtime")
+  t0=$(date +%s.%N)
+  # shellcheck disable=SC2046
+  fio --name="$job" "${common[@]}" $(job_args "$job" "$t") "${tb[@]}" \
+    --output="$out/$job-$t.json" >/dev/null 2>"$out/$job-$t.err" &
+  fio_pid=$!
+  wait "$fio_pid" || rc=$?
+  fio_pid=""
+  t1=$(date +%s.%N)
+  if [ "$rc" != 0 ]; then
+    echo "bench: $t: fio $job exited $rc:" >&2
+    tail -n 20 "$out/$job-$t.err" >&2
+  fi
+  if [ -n "$api" ]; then
+    settle=$(ctl settle --bin "$bin" --timeout 300 "$api")
+    case $settle in *'"ok": true'*) ;; *) echo "bench: $t: cluster did not settle within 300 s after $job: $settle" >&2 ;; esac
+  fi
+  sync
+  after=$(sample)
+  ctl record --file "$phases" --target "$t" --phase "$job" --fio-rc "$rc" \
+    --elapsed "$("$py" -c "print(round($t1-$t0,2))")" --attached "$attached" --leader-before "$leader_before" \
+    --before "$before" --after "$after" --settle "$settle"
+  dead=$(target_dead)
+  if [ -n "$dead" ]; then
+    echo "bench: $t: process(es) died during $job: $dead" >&2
+    show_logs "$t"
+    failed+=("$t: $(echo "$dead" | tr '\n' ' ')died during $job")
+    return 1
+  fi
+  [ "$rc" = 0 ] || failed+=("$t: fio $job exited $rc")
+  return 0
+}
+
+run_target() { # TARGET
+  local t=$1 job
+  target_pids=() samples=() api="" uri="" raw_file="" attached=""
+  site_nbd=() site_pid=()
+  echo "bench: === $t ===" >&2
+  case $t in
+    robib-3site) setup_robib_3site ;;
+    robib-1site) setup_robib_1site ;;
+    nbdkit) setup_nbdkit ;;
+    raw) setup_raw ;;
+  esac
+  if [ -n "$api" ]; then ctl settle --bin "$bin" --timeout 60 "$api" >/dev/null; fi
+  if run_phase "$t" prefill; then
+    for job in $jobs; do
+      run_phase "$t" "$job" || break
+      # The disk's own sequential write rate for the derived 3-site limit:
+      # buffered raw writes of a file that fits in the dirty page cache
+      # measure memcpy, not the disk.
+      if [ "$t" = raw ] && [ "$job" = seq-write-1M ] && [ "$raw_direct" = 0 ]; then
+        raw_direct=1
+        run_phase "$t" seq-write-1M-direct || true
+        raw_direct=0
+      fi
+    done
+  fi
+  # VmHWM and CPU at the end, just before the processes stop.
+  ctl record --file "$phases" --target "$t" --phase end --after "$(sample)" \
+    --leader-before "$( [ -n "$api" ] && leader_now)" --attached "$attached"
+  stop_target
+  target_pids=() attached=""
+  if [ -z "${BENCH_DIR:-}" ]; then rm -rf "${work:?}/$t"; else rm -f "$work/$t"/*.img; rm -rf "$work/$t"/site* "$work/$t/solo"; fi
+  sync
+}
+
+# Anything else running here skews every number: say so in the report.
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+others=$(pgrep -c -x robib 2>/dev/null || true)
+[ "${others:-0}" = 0 ] || echo "bench: warning: $others robib process(es) not started by this benchmark are running" >&2
+for t in $targets; do
+  run_target "$t"
 done
 
 mkdir -p "$here/results"
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
+elapsed=$(($(date +%s) - t_start))
 meta=$("$py" -c 'import json,sys; print(json.dumps(dict(zip(sys.argv[1::2], sys.argv[2::2]))))' \
-  runtime_s "$runtime" size_bytes "$bytes" robib_version "$("$bin" --version 2>/dev/null || echo unknown)" \
-  nbdkit_version "$(nbdkit --version)" fio_version "$(fio --version)" host_cpus "$(nproc)" \
-  work_dir "$work" filesystem "$(stat -f -c %T "$work")")
-"$py" "$here/report.py" --dir "$out" --jobs "$jobs" --meta "$meta" \
+  runtime_s "$runtime" size_bytes "$bytes" targets "$targets" jobs "$jobs" \
+  robib_version "$([ -n "$bin" ] && "$bin" --version 2>/dev/null || echo n/a)" \
+  git "$git_rev" \
+  nbdkit_version "$(nbdkit --version 2>/dev/null || echo n/a)" fio_version "$(fio --version)" \
+  host_cpus "$(nproc)" mem_total "$(awk '/MemTotal/ {print $2 " kB"}' /proc/meminfo)" \
+  kernel "$(uname -r)" work_dir "$work" filesystem "$(stat -f -c %T "$work")" \
+  raw_direct "$raw_direct" elapsed_s "$elapsed" failures "$([ ${#failed[@]} = 0 ] || printf '%s; ' "${failed[@]}")" \
+  loadavg_start "$load_start" loadavg_end "$(cut -d' ' -f1-3 /proc/loadavg)" \
+  other_robib_processes "$others")
+"$py" "$here/report.py" --dir "$out" --phases "$phases" --targets "$targets" --jobs "$jobs" --meta "$meta" \
   --markdown "$here/results/bench-$stamp.md" --json "$here/results/bench-$stamp.json"
 echo >&2
-echo "bench: results in tests/bench/results/bench-$stamp.{md,json}" >&2
+echo "bench: results in tests/bench/results/bench-$stamp.{md,json}; the run took ${elapsed}s" >&2
+if [ ${#failed[@]} -gt 0 ]; then
+  printf 'bench: FAILED: %s\n' "${failed[@]}" >&2
+  exit 1
+fi
