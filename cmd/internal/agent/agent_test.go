@@ -16,7 +16,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/robib/robib/cluster"
 	"github.com/robib/robib/cmd/internal/api"
 	"github.com/robib/robib/cmd/internal/config"
 	"github.com/robib/robib/nbdfront"
@@ -473,5 +472,3 @@ func TestSingleSiteIsACompleteCluster(t *testing.T) {
 		t.Fatalf("status: %+v %v", st, err)
 	}
 }
-
-var _ = cluster.ErrRetry
