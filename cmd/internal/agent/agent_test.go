@@ -383,10 +383,14 @@ func TestCatchUpThroughSnapshotAndNewSite(t *testing.T) {
 	s4.start(t)
 	t.Cleanup(func() { s4.stop(t) })
 	all := append(sites, s4)
-	waitFor(t, 30*time.Second, "s4 becomes a voter", func() (bool, error) {
-		st, err := leader.a.Node().Status(context.Background())
+	waitFor(t, 60*time.Second, "s4 becomes a voter", func() (bool, error) {
+		// Ask whichever site leads now: under load an election may move it.
+		st, err := s4.a.Node().Status(context.Background())
 		if err != nil {
 			return false, err
+		}
+		if st.Leader == "" {
+			return false, fmt.Errorf("no leader known at s4")
 		}
 		for _, x := range st.Sites {
 			if x.Name == "s4" && x.Voter {
