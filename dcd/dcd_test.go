@@ -530,8 +530,10 @@ func TestBackpressure(t *testing.T) {
 
 func TestStickyFailure(t *testing.T) {
 	f := newFakeCluster(t, 1<<20)
+	reject := make(chan struct{}) // batch 2's rejection waits for it
 	f.hook = func(b *fsm.WriteBatch, attempt int) error {
 		if b.Seq == 2 {
+			<-reject
 			return fmt.Errorf("%w: batch 2", errPermanent)
 		}
 		return nil
@@ -540,10 +542,9 @@ func TestStickyFailure(t *testing.T) {
 	mustWrite(t, v, pattern(1, 4*kib), 0)
 	mustFlush(t, v) // batch 1 commits
 
-	f.hold()
 	mustWrite(t, v, pattern(2, 4*kib), 8*kib)  // batch 2: rejected
 	mustWrite(t, v, pattern(3, 4*kib), 16*kib) // pending behind it: dropped
-	f.release()
+	close(reject)
 	err := v.Flush()
 	if !errors.Is(err, ErrFailed) || !errors.Is(err, errPermanent) {
 		t.Fatalf("Flush = %v, want ErrFailed wrapping the cause", err)
