@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/raft"
+
+	"github.com/robib/robib/volume"
 )
 
 // Snapshot store layout:
@@ -341,7 +343,7 @@ func (s *snapshotStore) commit(tmp, id string) error {
 	if err := os.Rename(tmp, filepath.Join(s.dir, id)); err != nil {
 		return err
 	}
-	if err := syncDir(s.dir); err != nil {
+	if err := volume.SyncDir(s.dir); err != nil {
 		return err
 	}
 	s.reapLocked()
@@ -455,10 +457,10 @@ func (k *snapshotSink) finish() error {
 	if err != nil {
 		return err
 	}
-	if err := writeFileSync(filepath.Join(k.tmp, snapMetaFile), b); err != nil {
+	if err := volume.WriteFileSync(filepath.Join(k.tmp, snapMetaFile), b); err != nil {
 		return err
 	}
-	if err := syncDir(k.tmp); err != nil {
+	if err := volume.SyncDir(k.tmp); err != nil {
 		return err
 	}
 	return k.store.commit(k.tmp, k.meta.ID)

@@ -259,7 +259,7 @@ func writeStateFile(dir string, img *stateImage) error {
 	b = append(b, body...)
 	b = binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
 	tmp := filepath.Join(dir, stateTmpName)
-	if err := writeFileSync(tmp, b); err != nil {
+	if err := volume.WriteFileSync(tmp, b); err != nil {
 		_ = os.Remove(tmp)
 		return fmt.Errorf("write state: %w", err)
 	}
@@ -267,38 +267,8 @@ func writeStateFile(dir string, img *stateImage) error {
 		_ = os.Remove(tmp)
 		return fmt.Errorf("write state: %w", err)
 	}
-	if err := syncDir(dir); err != nil {
+	if err := volume.SyncDir(dir); err != nil {
 		return fmt.Errorf("write state: %w", err)
 	}
 	return nil
-}
-
-// writeFileSync creates or truncates path, writes b and fsyncs the file.
-func writeFileSync(path string, b []byte) error {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(b)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	return err
-}
-
-// syncDir fsyncs the directory at path, making entries created, renamed or
-// removed in it durable.
-func syncDir(path string) error {
-	d, err := os.Open(path)
-	if err != nil {
-		return err
-	}
-	err = d.Sync()
-	if cerr := d.Close(); err == nil {
-		err = cerr
-	}
-	return err
 }

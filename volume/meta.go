@@ -193,7 +193,7 @@ func writeMetaFile(volPath string, m Meta) error {
 		return fmt.Errorf("encode meta: %w", err)
 	}
 	tmp := filepath.Join(volPath, metaTmpName)
-	if err := writeFileSync(tmp, b); err != nil {
+	if err := WriteFileSync(tmp, b); err != nil {
 		_ = os.Remove(tmp)
 		return err
 	}
@@ -201,11 +201,12 @@ func writeMetaFile(volPath string, m Meta) error {
 		_ = os.Remove(tmp)
 		return err
 	}
-	return syncDir(volPath)
+	return SyncDir(volPath)
 }
 
-// writeFileSync creates or truncates path, writes b and fsyncs the file.
-func writeFileSync(path string, b []byte) error {
+// WriteFileSync creates or truncates path, writes b and fsyncs the file.
+// The replicated state machine uses it for its own small state files too.
+func WriteFileSync(path string, b []byte) error {
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|openFlags, 0o600)
 	if err != nil {
 		return err

@@ -68,7 +68,7 @@ func Open(dir string, log *slog.Logger) (*Store, error) {
 	if err := os.MkdirAll(volDir, 0o700); err != nil {
 		return nil, fmt.Errorf("volume store %s: %w", dir, err)
 	}
-	if err := syncDir(dir); err != nil {
+	if err := SyncDir(dir); err != nil {
 		return nil, fmt.Errorf("volume store %s: %w", dir, err)
 	}
 	lock, err := lockDir(filepath.Join(dir, lockFileName))
@@ -223,7 +223,7 @@ func (s *Store) Create(m Meta) (*Volume, error) {
 		s.removeAll(staging)
 		return nil, fmt.Errorf("volume %q: create: %w", name, err)
 	}
-	err = syncDir(s.volDir) // make the commit durable
+	err = SyncDir(s.volDir) // make the commit durable
 	var v *Volume
 	if err == nil {
 		v, err = openVolume(path, m, s.log)
@@ -393,7 +393,7 @@ func (s *Store) Delete(name string) error {
 	delete(s.broken, name)
 	s.mu.Unlock()
 
-	if err := syncDir(s.volDir); err != nil {
+	if err := SyncDir(s.volDir); err != nil {
 		return fmt.Errorf("volume %q: delete: %w", name, err)
 	}
 	s.removeAll(trash) // failure is harmless: Open retries

@@ -34,9 +34,9 @@ func isNotSupported(err error) bool {
 	return errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS)
 }
 
-// syncDir fsyncs the directory at path, making entries created, renamed or
+// SyncDir fsyncs the directory at path, making entries created, renamed or
 // removed in it durable.
-func syncDir(path string) error {
+func SyncDir(path string) error {
 	d, err := os.Open(path)
 	if err != nil {
 		return err
