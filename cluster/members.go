@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -278,18 +279,8 @@ func (n *Node) members() []member {
 		}
 		out = append(out, member{Name: name, Meta: meta})
 	}
-	slices.SortFunc(out, func(a, b member) int { return cmpString(a.Name, b.Name) })
+	slices.SortFunc(out, func(a, b member) int { return strings.Compare(a.Name, b.Name) })
 	return out
-}
-
-func cmpString(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // memberMeta returns the gossiped addresses of a site.

@@ -1,6 +1,7 @@
 package dcd
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -55,15 +56,7 @@ func firstEndingAfter(ops []fsm.Op, off int64) int {
 }
 
 func sortOps(ops []fsm.Op) {
-	slices.SortFunc(ops, func(a, b fsm.Op) int {
-		switch {
-		case a.Off < b.Off:
-			return -1
-		case a.Off > b.Off:
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(ops, func(a, b fsm.Op) int { return cmp.Compare(a.Off, b.Off) })
 }
 
 // captureLocked appends every buffered op overlapping [off, end) to dst in

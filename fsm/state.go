@@ -1,6 +1,7 @@
 package fsm
 
 import (
+	"cmp"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -181,15 +182,7 @@ func sessionList(m map[uint64]*session) []sessionEntry {
 	for id, s := range m {
 		out = append(out, sessionEntry{ID: id, session: *s})
 	}
-	slices.SortFunc(out, func(a, b sessionEntry) int {
-		switch {
-		case a.ID < b.ID:
-			return -1
-		case a.ID > b.ID:
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(out, func(a, b sessionEntry) int { return cmp.Compare(a.ID, b.ID) })
 	return out
 }
 
