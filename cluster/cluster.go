@@ -40,6 +40,12 @@ var (
 	ErrClosed      = errors.New("cluster node closed")
 	ErrUnknownSite = errors.New("unknown site")
 	ErrInvalid     = errors.New("invalid cluster request")
+	// ErrLeaseHeld: another site holds the volume's read-write lease and
+	// keeps renewing it.
+	ErrLeaseHeld = errors.New("volume is attached read-write at another site")
+	// ErrLeaseLost: this site's volume lease was taken over or released;
+	// its writes are fenced.
+	ErrLeaseLost = errors.New("volume lease lost")
 )
 
 // IsRetryable reports whether err is a transient condition after which the
@@ -73,6 +79,9 @@ type Config struct {
 	ElectionTimeout    time.Duration
 	LeaderLeaseTimeout time.Duration
 	CommitTimeout      time.Duration
+	// LeaseTTL is how long a volume lease survives without renewal (the
+	// holder renews every LeaseTTL/4). Every site should use the same.
+	LeaseTTL time.Duration
 
 	// RaftListener is the listener for Raft traffic (built by the caller's
 	// network layer); Dial opens connections for Raft and gossip-adjacent
@@ -109,6 +118,9 @@ func (c *Config) setDefaults() {
 	if c.CommitTimeout == 0 {
 		c.CommitTimeout = 5 * time.Millisecond
 	}
+	if c.LeaseTTL == 0 {
+		c.LeaseTTL = DefaultLeaseTTL
+	}
 	if c.HTTPClient == nil {
 		c.HTTPClient = &http.Client{Timeout: 2 * time.Minute}
 	}
@@ -130,6 +142,10 @@ type Node struct {
 	gossip *delegate // this site's copy of the gossip member table
 	rpc    *rpcClient
 	seq    *sequencer
+	leases leaseTable // the leader's view of lease renewals
+
+	leaderMu      sync.Mutex
+	leaderChanged chan struct{} // closed (and replaced) whenever the known leader changes
 
 	needBootstrap bool          // set by openRaft: wait for BootstrapExpect sites
 	events        chan struct{} // nudges the reconcile loop on membership changes
@@ -163,6 +179,7 @@ func Open(cfg Config, f *fsm.FSM) (*Node, error) {
 		stop:   make(chan struct{}),
 	}
 	n.rpc = &rpcClient{http: cfg.HTTPClient}
+	n.leaderChanged = make(chan struct{})
 	n.seq = newSequencer(500 * time.Millisecond)
 	if err := n.openRaft(); err != nil {
 		return nil, err
@@ -177,7 +194,45 @@ func Open(cfg Config, f *fsm.FSM) (*Node, error) {
 	}
 	n.wg.Add(1)
 	go n.reconcileLoop()
+	n.watchLeader()
 	return n, nil
+}
+
+// watchLeader follows Raft's leader observations so that requests
+// forwarded to a leader that went away are abandoned as soon as this site
+// learns of the change, instead of waiting for their timeout (a dead host
+// never answers).
+func (n *Node) watchLeader() {
+	ch := make(chan raft.Observation, 16)
+	obs := raft.NewObserver(ch, false, func(o *raft.Observation) bool {
+		_, ok := o.Data.(raft.LeaderObservation)
+		return ok
+	})
+	n.raft.RegisterObserver(obs)
+	n.wg.Add(1)
+	go func() {
+		defer n.wg.Done()
+		defer n.raft.DeregisterObserver(obs)
+		for {
+			select {
+			case <-n.stop:
+				return
+			case <-ch:
+				n.leaderMu.Lock()
+				close(n.leaderChanged)
+				n.leaderChanged = make(chan struct{})
+				n.leaderMu.Unlock()
+			}
+		}
+	}()
+}
+
+// leaderChange returns a channel that is closed at the next change of the
+// known leader.
+func (n *Node) leaderChange() <-chan struct{} {
+	n.leaderMu.Lock()
+	defer n.leaderMu.Unlock()
+	return n.leaderChanged
 }
 
 func (n *Node) openRaft() error {

@@ -93,7 +93,27 @@ func (n *Node) propose(ctx context.Context, cmd fsm.Command, data []byte) (*fsm.
 	if !ok || meta.API == "" {
 		return nil, fmt.Errorf("%w: leader %s has no known API address yet", ErrNoLeader, leader)
 	}
-	return n.rpc.apply(ctx, meta.API, data)
+	// Abandon the forward when the leader changes: the old one may be
+	// dead or cut off and never answer. The entry may still have been
+	// committed; writers resend and the FSM deduplicates.
+	changed := n.leaderChange()
+	if n.Leader() != leader {
+		return nil, fmt.Errorf("%w: leader changed", ErrNotLeader)
+	}
+	fctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-changed:
+			cancel()
+		case <-fctx.Done():
+		}
+	}()
+	res, err := n.rpc.apply(fctx, meta.API, data)
+	if err != nil && ctx.Err() == nil && fctx.Err() != nil {
+		return nil, fmt.Errorf("%w: leader %s replaced while a request to it was in flight", ErrNotLeader, leader)
+	}
+	return res, err
 }
 
 // applyLocal appends data to the Raft log on this (leader) site and waits

@@ -48,6 +48,8 @@ func (n *Node) Handler() http.Handler {
 	mux.HandleFunc("GET "+pathVerify+"{id}", n.handleVerify)
 	mux.HandleFunc("POST "+pathRemoveServer, n.handleRemoveServer)
 	mux.HandleFunc("POST "+pathTransfer, n.handleTransfer)
+	mux.HandleFunc("POST "+pathLeaseAcquire, n.handleLease)
+	mux.HandleFunc("POST "+pathLeaseRenew, n.handleLease)
 	return mux
 }
 
@@ -200,6 +202,32 @@ func (c *rpcClient) getJSON(ctx context.Context, addr, path string, out any) err
 		return fmt.Errorf("%s%s: %s: %s", addr, path, resp.Status, e.Error)
 	}
 	return json.Unmarshal(body, out)
+}
+
+// postJSONReply sends in to a site's internal endpoint and decodes its
+// JSON answer (status 200) into out.
+func (c *rpcClient) postJSONReply(ctx context.Context, addr, path string, in, out any) error {
+	b, err := json.Marshal(in)
+	if err != nil {
+		return err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.url(addr, path), bytes.NewReader(b))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := c.http.Do(req)
+	if err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		return fmt.Errorf("%w: %v", ErrUnreachable, err)
+	}
+	defer resp.Body.Close()
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(out); err != nil {
+		return fmt.Errorf("%w: bad answer from %s%s (%s): %v", ErrUnreachable, addr, path, resp.Status, err)
+	}
+	return nil
 }
 
 // postJSON sends in to a site's internal endpoint.

@@ -44,6 +44,15 @@ var (
 	// operations committed before the failure. Close the Volume and open a
 	// new one (a new session) to write again.
 	ErrFailed = errors.New("dcd: write-back failed, buffered writes lost")
+	// ErrFenced is the sticky failure set by Fence: the writer lost the
+	// right to write (its volume lease went to another site). It wraps
+	// ErrFailed.
+	ErrFenced = fmt.Errorf("%w: fenced", ErrFailed)
+	// ErrFlushTimeout: a Flush (or a write under SyncWrites) waited
+	// Config.FlushTimeout without its operations being committed on a
+	// majority of sites (no quorum reachable). Not sticky: the operations
+	// stay buffered and are still sent; a later Flush may succeed.
+	ErrFlushTimeout = errors.New("dcd: flush timed out waiting for a majority of sites")
 )
 
 // Committer is implemented by the cluster layer. Both methods are called
@@ -95,6 +104,10 @@ type Config struct {
 	// CommitTimeout bounds one Commit call; on expiry the batch is resent
 	// (the FSM deduplicates). Default 30 s.
 	CommitTimeout time.Duration
+	// FlushTimeout bounds how long Flush (and a write under SyncWrites)
+	// waits for its commit before failing with ErrFlushTimeout. Zero
+	// waits for as long as it takes.
+	FlushTimeout time.Duration
 	// Logger receives retries, failures and session changes. Default: discard.
 	Logger *slog.Logger
 	// Epoch is copied into each batch (volume leases).
@@ -123,7 +136,7 @@ const opCost = 128
 // Retry backoff bounds.
 const (
 	minBackoff = 10 * time.Millisecond
-	maxBackoff = time.Second
+	maxBackoff = 200 * time.Millisecond // short: a new leader is usually found within a second
 )
 
 // Stats is a snapshot of a Volume's counters.
@@ -503,15 +516,53 @@ func (v *Volume) Flush() error {
 	return v.waitCommitted(id)
 }
 
-// waitCommitted blocks until every op with ID <= id is committed, or the
-// Volume fails.
+// waitCommitted blocks until every op with ID <= id is committed, the
+// Volume fails, or FlushTimeout passes.
 func (v *Volume) waitCommitted(id uint64) error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
+	if v.err == nil && v.committedLocked() >= id {
+		return nil
+	}
+	expired := false
+	if v.cfg.FlushTimeout > 0 {
+		t := time.AfterFunc(v.cfg.FlushTimeout, func() {
+			v.mu.Lock()
+			expired = true
+			v.progress.Broadcast()
+			v.mu.Unlock()
+		})
+		defer t.Stop()
+	}
 	for v.err == nil && v.committedLocked() < id {
+		if expired {
+			return fmt.Errorf("%w: volume %s: not committed after %v", ErrFlushTimeout, v.name, v.cfg.FlushTimeout)
+		}
 		v.progress.Wait()
 	}
 	return v.err
+}
+
+// Fence fails the Volume for good (ErrFenced, wrapping cause): every
+// buffered operation is dropped, and every later write, flush and Close
+// returns the error. Reads keep working. Call it when the writer learns
+// that it lost its right to write; the FSM would reject its batches anyway
+// (stale epoch), Fence only makes the failure immediate.
+func (v *Volume) Fence(cause error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.err != nil {
+		return
+	}
+	v.err = fmt.Errorf("%w: volume %s: %w", ErrFenced, v.name, cause)
+	v.log.Error("writer fenced, dropping buffered writes", "err", cause)
+	v.pending.clear()
+	v.space.Broadcast()
+	v.progress.Broadcast()
+	select { // the pipeline drops the uncommitted batches
+	case v.kick <- struct{}{}:
+	default:
+	}
 }
 
 // committedLocked returns the largest ID such that every op with that ID or

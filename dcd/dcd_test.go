@@ -906,3 +906,66 @@ func TestNewValidatesConfig(t *testing.T) {
 		t.Error("random session is 0")
 	}
 }
+
+func TestFenceDropsBufferAndFailsForGood(t *testing.T) {
+	f := newFakeCluster(t, 1<<20)
+	v := newVolume(t, f, Config{MaxInflight: 1})
+	mustWrite(t, v, pattern(1, 4*kib), 0)
+	mustFlush(t, v)
+	f.hold()
+	mustWrite(t, v, pattern(2, 4*kib), 8*kib) // in flight, held
+	eventually(t, "batch in flight", func() bool { return v.Stats().Inflight == 1 })
+	mustWrite(t, v, pattern(3, 4*kib), 16*kib) // pending behind it
+	flushed := make(chan error, 1)
+	go func() { flushed <- v.Flush() }()
+
+	cause := errors.New("lease moved to site b")
+	v.Fence(cause)
+	if err := <-flushed; !errors.Is(err, ErrFenced) || !errors.Is(err, ErrFailed) || !errors.Is(err, cause) {
+		t.Fatalf("waiting Flush = %v, want ErrFenced wrapping the cause", err)
+	}
+	if _, err := v.WriteAt(pattern(4, 4*kib), 0); !errors.Is(err, ErrFenced) {
+		t.Fatalf("WriteAt after Fence = %v", err)
+	}
+	v.Fence(errors.New("second")) // no-op
+	if err := v.Flush(); err == nil || !errors.Is(err, cause) {
+		t.Fatalf("second Fence replaced the first cause: %v", err)
+	}
+	// The pending write never leaves; reads show committed data only.
+	got := mustRead(t, v, 16*kib, 4*kib)
+	if !bytes.Equal(got, make([]byte, 4*kib)) {
+		t.Fatal("a fenced, never-sent write is still visible")
+	}
+	f.release()
+	eventually(t, "the buffer to drain", func() bool { return v.Stats().BufferedBytes == 0 })
+	if remote := f.remoteCopy(); !bytes.Equal(remote[16*kib:20*kib], make([]byte, 4*kib)) {
+		t.Fatal("a write buffered before Fence was sent after it")
+	}
+}
+
+func TestFlushTimeout(t *testing.T) {
+	f := newFakeCluster(t, 1<<20)
+	v := newVolume(t, f, Config{FlushTimeout: 50 * time.Millisecond})
+	mustWrite(t, v, pattern(1, 4*kib), 0)
+	mustFlush(t, v) // fast path
+	f.hold()        // no quorum
+	mustWrite(t, v, pattern(2, 4*kib), 0)
+	start := time.Now()
+	err := v.Flush()
+	if !errors.Is(err, ErrFlushTimeout) || errors.Is(err, ErrFailed) {
+		t.Fatalf("Flush without quorum = %v, want ErrFlushTimeout", err)
+	}
+	if d := time.Since(start); d < 50*time.Millisecond {
+		t.Fatalf("Flush failed after %v, before its timeout", d)
+	}
+	// Not sticky: the write is still buffered, readable and sent once the
+	// cluster is back.
+	if got := mustRead(t, v, 0, 4*kib); !bytes.Equal(got, pattern(2, 4*kib)) {
+		t.Fatal("buffered write lost after a flush timeout")
+	}
+	f.release()
+	mustFlush(t, v)
+	if !bytes.Equal(f.remoteCopy()[:4*kib], pattern(2, 4*kib)) {
+		t.Fatal("write not committed after the cluster came back")
+	}
+}

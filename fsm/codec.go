@@ -30,6 +30,8 @@ import (
 //	              off uv, len uv, then len bytes of data for OpWrite
 //	EndSession    session uv
 //	VerifyChunks  id str, volume str, off uv, len uv, chunkSize uv
+//	AcquireLease  volume str, site str, created sv, prev uv
+//	ReleaseLease  volume str, site str, epoch uv
 //
 // Signed fields that must not be negative (sizes, offsets, lengths) are
 // sent as uv and must be <= math.MaxInt64. The encoding of a command is
@@ -52,6 +54,8 @@ const (
 	cmdWriteBatch byte = 4
 	cmdEndSession byte = 5
 	cmdVerify     byte = 6
+	cmdAcquire    byte = 7
+	cmdRelease    byte = 8
 
 	opFlagNoHole byte = 1
 
@@ -61,6 +65,8 @@ const (
 	minOpLen = 4
 	// maxIDLen bounds VerifyChunks.ID.
 	maxIDLen = 128
+	// maxSiteLen bounds the site names in lease commands.
+	maxSiteLen = 63
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
@@ -209,6 +215,17 @@ func encodeCommand(e *encoder, cmd Command) {
 		e.uvarint(uint64(c.Off))
 		e.uvarint(uint64(c.Len))
 		e.uvarint(uint64(c.ChunkSize))
+	case *AcquireLease:
+		e.byte(cmdAcquire)
+		e.string(c.Volume)
+		e.string(c.Site)
+		e.varint(c.Created)
+		e.uvarint(c.Prev)
+	case *ReleaseLease:
+		e.byte(cmdRelease)
+		e.string(c.Volume)
+		e.string(c.Site)
+		e.uvarint(c.Epoch)
 	}
 	if e.sizing {
 		e.n += codecTrailerLen
@@ -295,6 +312,22 @@ func checkCommand(cmd Command) error {
 			return err
 		}
 		return nonNeg("chunk size", c.ChunkSize)
+	case *AcquireLease:
+		if c == nil {
+			return badf("nil command")
+		}
+		if err := checkSite(c.Site); err != nil {
+			return err
+		}
+		return checkName("volume name", c.Volume)
+	case *ReleaseLease:
+		if c == nil {
+			return badf("nil command")
+		}
+		if err := checkSite(c.Site); err != nil {
+			return err
+		}
+		return checkName("volume name", c.Volume)
 	case nil:
 		return badf("nil command")
 	default:
@@ -385,6 +418,10 @@ func Decode(data []byte) (Command, error) {
 		c.Len = d.int64("length")
 		c.ChunkSize = d.int64("chunk size")
 		cmd = c
+	case cmdAcquire:
+		cmd = &AcquireLease{Volume: d.name(), Site: d.site(), Created: d.varint(), Prev: d.uvarint()}
+	case cmdRelease:
+		cmd = &ReleaseLease{Volume: d.name(), Site: d.site(), Epoch: d.uvarint()}
 	default:
 		return nil, badf("unknown command type %d", typ)
 	}
@@ -496,6 +533,32 @@ func (d *decoder) take(n uint64) []byte {
 }
 
 func (d *decoder) str() []byte { return d.take(d.uvarint()) }
+
+// site reads a site name (see checkSite).
+func (d *decoder) site() string {
+	b := d.str()
+	if d.err == nil {
+		if err := checkSite(string(b)); err != nil {
+			d.fail("%v", err)
+		}
+	}
+	return string(b)
+}
+
+// checkSite checks a site name in a lease command: 1 to maxSiteLen bytes of
+// letters, digits, '.', '_' or '-' (the agent's rule for site names).
+func checkSite(s string) error {
+	if len(s) == 0 || len(s) > maxSiteLen {
+		return badf("site name is %d bytes, want 1 to %d", len(s), maxSiteLen)
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '.' || c == '_' || c == '-') {
+			return badf("site name %q: invalid character %q", s, c)
+		}
+	}
+	return nil
+}
 
 // name reads a string that must be a valid volume name.
 func (d *decoder) name() string {

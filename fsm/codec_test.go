@@ -31,6 +31,9 @@ func sampleCommands() []Command {
 		&EndSession{Session: 0},
 		&VerifyChunks{ID: "verify-1", Volume: "vol-1", Off: 0, Len: 4 * MiB, ChunkSize: MiB},
 		&VerifyChunks{ID: strings.Repeat("x", maxIDLen), Volume: "a", Off: 1, Len: 2, ChunkSize: 3},
+		&AcquireLease{Volume: "vol-1", Site: "site-1", Created: testCreated, Prev: 0},
+		&AcquireLease{Volume: "v", Site: strings.Repeat("s", maxSiteLen), Created: -1, Prev: math.MaxUint64},
+		&ReleaseLease{Volume: "vol-1", Site: "a.b_c", Epoch: 3},
 	}
 }
 

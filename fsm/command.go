@@ -59,7 +59,14 @@ type WriteBatch struct {
 	Volume  string
 	Session uint64 // random per writer instance, never 0
 	Seq     uint64 // 1, 2, 3, ... per session
-	Epoch   uint64 // volume lease epoch (fencing); 0 until leases exist
+	// Epoch is the volume lease epoch the writer holds (see AcquireLease).
+	// A batch is applied only while it equals the volume's current lease
+	// epoch and the lease is held; otherwise it is rejected with
+	// ErrStaleEpoch (fencing: a writer that lost its lease, for example
+	// behind a partition, can never land a write after the new holder's).
+	// 0 is accepted only on a volume whose lease was never taken (tests
+	// and tools; the agent always holds a lease).
+	Epoch uint64
 	// Created names the volume incarnation the writer attached to: its
 	// CreateVolume.Created stamp. A batch for a volume that was deleted and
 	// recreated under the same name since is rejected (ErrUnknownVolume),
@@ -85,9 +92,35 @@ type VerifyChunks struct {
 	ChunkSize int64
 }
 
+// AcquireLease makes Site the single writer of Volume: the lease's epoch
+// becomes Prev+1 and its holder Site, provided the lease's epoch is still
+// Prev (compare-and-set), so two sites racing for it can never both win,
+// and every batch of the previous holder is fenced from then on. The
+// proposer (the leader) decides whether the previous holder's lease has
+// expired; the FSM only enforces the order. Created names the volume
+// incarnation, as in WriteBatch (0 skips the check).
+type AcquireLease struct {
+	Volume  string
+	Site    string
+	Created int64
+	Prev    uint64
+}
+
+// ReleaseLease gives up Site's lease on Volume at Epoch: the lease is then
+// free (no holder, same epoch), and no batch of that epoch is applied any
+// more. Anyone else's lease (another site, another epoch) is left alone
+// and the command is rejected with ErrLeaseConflict.
+type ReleaseLease struct {
+	Volume string
+	Site   string
+	Epoch  uint64
+}
+
 func (*CreateVolume) isCommand() {}
 func (*DeleteVolume) isCommand() {}
 func (*ResizeVolume) isCommand() {}
 func (*WriteBatch) isCommand()   {}
 func (*EndSession) isCommand()   {}
 func (*VerifyChunks) isCommand() {}
+func (*AcquireLease) isCommand() {}
+func (*ReleaseLease) isCommand() {}

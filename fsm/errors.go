@@ -32,9 +32,13 @@ var (
 	// and Seq is not 1. Nothing was applied; the writer must resend the
 	// missing batches in order, or start a new session if it was evicted.
 	ErrSeqGap = errors.New("write batch sequence gap")
-	// ErrStaleEpoch: reserved for volume leases (a WriteBatch from an
-	// older lease epoch). Not returned yet.
+	// ErrStaleEpoch: a WriteBatch's lease epoch is not the volume's
+	// current one, or the lease was released: its writer was fenced.
 	ErrStaleEpoch = errors.New("stale lease epoch")
+	// ErrLeaseConflict: an AcquireLease whose Prev is not the current
+	// epoch (someone else acquired it first), or a ReleaseLease of a lease
+	// the site does not hold at that epoch.
+	ErrLeaseConflict = errors.New("volume lease conflict")
 	// ErrFailed: this site could not apply an entry because of a local
 	// I/O error, or has not finished installing a snapshot. The site stops
 	// applying (every later entry also returns ErrFailed) until it is
@@ -59,6 +63,7 @@ var errorCodes = []struct {
 	{"invalid", ErrInvalid},
 	{"seq_gap", ErrSeqGap},
 	{"stale_epoch", ErrStaleEpoch},
+	{"lease_conflict", ErrLeaseConflict},
 	{"failed", ErrFailed},
 	{"closed", ErrClosed},
 }

@@ -137,6 +137,7 @@ type FSM struct {
 	failed      error  // non-nil: the failed state; wraps ErrFailed
 	closed      bool
 	stats       Stats // counters only; AppliedIndex etc. are filled in by Stats()
+	leases      map[string]Lease // volume leases; written only by the FSM goroutine
 	verify      map[string]VerifyReport
 	verifyOrder []string      // IDs in verify, oldest first
 	changed     chan struct{} // closed when applied/failed/closed change; nil if nobody waits
@@ -190,6 +191,7 @@ func New(store *volume.Store, stateDir string, opts Options) (*FSM, error) {
 		fuzzyUntil:   img.FuzzyUntil,
 		restoring:    img.Restoring,
 		applied:      img.Applied,
+		leases:       leaseMap(img.Leases),
 		verify:       make(map[string]VerifyReport),
 	}
 	f.stats.CheckpointIndex = img.Applied
@@ -421,6 +423,10 @@ func (f *FSM) applyCommand(index uint64, cmd Command) (outcome, error) {
 		return outcome{}, nil
 	case *VerifyChunks:
 		return f.applyVerify(index, c), nil
+	case *AcquireLease:
+		return f.applyAcquire(c)
+	case *ReleaseLease:
+		return f.applyRelease(c), nil
 	}
 	return outcome{err: fmt.Errorf("%w: unhandled command %T", ErrBadCommand, cmd)}, nil
 }
@@ -478,6 +484,9 @@ func (f *FSM) applyOps(b *WriteBatch) (verdict, local error) {
 	}
 	if b.Created != 0 && v.Meta().Created.UnixNano() != b.Created {
 		return fmt.Errorf("%w: %q was deleted and recreated since this writer attached", ErrUnknownVolume, b.Volume), nil
+	}
+	if err := f.checkEpoch(b.Volume, b.Epoch); err != nil {
+		return err, nil
 	}
 	size := v.Size()
 	for i := range b.Ops {
@@ -599,6 +608,7 @@ func (f *FSM) applyDelete(c *DeleteVolume) (outcome, error) {
 	if err := f.store.Delete(c.Name); err != nil {
 		return outcome{}, err
 	}
+	f.setLease(c.Name, Lease{}, false)
 	return outcome{metaChanged: true}, nil
 }
 
@@ -688,7 +698,7 @@ func (f *FSM) checkpoint() error {
 		}
 		delete(f.dirty, name)
 	}
-	img := &stateImage{Applied: f.applied, FuzzyUntil: f.fuzzyUntil, Sessions: sessionList(f.sessions)}
+	img := &stateImage{Applied: f.applied, FuzzyUntil: f.fuzzyUntil, Sessions: sessionList(f.sessions), Leases: leaseList(f.leases)}
 	if f.fuzzyUntil <= f.applied {
 		img.FuzzyUntil = 0
 	}

@@ -568,6 +568,7 @@ func TestStateEncoding(t *testing.T) {
 			{Name: "b", Size: MiB, BlockSize: 4096, Created: time.Unix(0, -1).UTC(), SyncWrites: true},
 		},
 		Sessions: []sessionEntry{{ID: 1, session: session{LastSeq: 5, LastIndex: 90}}, {ID: 1 << 63, session: session{LastSeq: 1, LastIndex: 99}}},
+		Leases:   []leaseEntry{{Volume: "a", Lease: Lease{Holder: "site1", Epoch: 3}}, {Volume: "b", Lease: Lease{Epoch: 1}}},
 	}
 	b := encodeState(img)
 	got, err := decodeState(b)

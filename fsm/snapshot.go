@@ -32,7 +32,7 @@ func (f *FSM) Snapshot() (raft.FSMSnapshot, error) {
 	if err := f.checkpoint(); err != nil {
 		return nil, fmt.Errorf("fsm: snapshot: %w", f.fail(f.applied, err))
 	}
-	img := &stateImage{Applied: f.applied, Volumes: f.store.List(), Sessions: sessionList(f.sessions)}
+	img := &stateImage{Applied: f.applied, Volumes: f.store.List(), Sessions: sessionList(f.sessions), Leases: leaseList(f.leases)}
 	return &fsmSnapshot{stream: encodeStateStream(img)}, nil
 }
 
@@ -105,6 +105,7 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 
 	f.restoring = false
 	f.sessions = sessionMap(img.Sessions)
+	leases := leaseMap(img.Leases)
 	f.checkpointed = r.state.Applied
 	f.fuzzyUntil = r.state.FuzzyUntil
 	f.pendingBytes = 0
@@ -112,6 +113,7 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 	f.mu.Lock()
 	f.applied = r.state.Applied
 	f.failed = nil
+	f.leases = leases
 	f.stats.Restores++
 	f.stats.Checkpoints++
 	f.stats.CheckpointIndex = r.state.Applied
@@ -147,7 +149,7 @@ func (f *FSM) installImage(rr *recordReader, h streamHeader, img *stateImage) (*
 			return nil, err
 		}
 	}
-	r.state = stateImage{Applied: max(img.Applied, h.Index), Sessions: img.Sessions}
+	r.state = stateImage{Applied: max(img.Applied, h.Index), Sessions: img.Sessions, Leases: img.Leases}
 	if end.FuzzyUntil > r.state.Applied {
 		r.state.FuzzyUntil = end.FuzzyUntil
 	}

@@ -43,22 +43,26 @@ type sessionEntry struct {
 // checkpoint (Volumes empty) and in the state record of a snapshot
 // (Restoring false, FuzzyUntil 0).
 //
-// Encoding (version 1): version 1 byte, flags 1 byte (bit 0 Restoring),
+// Encoding (version 2; version 1 is the same without the lease list):
+// version 1 byte, flags 1 byte (bit 0 Restoring),
 // applied uv, fuzzyUntil uv, volume count uv, per volume name str, size uv,
 // blockSize uv, created sv (Unix ns), flags 1 byte (bit 0 SyncWrites),
-// session count uv, per session id uv,
-// lastSeq uv, lastIndex uv. Volumes are sorted by name, sessions by ID,
-// both without duplicates, so equal states encode to equal bytes.
+// session count uv, per session id uv, lastSeq uv, lastIndex uv,
+// failed str, lease count uv, per lease volume str, holder str, epoch uv.
+// Volumes and leases are sorted by name, sessions by ID, all without
+// duplicates, so equal states encode to equal bytes.
 type stateImage struct {
 	Applied    uint64 // every entry with Index <= Applied is reflected
 	FuzzyUntil uint64 // see FSM.fuzzyUntil
 	Restoring  bool   // a Restore started and has not finished
 	Volumes    []volume.Meta
 	Sessions   []sessionEntry
+	Leases     []leaseEntry
 }
 
 const (
-	stateVersion      byte = 1
+	stateVersion      byte = 2
+	stateVersionV1    byte = 1
 	stateFlagRestore  byte = 1
 	stateFileName          = "state"
 	stateTmpName           = "state.tmp"
@@ -95,14 +99,21 @@ func encodeState(img *stateImage) []byte {
 		e.uvarint(s.LastIndex)
 		e.string(s.Failed)
 	}
+	e.uvarint(uint64(len(img.Leases)))
+	for _, l := range img.Leases {
+		e.string(l.Volume)
+		e.string(l.Holder)
+		e.uvarint(l.Epoch)
+	}
 	return e.buf
 }
 
 // decodeState parses encodeState's output. Errors wrap errCorruptState.
 func decodeState(b []byte) (*stateImage, error) {
 	d := decoder{buf: b, kind: errCorruptState}
-	if v := d.byte(); d.err == nil && v != stateVersion {
-		return nil, fmt.Errorf("%w: unsupported state version %d", errCorruptState, v)
+	version := d.byte()
+	if d.err == nil && version != stateVersion && version != stateVersionV1 {
+		return nil, fmt.Errorf("%w: unsupported state version %d", errCorruptState, version)
 	}
 	flags := d.byte()
 	if flags&^stateFlagRestore != 0 {
@@ -165,6 +176,38 @@ func decodeState(b []byte) (*stateImage, error) {
 				break
 			}
 			img.Sessions[i] = s
+		}
+	}
+	if version >= stateVersion {
+		// A lease takes at least 3 bytes.
+		if n := d.uvarint(); n > uint64(d.remaining()/3) {
+			d.fail("%d leases cannot fit in %d bytes", n, d.remaining())
+		} else if n > 0 {
+			img.Leases = make([]leaseEntry, n)
+			for i := range img.Leases {
+				l := leaseEntry{Volume: d.name()}
+				holder := d.str()
+				l.Epoch = d.uvarint()
+				if d.err != nil {
+					break
+				}
+				if len(holder) > 0 {
+					if err := checkSite(string(holder)); err != nil {
+						d.fail("lease holder: %v", err)
+						break
+					}
+				}
+				l.Holder = string(holder)
+				if l.Epoch == 0 {
+					d.fail("lease on %q with epoch 0", l.Volume)
+					break
+				}
+				if i > 0 && strings.Compare(img.Leases[i-1].Volume, l.Volume) >= 0 {
+					d.fail("leases not sorted by volume at %q", l.Volume)
+					break
+				}
+				img.Leases[i] = l
+			}
 		}
 	}
 	if d.err != nil {

@@ -42,6 +42,11 @@ var (
 	ErrInvalid = errors.New("nbd: invalid argument")
 	// ErrNoSpace reports that storage is exhausted. It becomes NBD_ENOSPC.
 	ErrNoSpace = errors.New("nbd: no space left")
+	// ErrBusy reports that an export cannot be opened the way it was asked
+	// for because someone else is using it (a read-write attach at another
+	// server). From Backend.Open it becomes NBD_REP_ERR_POLICY, with the
+	// error text for the user; from a Device, NBD_EPERM.
+	ErrBusy = errors.New("nbd: export in use")
 	// ErrShutdown reports that the service is going away. It becomes
 	// NBD_ESHUTDOWN (the client then disconnects), or NBD_REP_ERR_SHUTDOWN
 	// from the Backend.
@@ -57,7 +62,7 @@ var errPanic = errors.New("nbd: panic in backend call")
 // safe for concurrent use. Mapping, first match wins:
 //
 //   - nil: 0
-//   - ErrReadOnly, fs.ErrPermission, EPERM, EACCES, EROFS: EPERM
+//   - ErrReadOnly, ErrBusy, fs.ErrPermission, EPERM, EACCES, EROFS: EPERM
 //   - ErrNoSpace, ENOSPC, EDQUOT, EFBIG: ENOSPC (as the spec asks)
 //   - ErrInvalid, EINVAL: EINVAL
 //   - ErrUnsupported, EOPNOTSUPP/ENOTSUP: ENOTSUP
@@ -75,7 +80,7 @@ func DefaultErrorCode(err error) uint32 {
 		return 0
 	}
 	switch {
-	case errors.Is(err, ErrReadOnly), errors.Is(err, fs.ErrPermission):
+	case errors.Is(err, ErrReadOnly), errors.Is(err, ErrBusy), errors.Is(err, fs.ErrPermission):
 		return EPERM
 	case errors.Is(err, ErrNoSpace):
 		return ENOSPC
@@ -114,7 +119,7 @@ func optionErrorReply(err error) uint32 {
 		return repErrUnknown
 	case errors.Is(err, ErrShutdown), errors.Is(err, context.Canceled):
 		return repErrShutdown
-	case errors.Is(err, ErrReadOnly), errors.Is(err, ErrUnsupported), errors.Is(err, fs.ErrPermission):
+	case errors.Is(err, ErrReadOnly), errors.Is(err, ErrBusy), errors.Is(err, ErrUnsupported), errors.Is(err, fs.ErrPermission):
 		return repErrPolicy
 	case errors.Is(err, ErrInvalid):
 		return repErrInvalid

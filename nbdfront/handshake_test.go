@@ -382,6 +382,7 @@ func TestBackendErrors(t *testing.T) {
 	}{
 		{ErrUnknownExport, repErrUnknown},
 		{fmt.Errorf("wrapped: %w", ErrReadOnly), repErrPolicy},
+		{fmt.Errorf("held elsewhere: %w", ErrBusy), repErrPolicy},
 		{syscall.EACCES, repErrPolicy},
 		{ErrShutdown, repErrShutdown},
 		{ErrInvalid, repErrInvalid},

@@ -60,6 +60,7 @@ func TestDefaultErrorCode(t *testing.T) {
 	}{
 		{nil, 0},
 		{ErrReadOnly, EPERM},
+		{ErrBusy, EPERM},
 		{fmt.Errorf("x: %w", ErrNoSpace), ENOSPC},
 		{ErrInvalid, EINVAL},
 		{ErrUnsupported, ENOTSUP},

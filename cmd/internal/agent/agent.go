@@ -106,6 +106,7 @@ func (a *Agent) open() error {
 		HeartbeatTimeout:   cfg.HeartbeatTimeout,
 		ElectionTimeout:    cfg.ElectionTimeout,
 		LeaderLeaseTimeout: cfg.LeaderLease,
+		LeaseTTL:           cfg.VolumeLeaseTTL,
 		RaftListener:       raftLn,
 		Dial: func(ctx context.Context, addr string) (net.Conn, error) {
 			return network.DialContext(ctx, netx.LinkRaft, addr)
@@ -118,14 +119,16 @@ func (a *Agent) open() error {
 		return err
 	}
 	a.backend = &nbdBackend{
-		store:  a.store,
-		node:   a.node,
-		log:    log.With("component", "dcd"),
-		stages: map[string]*stage{},
+		store:    a.store,
+		node:     a.node,
+		leaseTTL: cfg.VolumeLeaseTTL,
+		log:      log.With("component", "dcd"),
+		stages:   map[string]*stage{},
 		dcd: dcd.Config{
 			MaxBufferBytes: cfg.DCDBuffer,
 			MaxInflight:    cfg.DCDInflight,
 			Retryable:      cluster.IsRetryable,
+			FlushTimeout:   cfg.FlushTimeout,
 		},
 	}
 	if a.nbd, err = nbdfront.NewServer(nbdfront.Config{

@@ -65,6 +65,8 @@ func siteConfig(t *testing.T, name string, join []string, expect int) config.Con
 		LeaderLease:       150 * time.Millisecond,
 		DCDBuffer:         16 << 20,
 		DCDInflight:       4,
+		VolumeLeaseTTL:    2 * time.Second,
+		FlushTimeout:      30 * time.Second,
 	}
 }
 

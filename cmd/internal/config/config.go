@@ -45,10 +45,14 @@ type Config struct {
 	HeartbeatTimeout  time.Duration // Raft heartbeat timeout
 	ElectionTimeout   time.Duration // Raft election timeout
 	LeaderLease       time.Duration // Raft leader lease timeout
+	VolumeLeaseTTL    time.Duration // a read-write attach's volume lease lives this long without renewal
 
 	// Write-back stage (DCD).
 	DCDBuffer   int64 // bytes of unreplicated writes buffered per volume at this site
 	DCDInflight int   // batches committing at once per volume
+	// FlushTimeout: a FLUSH (or FUA write) not committed on a majority of
+	// sites within it fails with EIO instead of waiting forever.
+	FlushTimeout time.Duration
 }
 
 // Defaults.
@@ -81,6 +85,8 @@ const (
 	KeyLeaderLease       = "leader-lease-timeout"
 	KeyDCDBuffer         = "dcd-buffer"
 	KeyDCDInflight       = "dcd-inflight"
+	KeyVolumeLeaseTTL    = "volume-lease-ttl"
+	KeyFlushTimeout      = "flush-timeout"
 )
 
 var fileKeys = []string{KeyName, KeyDataDir, KeyNBDAddr, KeyAPIAddr, KeyLogLevel, KeyLogFormat,
@@ -109,6 +115,8 @@ func RegisterFlags(fs *pflag.FlagSet) {
 	fs.Duration(KeyLeaderLease, 500*time.Millisecond, "Raft leader lease timeout")
 	fs.String(KeyDCDBuffer, "64MiB", "write-back buffer per attached volume (unreplicated writes)")
 	fs.Int(KeyDCDInflight, 4, "write batches committing at once per attached volume")
+	fs.Duration(KeyVolumeLeaseTTL, 4*time.Second, "a read-write attach's volume lease expires this long after its site stops renewing it (same value on every site)")
+	fs.Duration(KeyFlushTimeout, 30*time.Second, "a flush not committed on a majority of sites within this fails with EIO")
 }
 
 // Load builds the Config from flags (already parsed), the environment and
@@ -149,6 +157,8 @@ func Load(fs *pflag.FlagSet) (Config, error) {
 		ElectionTimeout:   v.GetDuration(KeyElectionTimeout),
 		LeaderLease:       v.GetDuration(KeyLeaderLease),
 		DCDInflight:       v.GetInt(KeyDCDInflight),
+		VolumeLeaseTTL:    v.GetDuration(KeyVolumeLeaseTTL),
+		FlushTimeout:      v.GetDuration(KeyFlushTimeout),
 	}
 	buf, err := ParseSize(v.GetString(KeyDCDBuffer))
 	if err != nil {
@@ -231,6 +241,12 @@ func (c Config) Validate() error {
 	}
 	if c.DCDInflight < 1 || c.DCDInflight > 64 {
 		return fmt.Errorf("%w: %s %d: want 1..64", ErrInvalid, KeyDCDInflight, c.DCDInflight)
+	}
+	if c.VolumeLeaseTTL < 2*c.HeartbeatTimeout || c.VolumeLeaseTTL > 10*time.Minute {
+		return fmt.Errorf("%w: %s %v: want 2×%s (%v)..10m", ErrInvalid, KeyVolumeLeaseTTL, c.VolumeLeaseTTL, KeyHeartbeatTimeout, 2*c.HeartbeatTimeout)
+	}
+	if c.FlushTimeout < time.Second || c.FlushTimeout > time.Hour {
+		return fmt.Errorf("%w: %s %v: want 1s..1h", ErrInvalid, KeyFlushTimeout, c.FlushTimeout)
 	}
 	return nil
 }
