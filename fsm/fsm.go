@@ -136,7 +136,7 @@ type FSM struct {
 	applied     uint64 // index of the last entry applied (or skipped)
 	failed      error  // non-nil: the failed state; wraps ErrFailed
 	closed      bool
-	stats       Stats // counters only; AppliedIndex etc. are filled in by Stats()
+	stats       Stats            // counters only; AppliedIndex etc. are filled in by Stats()
 	leases      map[string]Lease // volume leases; written only by the FSM goroutine
 	verify      map[string]VerifyReport
 	verifyOrder []string      // IDs in verify, oldest first
