@@ -107,13 +107,13 @@ func (c *Config) setDefaults() {
 		c.SnapshotRetain = 2
 	}
 	if c.HeartbeatTimeout == 0 {
-		c.HeartbeatTimeout = 1000 * time.Millisecond
+		c.HeartbeatTimeout = 500 * time.Millisecond
 	}
 	if c.ElectionTimeout == 0 {
-		c.ElectionTimeout = 1000 * time.Millisecond
+		c.ElectionTimeout = 500 * time.Millisecond
 	}
 	if c.LeaderLeaseTimeout == 0 {
-		c.LeaderLeaseTimeout = 500 * time.Millisecond
+		c.LeaderLeaseTimeout = 250 * time.Millisecond
 	}
 	if c.CommitTimeout == 0 {
 		c.CommitTimeout = 5 * time.Millisecond

@@ -44,7 +44,7 @@ done
 
 api="http://127.0.0.1:10810"
 echo "waiting for the cluster to elect a leader..."
-for i in $(seq 1 300); do
+for _ in $(seq 1 300); do
   leader=$("$BIN" --api "$api" cluster status --json 2>/dev/null | sed -n 's/^  "leader": "\(.*\)",$/\1/p' || true)
   [ -n "$leader" ] && break
   for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null || { echo "a site exited; see $DIR/*.log" >&2; tail -n 20 "$DIR"/*.log >&2; exit 1; }; done

@@ -87,7 +87,7 @@ func TestLoadDefaultsAndPrecedence(t *testing.T) {
 	if c.Name != "fromflag" || c.DataDir != "/from/env" || len(c.Join) != 1 || c.Join[0] != "10.0.0.1:1" || c.DCDBuffer != 32<<20 {
 		t.Fatalf("precedence flag > env > file broken: %+v", c)
 	}
-	if c.NBDAddr != DefaultNBDAddr || c.RaftAddr != DefaultRaftAddr || c.ElectionTimeout != time.Second {
+	if c.NBDAddr != DefaultNBDAddr || c.RaftAddr != DefaultRaftAddr || c.ElectionTimeout != 500*time.Millisecond || c.VolumeLeaseTTL != 4*time.Second || c.FlushTimeout != 30*time.Second {
 		t.Fatalf("defaults: %+v", c)
 	}
 }
