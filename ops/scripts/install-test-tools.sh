@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the third-party NBD clients and tools robib's tests drive, if any
-# is missing. Needs root (apt-get); does nothing when everything is present.
+# is missing (docker and docker-compose, for TestComposeSmoke, are not
+# installed here). Needs root (apt-get); does nothing when everything is present.
 set -euo pipefail
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
@@ -13,6 +14,7 @@ have mkfs.ext4 || need+=(e2fsprogs)
 have losetup   || need+=(mount)
 have fusermount3 || have fusermount || need+=(fuse3)
 have curl      || need+=(curl)
+have jq        || need+=(jq)          # ops/scripts/compose-smoke.sh
 /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || need+=(python3-libnbd)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -100,7 +100,7 @@ func RegisterFlags(fs *pflag.FlagSet) {
 	fs.String(KeyName, host, "site name, unique in the cluster")
 	fs.String(KeyDataDir, "", "data directory for volumes and cluster state (required)")
 	fs.String(KeyNBDAddr, DefaultNBDAddr, "NBD listen address")
-	fs.String(KeyAPIAddr, DefaultAPIAddr, "admin HTTP API listen address")
+	fs.String(KeyAPIAddr, DefaultAPIAddr, "admin HTTP API address, also where other sites forward writes: a concrete address they can reach, not a wildcard")
 	fs.String(KeyLogLevel, "info", "log level: debug, info, warn, error")
 	fs.String(KeyLogFormat, "text", "log format: text or json")
 	fs.String(KeyRaftAddr, DefaultRaftAddr, "Raft address, as other sites reach it")
@@ -194,10 +194,8 @@ func (c Config) Validate() error {
 	if strings.TrimSpace(c.DataDir) == "" {
 		return fmt.Errorf("%w: %s is required", ErrInvalid, KeyDataDir)
 	}
-	for key, addr := range map[string]string{KeyNBDAddr: c.NBDAddr, KeyAPIAddr: c.APIAddr} {
-		if err := ValidateAddr(addr); err != nil {
-			return fmt.Errorf("%w: %s: %v", ErrInvalid, key, err)
-		}
+	if err := ValidateAddr(c.NBDAddr); err != nil {
+		return fmt.Errorf("%w: %s: %v", ErrInvalid, KeyNBDAddr, err)
 	}
 	if _, err := ParseLevel(c.LogLevel); err != nil {
 		return fmt.Errorf("%w: %s: %v", ErrInvalid, KeyLogLevel, err)
@@ -205,7 +203,9 @@ func (c Config) Validate() error {
 	if c.LogFormat != "text" && c.LogFormat != "json" {
 		return fmt.Errorf("%w: %s %q: want text or json", ErrInvalid, KeyLogFormat, c.LogFormat)
 	}
-	for key, addr := range map[string]string{KeyRaftAddr: c.RaftAddr, KeyGossipAddr: c.GossipAddr} {
+	// The API address is advertised too: other sites forward writes and
+	// collect status and verify results there.
+	for key, addr := range map[string]string{KeyRaftAddr: c.RaftAddr, KeyGossipAddr: c.GossipAddr, KeyAPIAddr: c.APIAddr} {
 		if err := ValidateAdvertiseAddr(addr); err != nil {
 			return fmt.Errorf("%w: %s: %v", ErrInvalid, key, err)
 		}

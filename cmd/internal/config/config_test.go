@@ -106,6 +106,8 @@ func TestLoadRejectsBadInput(t *testing.T) {
 		"bad nbd addr":         append(base, "--nbd-addr", "nonsense"),
 		"bad api port":         append(base, "--api-addr", "127.0.0.1:99999"),
 		"wildcard raft":        append(base, "--raft-addr", "0.0.0.0:10811"),
+		"wildcard api":         append(base, "--api-addr", "0.0.0.0:10810"),
+		"api without host":     append(base, "--api-addr", ":10810"),
 		"raft port 0":          append(base, "--raft-addr", "127.0.0.1:0"),
 		"raft equals gossip":   append(base, "--raft-addr", "127.0.0.1:7000", "--gossip-addr", "127.0.0.1:7000"),
 		"bad join":             append(base, "--join", "nohostport"),
