@@ -9,7 +9,7 @@ FUZZTIME  ?= 10s
 # package:FuzzTarget pairs run briefly by `make fuzz` (and so by `make test`).
 FUZZ      := ./nbdfront:FuzzHandshake ./nbdfront:FuzzTransmission ./volume:FuzzMeta ./fsm:FuzzDecode ./cmd/internal/config:FuzzParseSize
 
-.PHONY: all build test unit e2e fuzz tools bench demo lint soak clean
+.PHONY: all build test unit e2e fuzz tools bench demo lint soak failover image compose-smoke compose-up compose-down clean
 
 all: build
 
@@ -49,6 +49,20 @@ bench: build tools
 
 demo: build
 	ops/scripts/demo.sh
+
+# Container image (FROM scratch) around the static binary; ROBIB_IMAGE=name:tag to retag.
+image: build
+	ops/scripts/build-image.sh
+
+# Three sites in containers (ops/compose): build, start, check, tear down.
+compose-smoke: build
+	ROBIB_BIN=$(BIN) ops/scripts/compose-smoke.sh
+
+# Start / stop the three-site compose deploy (data kept; `down -v` deletes it).
+compose-up: image
+	docker-compose -f ops/compose/docker-compose.yml up -d
+compose-down:
+	docker-compose -f ops/compose/docker-compose.yml down
 
 clean:
 	rm -rf bin

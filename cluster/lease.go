@@ -149,7 +149,7 @@ func (n *Node) acquireLocal(ctx context.Context, req leaseRequest) (uint64, erro
 				ErrLeaseHeld, req.Volume, cur.Holder, cur.Epoch, left.Round(100*time.Millisecond))
 		}
 		n.log.Warn("volume lease expired; granting it to another site", "volume", req.Volume,
-			"old_holder", cur.Holder, "epoch", cur.Epoch, "site", req.Site, "unrenewed_for", now.Sub(last).Round(time.Millisecond))
+			"old_holder", cur.Holder, "epoch", cur.Epoch, "new_holder", req.Site, "unrenewed_for", now.Sub(last).Round(time.Millisecond))
 	}
 	cmd := &fsm.AcquireLease{Volume: req.Volume, Site: req.Site, Created: req.Created, Prev: cur.Epoch}
 	data, err := fsm.Encode(cmd)
@@ -171,7 +171,7 @@ func (n *Node) acquireLocal(ctx context.Context, req leaseRequest) (uint64, erro
 	}
 	epoch := cur.Epoch + 1
 	n.leases.renewed(term, req.Volume, req.Site, epoch, time.Now())
-	n.log.Info("volume lease granted", "volume", req.Volume, "site", req.Site, "epoch", epoch)
+	n.log.Info("volume lease granted", "volume", req.Volume, "holder", req.Site, "epoch", epoch)
 	return epoch, nil
 }
 

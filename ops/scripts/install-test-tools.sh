@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the third-party NBD clients and tools robib's tests drive, if any
-# is missing (docker and docker-compose, for TestComposeSmoke, are not
-# installed here). Needs root (apt-get); does nothing when everything is present.
+# is missing, including the docker CLI and docker-compose for the container
+# tests (the Docker engine itself must already run). Needs root (apt-get);
+# does nothing when everything is present.
 set -euo pipefail
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
@@ -15,6 +16,8 @@ have losetup   || need+=(mount)
 have fusermount3 || have fusermount || need+=(fuse3)
 have curl      || need+=(curl)
 have jq        || need+=(jq)          # ops/scripts/compose-smoke.sh
+have docker    || need+=(docker.io)   # tests/dockerh, fault-injection suite
+have docker-compose || need+=(docker-compose)
 /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || need+=(python3-libnbd)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

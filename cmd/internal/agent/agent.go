@@ -170,7 +170,7 @@ func (a *Agent) Start() error {
 			a.log.Error("nbd server stopped", "err", err)
 		}
 	}()
-	a.log.Info("robib site serving", "site", a.cfg.Name, "nbd", a.nbdLn.Addr().String(), "api", a.apiLn.Addr().String(),
+	a.log.Info("robib site serving", "nbd", a.nbdLn.Addr().String(), "api", a.apiLn.Addr().String(),
 		"raft", a.cfg.RaftAddr, "gossip", a.cfg.GossipAddr, "data_dir", a.cfg.DataDir)
 	return nil
 }
@@ -195,7 +195,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	for {
 		select {
 		case <-ctx.Done():
-			a.log.Info("shutting down", "site", a.cfg.Name)
+			a.log.Info("shutting down")
 			return a.Close()
 		case <-t.C:
 			// A local I/O failure while applying a committed entry stops

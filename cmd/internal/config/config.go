@@ -91,7 +91,8 @@ const (
 
 var fileKeys = []string{KeyName, KeyDataDir, KeyNBDAddr, KeyAPIAddr, KeyLogLevel, KeyLogFormat,
 	KeyRaftAddr, KeyGossipAddr, KeyJoin, KeyBootstrapExpect, KeySnapshotThreshold, KeySnapshotInterval,
-	KeyTrailingLogs, KeyHeartbeatTimeout, KeyElectionTimeout, KeyLeaderLease, KeyDCDBuffer, KeyDCDInflight}
+	KeyTrailingLogs, KeyHeartbeatTimeout, KeyElectionTimeout, KeyLeaderLease, KeyDCDBuffer, KeyDCDInflight,
+	KeyVolumeLeaseTTL, KeyFlushTimeout}
 
 // RegisterFlags declares the agent flags on fs.
 func RegisterFlags(fs *pflag.FlagSet) {
@@ -209,6 +210,9 @@ func (c Config) Validate() error {
 		if err := ValidateAdvertiseAddr(addr); err != nil {
 			return fmt.Errorf("%w: %s: %v", ErrInvalid, key, err)
 		}
+	}
+	if host, _, _ := net.SplitHostPort(c.GossipAddr); net.ParseIP(host) == nil {
+		return fmt.Errorf("%w: %s %q: gossip needs an IP address, not a host name", ErrInvalid, KeyGossipAddr, c.GossipAddr)
 	}
 	if c.RaftAddr == c.GossipAddr {
 		return fmt.Errorf("%w: %s and %s must differ", ErrInvalid, KeyRaftAddr, KeyGossipAddr)

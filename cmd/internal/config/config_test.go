@@ -4,6 +4,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -107,6 +108,7 @@ func TestLoadRejectsBadInput(t *testing.T) {
 		"bad api port":         append(base, "--api-addr", "127.0.0.1:99999"),
 		"wildcard raft":        append(base, "--raft-addr", "0.0.0.0:10811"),
 		"wildcard api":         append(base, "--api-addr", "0.0.0.0:10810"),
+		"gossip host name":     append(base, "--gossip-addr", "localhost:10812"),
 		"api without host":     append(base, "--api-addr", ":10810"),
 		"raft port 0":          append(base, "--raft-addr", "127.0.0.1:0"),
 		"raft equals gossip":   append(base, "--raft-addr", "127.0.0.1:7000", "--gossip-addr", "127.0.0.1:7000"),
@@ -141,5 +143,25 @@ func TestLoadRejectsBadInput(t *testing.T) {
 				t.Fatalf("%v: error %q does not say what is invalid", args, err)
 			}
 		})
+	}
+}
+
+// TestEveryFlagIsAFileKey: a setting that works as a flag must also work in
+// the config file (the file loader rejects keys it does not know).
+func TestEveryFlagIsAFileKey(t *testing.T) {
+	fs := pflag.NewFlagSet("t", pflag.ContinueOnError)
+	RegisterFlags(fs)
+	n := 0
+	fs.VisitAll(func(f *pflag.Flag) {
+		if f.Name == KeyConfig {
+			return
+		}
+		n++
+		if !slices.Contains(fileKeys, f.Name) {
+			t.Errorf("flag --%s cannot be set in a config file", f.Name)
+		}
+	})
+	if n < 20 {
+		t.Fatalf("only %d flags registered", n)
 	}
 }
