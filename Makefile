@@ -6,10 +6,13 @@ BIN       := bin/robib
 VERSION   ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -s -w -X main.version=$(VERSION)
 FUZZTIME  ?= 10s
+# make soak: randomised fault rounds and leader kills (tests/faults).
+SOAK_ROUNDS    ?= 100
+FAILOVER_KILLS ?= 12
 # package:FuzzTarget pairs run briefly by `make fuzz` (and so by `make test`).
 FUZZ      := ./nbdfront:FuzzHandshake ./nbdfront:FuzzTransmission ./volume:FuzzMeta ./fsm:FuzzDecode ./cmd/internal/config:FuzzParseSize
 
-.PHONY: all build test unit e2e fuzz tools bench demo lint soak failover image compose-smoke compose-up compose-down clean
+.PHONY: all build test unit e2e fuzz tools bench demo lint soak image compose-smoke compose-up compose-down clean
 
 all: build
 
@@ -42,6 +45,15 @@ lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+
+# Fault-injection soak: SOAK_ROUNDS randomised fault rounds under a writing
+# client, then FAILOVER_KILLS leader kills timed; one JSON line per fault in
+# tests/faults/results/report.jsonl. `make test` runs a short version.
+soak: tools
+	mkdir -p tests/faults/results
+	ROBIB_REQUIRE_TOOLS=1 ROBIB_SOAK_ROUNDS=$(SOAK_ROUNDS) ROBIB_FAILOVER_KILLS=$(FAILOVER_KILLS) \
+	ROBIB_FAULT_REPORT=$(CURDIR)/tests/faults/results/report.jsonl ROBIB_FAULT_RECORDS=$(CURDIR)/tests/faults/results \
+		$(GO) test -count=1 -v -timeout 240m -run '^(TestSoak|TestFailoverTime)$$' ./tests/faults/ 2>&1 | tee tests/faults/results/soak.log | grep -E 'REPORT|FAILOVER|soak|leader kills|^(---|ok|FAIL|PASS)'
 
 bench: build tools
 	$(GO) test -run='^$$' -bench=. -benchmem ./volume ./nbdfront ./dcd ./fsm
