@@ -311,6 +311,14 @@ func (v *Volume) Session() uint64 {
 	return v.session
 }
 
+// Err returns the sticky failure (wrapping ErrFailed or ErrFenced), or
+// ErrClosed once closed, or nil while the Volume accepts writes.
+func (v *Volume) Err() error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.stateErrLocked()
+}
+
 // checkRange validates [off, off+length) against the local volume's size.
 func (v *Volume) checkRange(what string, off, length int64) error {
 	size := v.local.Size()

@@ -134,7 +134,6 @@ func TestLeaseTakenOverFencesOldHolder(t *testing.T) {
 		eb = e
 		return err == nil, err
 	})
-	defer eb.Close()
 	if _, err := eb.WriteAt(bytes.Repeat([]byte("2"), 4096), 4096); err != nil {
 		t.Fatal(err)
 	}
@@ -149,6 +148,11 @@ func TestLeaseTakenOverFencesOldHolder(t *testing.T) {
 	if err := ea.Flush(); !errors.Is(err, dcd.ErrFailed) {
 		t.Fatalf("old holder's flush = %v, want a failure", err)
 	}
+	// A new attach at a, while its failed stage is still open, does not
+	// join that stage: it asks for the lease again (held by b: refused).
+	if _, err := a.a.backend.Open("fence"); !errors.Is(err, nbdfront.ErrBusy) {
+		t.Fatalf("attach at the fenced site while b holds the lease: %v, want ErrBusy", err)
+	}
 	ea.Close()
 	waitCaughtUp(t, sites)
 	for _, s := range sites {
@@ -156,5 +160,15 @@ func TestLeaseTakenOverFencesOldHolder(t *testing.T) {
 		if !bytes.Equal(got[:4096], bytes.Repeat([]byte("1"), 4096)) || !bytes.Equal(got[4096:], bytes.Repeat([]byte("2"), 4096)) {
 			t.Fatalf("%s: the fenced writer's data landed (or the holders' data is missing)", s.cfg.Name)
 		}
+	}
+	// Once b detaches, a can write again, under a new epoch.
+	eb.Close()
+	ea = openExport(t, a, "fence")
+	defer ea.Close()
+	if _, err := ea.WriteAt(bytes.Repeat([]byte("3"), 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := ea.Flush(); err != nil {
+		t.Fatalf("flush at the former holder after it took the lease back: %v", err)
 	}
 }

@@ -143,7 +143,11 @@ func (b *nbdBackend) Open(name string) (nbdfront.Export, error) {
 		b.mu.Lock()
 		st = b.stages[name]
 	}
-	if st == nil || st.vol != v { // new, or the volume was deleted and recreated
+	// A new stage when there is none, when the volume was deleted and
+	// recreated, or when the stage failed for good (its lease was taken
+	// over, a batch was rejected): its remaining connections keep their
+	// errors, a new attach starts afresh (and takes the lease again).
+	if st == nil || st.vol != v || st.dcd.Err() != nil {
 		st = &stage{vol: v, busy: make(chan struct{})}
 		b.stages[name] = st
 		b.mu.Unlock()
