@@ -129,6 +129,7 @@ type FSM struct {
 	restoring    bool                      // the state file says a restore is unfinished
 	pendingBytes int64                     // bytes applied since the last checkpoint
 	pendingSince time.Time                 // first apply since the last checkpoint; zero if none
+	bg           *bgCheckpoint             // periodic checkpoint running in the background, or nil
 
 	// mu guards the fields below. The FSM goroutine writes them under mu
 	// and may read them without it (it is their only writer).
@@ -297,6 +298,8 @@ func (f *FSM) Close() error {
 		if err = f.checkpoint(); err != nil {
 			err = fmt.Errorf("fsm: final checkpoint: %w", err)
 		}
+	} else {
+		_ = f.reapCheckpoint(true) // it must not outlive the store
 	}
 	f.mu.Lock()
 	f.closed = true
@@ -359,6 +362,10 @@ func (f *FSM) Apply(l *raft.Log) interface{} {
 	if l.Type != raft.LogCommand {
 		return res // raft passes only commands; nothing to do
 	}
+	if err := f.reapCheckpoint(false); err != nil {
+		res.Err = f.fail(l.Index, err)
+		return res
+	}
 	if l.Index <= f.checkpointed {
 		f.mu.Lock()
 		f.stats.SkippedReplays++
@@ -387,10 +394,16 @@ func (f *FSM) Apply(l *raft.Log) interface{} {
 	if f.pendingSince.IsZero() {
 		f.pendingSince = now
 	}
-	if out.metaChanged || f.pendingBytes >= f.opts.CheckpointBytes || now.Sub(f.pendingSince) >= f.opts.CheckpointInterval {
+	switch {
+	case out.metaChanged:
 		if err := f.checkpoint(); err != nil {
 			res.Err = f.fail(l.Index, err)
 		}
+	case f.bg == nil && (f.pendingBytes >= f.opts.CheckpointBytes || now.Sub(f.pendingSince) >= f.opts.CheckpointInterval):
+		// Periodic checkpoints run in the background: syncing up to
+		// CheckpointBytes of volume data inside Apply would stall every
+		// writer waiting for its batch to be applied here.
+		f.startCheckpoint()
 	}
 	return res
 }
@@ -689,6 +702,11 @@ func (f *FSM) applyVerify(index uint64, c *VerifyChunks) outcome {
 // state file with the applied index and the session table. It is a no-op
 // if nothing was applied since the last one.
 func (f *FSM) checkpoint() error {
+	// A background checkpoint covers volumes no longer in f.dirty: it must
+	// be complete before a newer index can be recorded.
+	if err := f.reapCheckpoint(true); err != nil {
+		return err
+	}
 	if f.applied == f.checkpointed && len(f.dirty) == 0 {
 		return nil
 	}
@@ -713,5 +731,77 @@ func (f *FSM) checkpoint() error {
 	f.stats.Checkpoints++
 	f.stats.CheckpointIndex = f.checkpointed
 	f.mu.Unlock()
+	return nil
+}
+
+// bgCheckpoint is a periodic checkpoint running in the background: it syncs
+// the volumes dirtied up to img.Applied, then writes img as the state file.
+type bgCheckpoint struct {
+	img  *stateImage
+	done chan error // receives the outcome once (buffered)
+}
+
+// startCheckpoint starts a background checkpoint of the state after the
+// last applied entry (FSM goroutine only; none may be running). I1 holds
+// for its image: the session and lease tables are copied now, and every
+// volume written by entries up to now is synced before the state file
+// names this index. Writes applied meanwhile may be synced too, which is
+// harmless (replay overwrites them with the same bytes, I3).
+func (f *FSM) startCheckpoint() {
+	img := &stateImage{Applied: f.applied, FuzzyUntil: f.fuzzyUntil, Sessions: sessionList(f.sessions), Leases: leaseList(f.leases)}
+	if f.fuzzyUntil <= f.applied {
+		img.FuzzyUntil = 0
+	}
+	vols := f.dirty
+	f.dirty = make(map[string]*volume.Volume)
+	f.pendingBytes = 0
+	f.pendingSince = time.Time{}
+	bg := &bgCheckpoint{img: img, done: make(chan error, 1)}
+	f.bg = bg
+	go func() {
+		for _, v := range vols {
+			if err := v.Sync(); err != nil {
+				bg.done <- fmt.Errorf("checkpoint: %w", err)
+				return
+			}
+		}
+		if err := writeStateFile(f.stateDir, img); err != nil {
+			bg.done <- fmt.Errorf("checkpoint: %w", err)
+			return
+		}
+		f.mu.Lock()
+		f.stats.Checkpoints++
+		f.stats.CheckpointIndex = max(f.stats.CheckpointIndex, img.Applied)
+		f.mu.Unlock()
+		bg.done <- nil
+	}()
+}
+
+// reapCheckpoint collects the background checkpoint's outcome: waiting for
+// it if block is set, else only if it has finished. A failure is a local
+// failure of the FSM (the caller puts it in the failed state).
+func (f *FSM) reapCheckpoint(block bool) error {
+	if f.bg == nil {
+		return nil
+	}
+	var err error
+	if block {
+		err = <-f.bg.done
+	} else {
+		select {
+		case err = <-f.bg.done:
+		default:
+			return nil
+		}
+	}
+	img := f.bg.img
+	f.bg = nil
+	if err != nil {
+		return err
+	}
+	f.checkpointed = max(f.checkpointed, img.Applied)
+	if img.FuzzyUntil == 0 && f.fuzzyUntil <= img.Applied {
+		f.fuzzyUntil = 0
+	}
 	return nil
 }

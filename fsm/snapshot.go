@@ -76,6 +76,11 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 	if closed {
 		return ErrClosed
 	}
+	// The state file is about to change: no background checkpoint may
+	// write it afterwards.
+	if err := f.reapCheckpoint(true); err != nil {
+		f.log.Warn("fsm: background checkpoint failed before a restore; the restore replaces its state", "err", err)
+	}
 	rr := newRecordReader(rc)
 	h, img, err := rr.readPrologue()
 	if err != nil {
