@@ -13,6 +13,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -24,8 +25,6 @@ import (
 
 	"github.com/hashicorp/memberlist"
 	"github.com/hashicorp/raft"
-	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
-	"go.etcd.io/bbolt"
 
 	"github.com/robib/robib/fsm"
 )
@@ -67,6 +66,10 @@ type Config struct {
 	GossipAddr string // memberlist bind and advertise address
 	APIAddr    string // advertised admin API address (leader forwarding goes there)
 	NBDAddr    string // advertised NBD address (shown to users)
+
+	// LogStore is the Raft log and stable store: LogStoreBoltDB (default)
+	// or LogStoreWAL. It is fixed when DataDir/raft is created.
+	LogStore string
 
 	Join            []string // gossip addresses of existing members
 	BootstrapExpect int      // start a new cluster once this many sites gossip (0: see Open)
@@ -136,7 +139,7 @@ type Node struct {
 	log    *slog.Logger
 	fsm    *fsm.FSM
 	raft   *raft.Raft
-	store  *raftboltdb.BoltStore
+	store  io.Closer // the Raft log and stable store (openLogStore)
 	trans  *raft.NetworkTransport
 	ml     *memberlist.Memberlist
 	gossip *delegate // this site's copy of the gossip member table
@@ -240,21 +243,9 @@ func (n *Node) openRaft() error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("raft dir: %w", err)
 	}
-	store, err := raftboltdb.New(raftboltdb.Options{
-		Path: filepath.Join(dir, "raft.db"),
-		BoltOptions: &bbolt.Options{
-			Timeout: time.Second, // a second agent on the same data dir fails instead of hanging
-			// The log churns: entries are appended and compacted away all
-			// the time. A hashmap freelist that is rebuilt on open instead
-			// of written on every commit keeps appends cheap as the file
-			// accumulates free pages.
-			NoFreelistSync:  true,
-			FreelistType:    bbolt.FreelistMapType,
-			InitialMmapSize: 1 << 30,
-		},
-	})
+	logs, stable, store, err := openLogStore(n.cfg.LogStore, dir, newHCLogger("raft-log", n.log))
 	if err != nil {
-		return fmt.Errorf("opening raft log %s: %w", dir, err)
+		return err
 	}
 	snaps, err := n.fsm.SnapshotStore(filepath.Join(dir, "snapshots"), n.cfg.SnapshotRetain)
 	if err != nil {
@@ -288,12 +279,12 @@ func (n *Node) openRaft() error {
 		store.Close()
 		return fmt.Errorf("%w: raft config: %v", ErrInvalid, err)
 	}
-	hasState, err := raft.HasExistingState(store, store, snaps)
+	hasState, err := raft.HasExistingState(logs, stable, snaps)
 	if err != nil {
 		store.Close()
 		return fmt.Errorf("reading raft state: %w", err)
 	}
-	r, err := raft.NewRaft(rc, n.fsm, store, store, snaps, n.trans)
+	r, err := raft.NewRaft(rc, n.fsm, logs, stable, snaps, n.trans)
 	if err != nil {
 		store.Close()
 		return fmt.Errorf("starting raft: %w", err)

@@ -28,8 +28,8 @@ func TestKillLeaderDuringWritesAtFollower(t *testing.T) {
 	r := e.startRun("writer", checker.Options{Addrs: []string{e.nbd(follower)}, Blocks: 2048})
 	r.waitFlushes(20, time.Minute)
 
-	t0 := time.Now()
 	e.c.Kill(leader)
+	t0 := time.Now() // the fault is in place: docker returned
 	stall := r.stallAfter(t0, time.Minute)
 	e.c.WaitLeader(time.Minute, leader)
 	r.waitFlushes(20, time.Minute)
@@ -53,8 +53,8 @@ func TestFreezeLeader(t *testing.T) {
 	r := e.startRun("writer", checker.Options{Addrs: []string{e.nbd(follower)}, Blocks: 2048})
 	r.waitFlushes(20, time.Minute)
 
-	t0 := time.Now()
 	e.c.Signal(leader, "STOP")
+	t0 := time.Now() // the fault is in place: docker returned
 	stall := r.stallAfter(t0, time.Minute)
 	e.c.WaitLeader(time.Minute, leader)
 	r.waitFlushes(20, time.Minute)
@@ -77,8 +77,8 @@ func TestCutOffFollowerAndHeal(t *testing.T) {
 	r := e.startRun("writer", checker.Options{Addrs: []string{e.nbd(writerSite)}, Blocks: 2048})
 	r.waitFlushes(20, time.Minute)
 
-	t0 := time.Now()
 	e.c.Partition(cut)
+	t0 := time.Now() // the fault is in place: docker returned
 	stall := r.stallAfter(t0, time.Minute)
 	r.waitFlushes(40, time.Minute) // the majority carries on
 	report(t, "cut off a follower", stall, r)
@@ -99,8 +99,8 @@ func TestCutOffLeader(t *testing.T) {
 	r := e.startRun("writer", checker.Options{Addrs: []string{e.nbd(follower)}, Blocks: 2048})
 	r.waitFlushes(20, time.Minute)
 
-	t0 := time.Now()
 	e.c.Partition(leader)
+	t0 := time.Now() // the fault is in place: docker returned
 	stall := r.stallAfter(t0, time.Minute)
 	e.c.WaitLeader(time.Minute, leader)
 	r.waitFlushes(20, time.Minute)
@@ -243,8 +243,8 @@ func TestFailoverTime(t *testing.T) {
 			Addrs: []string{e.nbd(follower)}, Blocks: blocks, BaseOffset: uint64(i * blocks * blockSize)})
 		runs = append(runs, r)
 		r.waitFlushes(20, time.Minute)
-		t0 := time.Now()
 		e.c.Kill(leader)
+		t0 := time.Now()
 		stall := r.stallAfter(t0, time.Minute)
 		stalls = append(stalls, stall)
 		report(t, fmt.Sprintf("kill -9 leader %s (%d/%d)", leader, i+1, kills), stall, r)

@@ -55,6 +55,13 @@ func New(cfg config.Config, log *slog.Logger, network *netx.Network) (*Agent, er
 	if network == nil {
 		network = &netx.Network{}
 	}
+	if cfg.LinkDelay > 0 {
+		// --link-delay (testing/benchmarks): emulate a WAN on the
+		// site-to-site links this agent dials.
+		delayed := *network
+		delayed.LinkDelay = cfg.LinkDelay
+		network = &delayed
+	}
 	a := &Agent{cfg: cfg, log: log, net: network}
 	if err := a.open(); err != nil {
 		a.Close()
@@ -94,6 +101,7 @@ func (a *Agent) open() error {
 	a.node, err = cluster.Open(cluster.Config{
 		Name:               cfg.Name,
 		DataDir:            cfg.DataDir,
+		LogStore:           cfg.RaftLogStore,
 		RaftAddr:           cfg.RaftAddr,
 		GossipAddr:         cfg.GossipAddr,
 		APIAddr:            cfg.APIAddr,

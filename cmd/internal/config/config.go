@@ -46,6 +46,7 @@ type Config struct {
 	ElectionTimeout   time.Duration // Raft election timeout
 	LeaderLease       time.Duration // Raft leader lease timeout
 	VolumeLeaseTTL    time.Duration // a read-write attach's volume lease lives this long without renewal
+	RaftLogStore      string        // Raft log and stable store: "boltdb" or "wal"; fixed per data dir
 
 	// Write-back stage (DCD).
 	DCDBuffer   int64 // bytes of unreplicated writes buffered per volume at this site
@@ -53,6 +54,11 @@ type Config struct {
 	// FlushTimeout: a FLUSH (or FUA write) not committed on a majority of
 	// sites within it fails with EIO instead of waiting forever.
 	FlushTimeout time.Duration
+
+	// LinkDelay is a testing/benchmark knob: a one-way delay added in each
+	// direction of every site-to-site connection this agent dials (Raft
+	// and API forwarding), emulating a WAN between sites on one machine.
+	LinkDelay time.Duration
 }
 
 // Defaults.
@@ -61,6 +67,12 @@ const (
 	DefaultAPIAddr    = "127.0.0.1:10810"
 	DefaultRaftAddr   = "127.0.0.1:10811"
 	DefaultGossipAddr = "127.0.0.1:10812"
+)
+
+// Raft log stores (--raft-log-store).
+const (
+	LogStoreBoltDB = "boltdb"
+	LogStoreWAL    = "wal"
 )
 
 // Keys used for flags, the config file and the environment.
@@ -87,12 +99,14 @@ const (
 	KeyDCDInflight       = "dcd-inflight"
 	KeyVolumeLeaseTTL    = "volume-lease-ttl"
 	KeyFlushTimeout      = "flush-timeout"
+	KeyRaftLogStore      = "raft-log-store"
+	KeyLinkDelay         = "link-delay"
 )
 
 var fileKeys = []string{KeyName, KeyDataDir, KeyNBDAddr, KeyAPIAddr, KeyLogLevel, KeyLogFormat,
 	KeyRaftAddr, KeyGossipAddr, KeyJoin, KeyBootstrapExpect, KeySnapshotThreshold, KeySnapshotInterval,
 	KeyTrailingLogs, KeyHeartbeatTimeout, KeyElectionTimeout, KeyLeaderLease, KeyDCDBuffer, KeyDCDInflight,
-	KeyVolumeLeaseTTL, KeyFlushTimeout}
+	KeyVolumeLeaseTTL, KeyFlushTimeout, KeyRaftLogStore, KeyLinkDelay}
 
 // RegisterFlags declares the agent flags on fs.
 func RegisterFlags(fs *pflag.FlagSet) {
@@ -118,6 +132,8 @@ func RegisterFlags(fs *pflag.FlagSet) {
 	fs.Int(KeyDCDInflight, 4, "write batches committing at once per attached volume")
 	fs.Duration(KeyVolumeLeaseTTL, 4*time.Second, "a read-write attach's volume lease expires this long after its site stops renewing it (same value on every site)")
 	fs.Duration(KeyFlushTimeout, 30*time.Second, "a flush not committed on a majority of sites within this fails with EIO")
+	fs.String(KeyRaftLogStore, LogStoreBoltDB, "Raft log store: boltdb or wal (raft-wal); chosen when the data dir is created and fixed for it")
+	fs.Duration(KeyLinkDelay, 0, "testing/benchmark knob: emulate a WAN between sites by delaying every site-to-site connection this agent dials (Raft, API forwarding) by this much in each direction (0..1s; a round trip costs twice this); NBD and gossip are not delayed")
 }
 
 // Load builds the Config from flags (already parsed), the environment and
@@ -160,6 +176,8 @@ func Load(fs *pflag.FlagSet) (Config, error) {
 		DCDInflight:       v.GetInt(KeyDCDInflight),
 		VolumeLeaseTTL:    v.GetDuration(KeyVolumeLeaseTTL),
 		FlushTimeout:      v.GetDuration(KeyFlushTimeout),
+		RaftLogStore:      v.GetString(KeyRaftLogStore),
+		LinkDelay:         v.GetDuration(KeyLinkDelay),
 	}
 	buf, err := ParseSize(v.GetString(KeyDCDBuffer))
 	if err != nil {
@@ -251,6 +269,12 @@ func (c Config) Validate() error {
 	}
 	if c.FlushTimeout < time.Second || c.FlushTimeout > time.Hour {
 		return fmt.Errorf("%w: %s %v: want 1s..1h", ErrInvalid, KeyFlushTimeout, c.FlushTimeout)
+	}
+	if c.RaftLogStore != LogStoreBoltDB && c.RaftLogStore != LogStoreWAL {
+		return fmt.Errorf("%w: %s %q: want %s or %s", ErrInvalid, KeyRaftLogStore, c.RaftLogStore, LogStoreBoltDB, LogStoreWAL)
+	}
+	if c.LinkDelay < 0 || c.LinkDelay > time.Second {
+		return fmt.Errorf("%w: %s %v: want 0..1s", ErrInvalid, KeyLinkDelay, c.LinkDelay)
 	}
 	return nil
 }

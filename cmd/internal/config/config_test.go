@@ -88,8 +88,32 @@ func TestLoadDefaultsAndPrecedence(t *testing.T) {
 	if c.Name != "fromflag" || c.DataDir != "/from/env" || len(c.Join) != 1 || c.Join[0] != "10.0.0.1:1" || c.DCDBuffer != 32<<20 {
 		t.Fatalf("precedence flag > env > file broken: %+v", c)
 	}
-	if c.NBDAddr != DefaultNBDAddr || c.RaftAddr != DefaultRaftAddr || c.ElectionTimeout != 500*time.Millisecond || c.VolumeLeaseTTL != 4*time.Second || c.FlushTimeout != 30*time.Second {
+	if c.NBDAddr != DefaultNBDAddr || c.RaftAddr != DefaultRaftAddr || c.ElectionTimeout != 500*time.Millisecond || c.VolumeLeaseTTL != 4*time.Second || c.FlushTimeout != 30*time.Second ||
+		c.RaftLogStore != LogStoreBoltDB || c.LinkDelay != 0 {
 		t.Fatalf("defaults: %+v", c)
+	}
+}
+
+func TestLoadLogStoreAndLinkDelay(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "site.yaml")
+	if err := os.WriteFile(file, []byte("raft-log-store: wal\nlink-delay: 25ms\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c, err := load(t, []string{"--name", "s1", "--data-dir", dir, "--config", file}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.RaftLogStore != LogStoreWAL || c.LinkDelay != 25*time.Millisecond {
+		t.Fatalf("from file: %q, %v", c.RaftLogStore, c.LinkDelay)
+	}
+	c, err = load(t, []string{"--name", "s1", "--data-dir", dir, "--config", file, "--link-delay", "1s"},
+		map[string]string{"ROBIB_RAFT_LOG_STORE": "boltdb"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.RaftLogStore != LogStoreBoltDB || c.LinkDelay != time.Second {
+		t.Fatalf("env and flag over file: %q, %v", c.RaftLogStore, c.LinkDelay)
 	}
 }
 
@@ -127,6 +151,12 @@ func TestLoadRejectsBadInput(t *testing.T) {
 		"lease ttl not a time": append(base, "--volume-lease-ttl", "soon"),
 		"flush timeout tiny":   append(base, "--flush-timeout", "10ms"),
 		"flush timeout huge":   append(base, "--flush-timeout", "1000h"),
+		"unknown log store":    append(base, "--raft-log-store", "rocksdb"),
+		"empty log store":      append(base, "--raft-log-store", ""),
+		"log store wrong case": append(base, "--raft-log-store", "WAL"),
+		"negative link delay":  append(base, "--link-delay", "-1ms"),
+		"huge link delay":      append(base, "--link-delay", "1.5s"),
+		"link delay not time":  append(base, "--link-delay", "far"),
 		"bad log level":        append(base, "--log-level", "loud"),
 		"bad log format":       append(base, "--log-format", "xml"),
 		"unknown config key":   append(base, "--config", typo),

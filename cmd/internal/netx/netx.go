@@ -1,6 +1,6 @@
 // Package netx is the one place where robib opens listeners and dials peers.
-// Every network link of the agent (NBD, admin API, and later Raft and gossip)
-// goes through a Network, so that TLS/mTLS can be added here, once, without
+// Every network link of the agent (NBD, admin API, Raft; gossip later) goes
+// through a Network, so that TLS/mTLS can be added here, once, without
 // touching the packages that use the connections.
 package netx
 
@@ -28,6 +28,21 @@ const (
 type Network struct {
 	// DialTimeout bounds each Dial; zero means 10 seconds.
 	DialTimeout time.Duration
+	// LinkDelay, a testing and benchmark knob, emulates a WAN between
+	// sites: every site-to-site connection this Network dials (LinkRaft,
+	// LinkAPI) delays data by LinkDelay in each direction (see DelayConn),
+	// and connecting takes a round trip. Only the dialing side delays, and
+	// every inter-site exchange has a dialing side (the Raft leader dials
+	// its followers; followers dial the leader's API to forward), so each
+	// round trip between sites costs 2×LinkDelay. NBD clients and gossip
+	// are not delayed. Zero (the default) adds nothing; at most
+	// MaxLinkDelay.
+	LinkDelay time.Duration
+}
+
+// delayed reports whether connections dialed for link are delayed.
+func delayed(link Link) bool {
+	return link == LinkRaft || link == LinkAPI
 }
 
 // Listen opens a TCP listener for link on addr.
@@ -45,7 +60,13 @@ func (n *Network) DialContext(ctx context.Context, link Link, addr string) (net.
 	if d.Timeout == 0 {
 		d.Timeout = 10 * time.Second
 	}
-	c, err := d.DialContext(ctx, "tcp", addr)
+	var delay time.Duration
+	if delayed(link) {
+		delay = min(n.LinkDelay, MaxLinkDelay)
+	}
+	c, err := dialDelayed(ctx, delay, func(ctx context.Context) (net.Conn, error) {
+		return d.DialContext(ctx, "tcp", addr)
+	})
 	if err != nil {
 		return nil, fmt.Errorf("%s dial %s: %w", link, addr, err)
 	}
