@@ -91,8 +91,8 @@ func TestSoak(t *testing.T) {
 		hold := time.Duration(500+rng.IntN(3500)) * time.Millisecond
 		writerAt := r.ck.Snapshot().CurrentAddr
 
-		t0 := time.Now()
 		f.inject(e, site)
+		t0 := time.Now() // the fault is in place
 		// Hold the fault, but never sleep blind: the client keeps being
 		// watched (a stall that outlives the hold is measured below).
 		time.Sleep(hold)
