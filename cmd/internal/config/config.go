@@ -46,7 +46,7 @@ type Config struct {
 	ElectionTimeout   time.Duration // Raft election timeout
 	LeaderLease       time.Duration // Raft leader lease timeout
 	VolumeLeaseTTL    time.Duration // a read-write attach's volume lease lives this long without renewal
-	RaftLogStore      string        // Raft log and stable store: "boltdb" or "wal"; fixed per data dir
+	RaftLogStore      string        // Raft log and stable store: "boltdb" (default, also "") or "wal"; fixed per data dir
 
 	// Write-back stage (DCD).
 	DCDBuffer   int64 // bytes of unreplicated writes buffered per volume at this site
@@ -270,7 +270,8 @@ func (c Config) Validate() error {
 	if c.FlushTimeout < time.Second || c.FlushTimeout > time.Hour {
 		return fmt.Errorf("%w: %s %v: want 1s..1h", ErrInvalid, KeyFlushTimeout, c.FlushTimeout)
 	}
-	if c.RaftLogStore != LogStoreBoltDB && c.RaftLogStore != LogStoreWAL {
+	// Empty (a Config built in code) means the default, boltdb.
+	if c.RaftLogStore != "" && c.RaftLogStore != LogStoreBoltDB && c.RaftLogStore != LogStoreWAL {
 		return fmt.Errorf("%w: %s %q: want %s or %s", ErrInvalid, KeyRaftLogStore, c.RaftLogStore, LogStoreBoltDB, LogStoreWAL)
 	}
 	if c.LinkDelay < 0 || c.LinkDelay > time.Second {

@@ -152,7 +152,6 @@ func TestLoadRejectsBadInput(t *testing.T) {
 		"flush timeout tiny":   append(base, "--flush-timeout", "10ms"),
 		"flush timeout huge":   append(base, "--flush-timeout", "1000h"),
 		"unknown log store":    append(base, "--raft-log-store", "rocksdb"),
-		"empty log store":      append(base, "--raft-log-store", ""),
 		"log store wrong case": append(base, "--raft-log-store", "WAL"),
 		"negative link delay":  append(base, "--link-delay", "-1ms"),
 		"huge link delay":      append(base, "--link-delay", "1.5s"),
