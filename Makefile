@@ -57,7 +57,7 @@ soak: tools
 
 bench: build tools
 	$(GO) test -run='^$$' -bench=. -benchmem ./volume ./nbdfront ./dcd ./fsm
-	tests/bench/run.sh
+	ROBIB_BIN=$(CURDIR)/$(BIN) tests/bench/run.sh
 
 demo: build
 	ops/scripts/demo.sh
