@@ -91,8 +91,10 @@ type Config struct {
 	// MaxBatchBytes is the largest encoded batch (fsm.EncodedSize).
 	// Larger writes are split across ops and batches. Default 512 KiB.
 	MaxBatchBytes int
-	// MaxInflight is the number of batches committing concurrently.
-	// Default 4.
+	// MaxInflight bounds the batches committing concurrently. Below two
+	// in flight, pending operations are cut into a batch at once; above,
+	// only once half a batch has gathered (or a commit completes), so the
+	// batch size adapts to the commit time. Default 16.
 	MaxInflight int
 	// SyncWrites makes WriteAt, Trim and WriteZeroes return only after the
 	// operation is committed (like FUA on every write).
@@ -124,7 +126,7 @@ type Config struct {
 const (
 	DefaultMaxBufferBytes = 64 << 20
 	DefaultMaxBatchBytes  = 512 << 10
-	DefaultMaxInflight    = 4
+	DefaultMaxInflight    = 16
 	DefaultCommitTimeout  = 30 * time.Second
 )
 

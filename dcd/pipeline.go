@@ -187,10 +187,24 @@ func (v *Volume) schedule(stopping bool) (fresh []*batch, idle bool) {
 		v.sendLocked(b)
 	}
 	for v.inflight < v.cfg.MaxInflight && v.pending.len() > 0 {
+		// Adaptive batching: while few batches are in flight, cut at once
+		// (low latency for a lone write or flush). With more in flight,
+		// cut only a batch worth sending (half the size limit) and let
+		// small writes gather until a commit completes: the batch size
+		// then follows the commit time, and slow commits (a WAN) get
+		// fuller batches and more of them in flight, instead of a stream
+		// of tiny entries.
+		if v.inflight >= eagerInflight && v.pending.bytes < int64(v.cfg.MaxBatchBytes/2) {
+			break
+		}
 		fresh = append(fresh, v.cutLocked())
 	}
 	return fresh, v.inflight == 0
 }
+
+// eagerInflight is the number of batches in flight below which pending
+// operations are cut into a batch right away, however small.
+const eagerInflight = 2
 
 // cutLocked moves the oldest pending ops that fit into a new batch at the
 // end of window (so they stay visible to readers) and counts it in flight.

@@ -129,7 +129,7 @@ func RegisterFlags(fs *pflag.FlagSet) {
 	fs.Duration(KeyElectionTimeout, 500*time.Millisecond, "Raft election timeout: how long a candidate waits for votes before retrying")
 	fs.Duration(KeyLeaderLease, 250*time.Millisecond, "Raft leader lease timeout: a leader that cannot reach a majority for this long steps down (at most heartbeat-timeout)")
 	fs.String(KeyDCDBuffer, "64MiB", "write-back buffer per attached volume (unreplicated writes)")
-	fs.Int(KeyDCDInflight, 4, "write batches committing at once per attached volume")
+	fs.Int(KeyDCDInflight, 16, "write batches committing at once per attached volume (at most; small writes gather into fuller batches while commits are in flight)")
 	fs.Duration(KeyVolumeLeaseTTL, 4*time.Second, "a read-write attach's volume lease expires this long after its site stops renewing it (same value on every site)")
 	fs.Duration(KeyFlushTimeout, 30*time.Second, "a flush not committed on a majority of sites within this fails with EIO")
 	fs.String(KeyRaftLogStore, LogStoreBoltDB, "Raft log store: boltdb or wal (raft-wal); chosen when the data dir is created and fixed for it")
