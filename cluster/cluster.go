@@ -132,6 +132,9 @@ func (c *Config) setDefaults() {
 	}
 }
 
+// logCacheEntries is the number of newest Raft entries kept in memory.
+const logCacheEntries = 64
+
 // Node is this site's membership in the cluster. Its methods are safe for
 // concurrent use.
 type Node struct {
@@ -246,6 +249,15 @@ func (n *Node) openRaft() error {
 	logs, stable, store, err := openLogStore(n.cfg.LogStore, dir, newHCLogger("raft-log", n.log))
 	if err != nil {
 		return err
+	}
+	// The leader sends each new entry to every follower right after
+	// storing it: without a cache each send reads it back from the log
+	// store (with raft-boltdb: a msgpack decode and copy of up to 512 KiB,
+	// 15% of the leader's CPU in a sequential write). The cache holds the
+	// newest entries: logCacheEntries × 512 KiB at most.
+	if logs, err = raft.NewLogCache(logCacheEntries, logs); err != nil {
+		store.Close()
+		return fmt.Errorf("raft log cache: %w", err)
 	}
 	snaps, err := n.fsm.SnapshotStore(filepath.Join(dir, "snapshots"), n.cfg.SnapshotRetain)
 	if err != nil {
