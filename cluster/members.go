@@ -116,7 +116,11 @@ func (n *Node) openGossip() error {
 	mc.ProbeInterval = 500 * time.Millisecond
 	mc.ProbeTimeout = 250 * time.Millisecond
 	mc.GossipInterval = 100 * time.Millisecond
-	mc.PushPullInterval = 15 * time.Second
+	// A full state exchange is also how a site that restarted within the
+	// others' failure-detection window (they never saw it die) learns of
+	// them when it has no address to join through; sites are few, so it is
+	// cheap to do it often.
+	mc.PushPullInterval = 5 * time.Second
 	mc.TCPTimeout = 3 * time.Second // bounds each join attempt, and so shutdown
 	ml, err := memberlist.Create(mc)
 	if err != nil {
@@ -345,6 +349,12 @@ func (n *Node) reconcileLoop() {
 			return
 		case <-t.C:
 		case <-n.events:
+		}
+		// Remember new peers' gossip addresses at once (membership events
+		// nudge this loop): a site restarted soon after it first joined must
+		// still find them, or it waits for the others' next push/pull.
+		if !n.hasLeft() {
+			n.rememberPeers()
 		}
 		if n.raft.State() != raft.Leader {
 			continue
