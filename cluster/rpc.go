@@ -204,24 +204,34 @@ func (c *rpcClient) getJSON(ctx context.Context, addr, path string, out any) err
 	return json.Unmarshal(body, out)
 }
 
-// postJSONReply sends in to a site's internal endpoint and decodes its
-// JSON answer (status 200) into out.
-func (c *rpcClient) postJSONReply(ctx context.Context, addr, path string, in, out any) error {
+// post sends in as JSON to a site's internal endpoint. A transport failure
+// wraps ErrUnreachable (or is ctx's error once ctx ended).
+func (c *rpcClient) post(ctx context.Context, addr, path string, in any) (*http.Response, error) {
 	b, err := json.Marshal(in)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.url(addr, path), bytes.NewReader(b))
 	if err != nil {
-		return err
+		return nil, err
 	}
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := c.http.Do(req)
 	if err != nil {
 		if ctx.Err() != nil {
-			return ctx.Err()
+			return nil, ctx.Err()
 		}
-		return fmt.Errorf("%w: %v", ErrUnreachable, err)
+		return nil, fmt.Errorf("%w: %v", ErrUnreachable, err)
+	}
+	return resp, nil
+}
+
+// postJSONReply sends in to a site's internal endpoint and decodes its
+// JSON answer into out.
+func (c *rpcClient) postJSONReply(ctx context.Context, addr, path string, in, out any) error {
+	resp, err := c.post(ctx, addr, path, in)
+	if err != nil {
+		return err
 	}
 	defer resp.Body.Close()
 	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(out); err != nil {
@@ -232,18 +242,9 @@ func (c *rpcClient) postJSONReply(ctx context.Context, addr, path string, in, ou
 
 // postJSON sends in to a site's internal endpoint.
 func (c *rpcClient) postJSON(ctx context.Context, addr, path string, in any) error {
-	b, err := json.Marshal(in)
+	resp, err := c.post(ctx, addr, path, in)
 	if err != nil {
 		return err
-	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.url(addr, path), bytes.NewReader(b))
-	if err != nil {
-		return err
-	}
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := c.http.Do(req)
-	if err != nil {
-		return fmt.Errorf("%w: %v", ErrUnreachable, err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode/100 == 2 {

@@ -283,14 +283,20 @@ func (b *nbdBackend) release(name string, st *stage) error {
 	b.mu.Unlock()
 
 	err := b.closeStage(name, st, releaseTimeout)
+	b.closed(name, st)
+	return err
+}
+
+// closed unregisters a stage that finished closing and wakes the
+// connections waiting for it.
+func (b *nbdBackend) closed(name string, st *stage) {
 	b.mu.Lock()
+	defer b.mu.Unlock()
 	if b.stages[name] == st {
 		delete(b.stages, name)
 	}
 	close(st.busy)
 	st.busy = nil
-	b.mu.Unlock()
-	return err
 }
 
 // closeStage flushes and closes a stage's DCD volume (abandoning what is not
@@ -340,13 +346,7 @@ func (b *nbdBackend) closeAll() {
 		if err := b.closeStage(name, st, releaseTimeout); err != nil {
 			b.log.Error("flushing volume at shutdown", "volume", name, "err", err)
 		}
-		b.mu.Lock()
-		if b.stages[name] == st {
-			delete(b.stages, name)
-		}
-		close(st.busy)
-		st.busy = nil
-		b.mu.Unlock()
+		b.closed(name, st)
 	}
 }
 
