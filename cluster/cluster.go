@@ -133,7 +133,7 @@ func (c *Config) setDefaults() {
 }
 
 // logCacheEntries is the number of newest Raft entries kept in memory.
-const logCacheEntries = 64
+const logCacheEntries = 32
 
 // Node is this site's membership in the cluster. Its methods are safe for
 // concurrent use.
