@@ -12,7 +12,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -165,7 +164,7 @@ func Binary(t testing.TB) string {
 		binPath = filepath.Join(binDir, "robib")
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 		defer cancel()
-		cmd := exec.CommandContext(ctx, goTool(), "build", "-trimpath", "-o", binPath, "./cmd/robib")
+		cmd := exec.CommandContext(ctx, harness.GoTool(), "build", "-trimpath", "-o", binPath, "./cmd/robib")
 		cmd.Dir = root
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := cmd.CombinedOutput(); err != nil {
@@ -176,21 +175,6 @@ func Binary(t testing.TB) string {
 		t.Fatalf("building robib for docker: %v", binErr)
 	}
 	return binPath
-}
-
-func goTool() string {
-	if p, err := exec.LookPath("go"); err == nil {
-		return p
-	}
-	if p := filepath.Join(runtime.GOROOT(), "bin", "go"); fileExists(p) {
-		return p
-	}
-	return "go"
-}
-
-func fileExists(p string) bool {
-	_, err := os.Stat(p)
-	return err == nil
 }
 
 // Cleanup removes the binary Binary built. Call it from TestMain after

@@ -95,7 +95,7 @@ func Build(t testing.TB) string {
 		args = append(args, "./cmd/robib")
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 		defer cancel()
-		cmd := exec.CommandContext(ctx, goTool(), args...)
+		cmd := exec.CommandContext(ctx, GoTool(), args...)
 		cmd.Dir = root
 		cmd.Env = env
 		out, err := cmd.CombinedOutput()
@@ -109,7 +109,9 @@ func Build(t testing.TB) string {
 	return buildBin
 }
 
-func goTool() string {
+// GoTool returns the path of the go command running the tests (PATH, else
+// GOROOT/bin).
+func GoTool() string {
 	if p, err := exec.LookPath("go"); err == nil {
 		return p
 	}
