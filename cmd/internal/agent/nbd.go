@@ -226,7 +226,11 @@ func (b *nbdBackend) acquire(ctx context.Context, name string, created int64) (u
 func (b *nbdBackend) renewLoop(name string, st *stage) {
 	defer close(st.renewDone)
 	log := b.log.With("volume", name, "epoch", st.epoch)
-	t := time.NewTicker(b.leaseTTL / 4)
+	ttl := b.leaseTTL
+	if ttl <= 0 {
+		ttl = cluster.DefaultLeaseTTL
+	}
+	t := time.NewTicker(ttl / 4)
 	defer t.Stop()
 	lastOK := time.Now()
 	for {
@@ -235,12 +239,12 @@ func (b *nbdBackend) renewLoop(name string, st *stage) {
 			return
 		case <-t.C:
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), b.leaseTTL/2)
+		ctx, cancel := context.WithTimeout(context.Background(), ttl/2)
 		err := b.node.RenewLease(ctx, name, st.epoch)
 		cancel()
 		switch {
 		case err == nil:
-			if time.Since(lastOK) > b.leaseTTL/2 {
+			if time.Since(lastOK) > ttl/2 {
 				log.Info("volume lease renewed again", "after", time.Since(lastOK).Round(time.Millisecond))
 			}
 			lastOK = time.Now()
@@ -248,7 +252,7 @@ func (b *nbdBackend) renewLoop(name string, st *stage) {
 			log.Error("volume lease lost to another site; this site's writers are fenced", "err", err)
 			st.dcd.Fence(err)
 			return
-		case time.Since(lastOK) > b.leaseTTL/2:
+		case time.Since(lastOK) > ttl/2:
 			log.Warn("cannot renew the volume lease", "unrenewed_for", time.Since(lastOK).Round(time.Millisecond), "err", err)
 		}
 	}
