@@ -28,14 +28,32 @@ type site struct {
 	a   *Agent
 }
 
+// handedOut remembers every address freeAddr returned in this process: the
+// kernel may offer a port again once its probe listener closed, and two
+// listeners of one test (a site's Raft and gossip addresses) must differ.
+var handedOut = struct {
+	sync.Mutex
+	addrs map[string]bool
+}{addrs: map[string]bool{}}
+
 func freeAddr(t *testing.T) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	handedOut.Lock()
+	defer handedOut.Unlock()
+	for range 100 {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := l.Addr().String()
+		l.Close()
+		if !handedOut.addrs[addr] {
+			handedOut.addrs[addr] = true
+			return addr
+		}
 	}
-	defer l.Close()
-	return l.Addr().String()
+	t.Fatal("no fresh loopback port after 100 tries")
+	return ""
 }
 
 func testLogger(t *testing.T, name string) *slog.Logger {
