@@ -61,7 +61,8 @@ echo
 cat <<TXT
 
 robib demo: three sites are running (logs in $DIR/*.log). Volume "$VOL" is
-served by every site; attach it at any of them:
+served by every site; attach it at any of them (read-write at one site at a
+time: the site holding the volume's lease; "$VOL@ro" reads it anywhere):
 
   site1  nbd://127.0.0.1:10809/$VOL   (admin API http://127.0.0.1:10810)
   site2  nbd://127.0.0.1:10819/$VOL   (admin API http://127.0.0.1:10820)
@@ -71,6 +72,7 @@ served by every site; attach it at any of them:
   nbd-client 127.0.0.1 10819 /dev/nbd0 -N $VOL          # Linux host with the nbd module
   mkdir -p /tmp/robib-fuse && nbdfuse /tmp/robib-fuse/disk nbd://127.0.0.1:10819/$VOL &   # without it
   qemu-img info nbd://127.0.0.1:10829/$VOL
+  nbdinfo nbd://127.0.0.1:10829/$VOL@ro                 # read-only, while another site writes
   $BIN --api http://127.0.0.1:10820 volume verify $VOL
   $BIN --api http://127.0.0.1:10830 cluster status
 
