@@ -129,27 +129,8 @@ pg_version=$("$pgbin/postgres" --version | awk '{print $3}')
 as_pg() { (cd / && runuser -u postgres -- "$@"); }
 
 # --- processes, mounts, cleanup ---------------------------------------------
-alive() { # PID: running and not a zombie
-  local st
-  st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -c1) || return 1
-  [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
-}
-
-stop_pids() { # PID...: SIGTERM, up to 30 s, then SIGKILL; reaps our children
-  local p i any
-  [ $# -gt 0 ] || return 0
-  for p in "$@"; do kill -TERM "$p" 2>/dev/null || true; done
-  for i in $(seq 300); do
-    any=0
-    for p in "$@"; do alive "$p" && any=1; done
-    [ $any = 0 ] && break
-    sleep 0.1
-  done
-  for p in "$@"; do
-    if alive "$p"; then log "pid $p ignored SIGTERM for 30 s; killing it"; kill -KILL "$p" 2>/dev/null || true; fi
-    wait "$p" 2>/dev/null || true
-  done
-}
+# shellcheck source=tests/bench/lib.sh
+. "$here/lib.sh"
 
 # Processes started by this script or an earlier run of it: their command
 # line or working directory is under $ROOT (postgres runs in its data
