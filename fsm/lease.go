@@ -3,6 +3,7 @@ package fsm
 import (
 	"cmp"
 	"fmt"
+	"maps"
 	"slices"
 )
 
@@ -35,11 +36,7 @@ func (f *FSM) Lease(volume string) (l Lease, ok bool) {
 func (f *FSM) Leases() map[string]Lease {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	out := make(map[string]Lease, len(f.leases))
-	for k, v := range f.leases {
-		out[k] = v
-	}
-	return out
+	return maps.Clone(f.leases)
 }
 
 // setLease records a lease change (FSM goroutine only).
