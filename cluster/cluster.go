@@ -85,6 +85,10 @@ type Config struct {
 	// LeaseTTL is how long a volume lease survives without renewal (the
 	// holder renews every LeaseTTL/4). Every site should use the same.
 	LeaseTTL time.Duration
+	// LeaderFollowsWrites lets the leader hand leadership to the site that
+	// sends it (nearly) all write batches, so that site's commits skip the
+	// forward (see placement.go).
+	LeaderFollowsWrites bool
 
 	// RaftListener is the listener for Raft traffic (built by the caller's
 	// network layer); Dial opens connections for Raft and gossip-adjacent
@@ -138,17 +142,18 @@ const logCacheEntries = 32
 // Node is this site's membership in the cluster. Its methods are safe for
 // concurrent use.
 type Node struct {
-	cfg    Config
-	log    *slog.Logger
-	fsm    *fsm.FSM
-	raft   *raft.Raft
-	store  io.Closer // the Raft log and stable store (openLogStore)
-	trans  *raft.NetworkTransport
-	ml     *memberlist.Memberlist
-	gossip *delegate // this site's copy of the gossip member table
-	rpc    *rpcClient
-	seq    *sequencer
-	leases leaseTable // the leader's view of lease renewals
+	cfg     Config
+	log     *slog.Logger
+	fsm     *fsm.FSM
+	raft    *raft.Raft
+	store   io.Closer // the Raft log and stable store (openLogStore)
+	trans   *raft.NetworkTransport
+	ml      *memberlist.Memberlist
+	gossip  *delegate // this site's copy of the gossip member table
+	rpc     *rpcClient
+	seq     *sequencer
+	leases  leaseTable   // the leader's view of lease renewals
+	origins writeOrigins // the leader's count of write batches per originating site
 
 	leaderMu      sync.Mutex
 	leaderChanged chan struct{} // closed (and replaced) whenever the known leader changes
@@ -200,6 +205,10 @@ func Open(cfg Config, f *fsm.FSM) (*Node, error) {
 	}
 	n.wg.Add(1)
 	go n.reconcileLoop()
+	if cfg.LeaderFollowsWrites {
+		n.wg.Add(1)
+		go n.placementLoop()
+	}
 	n.watchLeader()
 	return n, nil
 }

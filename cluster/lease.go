@@ -158,7 +158,7 @@ func (n *Node) acquireLocal(ctx context.Context, req leaseRequest) (uint64, erro
 	}
 	// Proposed here, never forwarded: the expiry was judged by this
 	// leader's view of renewals.
-	res, err := n.applyLocal(ctx, cmd, data)
+	res, err := n.applyLocal(ctx, cmd, data, n.cfg.Name)
 	if err != nil {
 		return 0, err
 	}

@@ -83,7 +83,7 @@ func (n *Node) propose(ctx context.Context, cmd fsm.Command, data []byte) (*fsm.
 	default:
 	}
 	if n.raft.State() == raft.Leader {
-		return n.applyLocal(ctx, cmd, data)
+		return n.applyLocal(ctx, cmd, data, n.cfg.Name)
 	}
 	leader := n.Leader()
 	if leader == "" {
@@ -109,7 +109,7 @@ func (n *Node) propose(ctx context.Context, cmd fsm.Command, data []byte) (*fsm.
 		case <-fctx.Done():
 		}
 	}()
-	res, err := n.rpc.apply(fctx, meta.API, data)
+	res, err := n.rpc.apply(fctx, meta.API, n.cfg.Name, data)
 	if err != nil && ctx.Err() == nil && fctx.Err() != nil {
 		return nil, fmt.Errorf("%w: leader %s replaced while a request to it was in flight", ErrNotLeader, leader)
 	}
@@ -118,8 +118,9 @@ func (n *Node) propose(ctx context.Context, cmd fsm.Command, data []byte) (*fsm.
 
 // applyLocal appends data to the Raft log on this (leader) site and waits
 // for it to be committed and applied. Write batches pass the sequencer so a
-// session's pipelined batches enter the log in Seq order.
-func (n *Node) applyLocal(ctx context.Context, cmd fsm.Command, data []byte) (*fsm.Result, error) {
+// session's pipelined batches enter the log in Seq order, and are counted
+// by origin, the site that sent them (leader placement).
+func (n *Node) applyLocal(ctx context.Context, cmd fsm.Command, data []byte, origin string) (*fsm.Result, error) {
 	timeout := defaultApplyTimeout
 	if dl, ok := ctx.Deadline(); ok {
 		timeout = time.Until(dl)
@@ -130,6 +131,9 @@ func (n *Node) applyLocal(ctx context.Context, cmd fsm.Command, data []byte) (*f
 	var fut raft.ApplyFuture
 	switch c := cmd.(type) {
 	case *fsm.WriteBatch:
+		if n.cfg.LeaderFollowsWrites {
+			n.origins.note(origin)
+		}
 		n.seq.append(c.Session, c.Seq, func() { fut = n.raft.Apply(data, timeout) })
 	case *fsm.EndSession:
 		n.seq.forget(c.Session)

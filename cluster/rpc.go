@@ -24,6 +24,9 @@ const (
 	pathRemoveServer = "/internal/v1/remove-server"
 	pathTransfer     = "/internal/v1/transfer-leadership"
 
+	// headerOrigin names the site a forwarded proposal comes from.
+	headerOrigin = "Robib-Origin"
+
 	// maxForwardBody bounds a forwarded command (entries are kept far
 	// smaller, see dcd).
 	maxForwardBody = 16 << 20
@@ -68,7 +71,7 @@ func (n *Node) handleApply(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, applyReply{Code: fsm.ErrorCode(err), Error: err.Error()})
 		return
 	}
-	res, err := n.applyLocal(r.Context(), cmd, data)
+	res, err := n.applyLocal(r.Context(), cmd, data, r.Header.Get(headerOrigin))
 	if err != nil {
 		writeJSON(w, http.StatusOK, applyReply{Retry: IsRetryable(err) || errors.Is(err, ErrClosed), Error: err.Error()})
 		return
@@ -168,13 +171,14 @@ type rpcClient struct {
 
 func (c *rpcClient) url(addr, path string) string { return "http://" + addr + path }
 
-// apply forwards an encoded command to the leader's API.
-func (c *rpcClient) apply(ctx context.Context, addr string, data []byte) (*fsm.Result, error) {
+// apply forwards an encoded command from site origin to the leader's API.
+func (c *rpcClient) apply(ctx context.Context, addr, origin string, data []byte) (*fsm.Result, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.url(addr, pathApply), bytes.NewReader(data))
 	if err != nil {
 		return nil, err
 	}
 	req.Header.Set("Content-Type", "application/octet-stream")
+	req.Header.Set(headerOrigin, origin)
 	resp, err := c.http.Do(req)
 	if err != nil {
 		if ctx.Err() != nil {

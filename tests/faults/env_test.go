@@ -35,12 +35,24 @@ type env struct {
 	c *dockerh.Cluster
 }
 
+// newEnv starts three sites in containers and creates the volume.
+// Leadership stays where Raft put it (--leader-follows-writes=false): these
+// tests place the writer at a follower on purpose, to fault the leader
+// while writes are forwarded to it. TestLeaderFollowsWriter runs with the
+// product default.
 func newEnv(t *testing.T, volSize string) *env {
+	t.Helper()
+	return newEnvArgs(t, volSize, "--leader-follows-writes=false")
+}
+
+// newEnvArgs is newEnv with these agent flags instead of
+// --leader-follows-writes=false.
+func newEnvArgs(t *testing.T, volSize string, args ...string) *env {
 	t.Helper()
 	dockerh.RequireDocker(t)
 	c := dockerh.StartCluster(t, dockerh.Options{
 		DefaultTiming: true,
-		ExtraArgs:     []string{"--flush-timeout", flushTimeout.String(), "--volume-lease-ttl", leaseTTL.String()},
+		ExtraArgs:     append([]string{"--flush-timeout", flushTimeout.String(), "--volume-lease-ttl", leaseTTL.String()}, args...),
 	})
 	e := &env{t: t, c: c}
 	c.MustCLI(c.MustLeader(), "volume", "create", volName, "--size", volSize)

@@ -262,3 +262,49 @@ func TestFailoverTime(t *testing.T) {
 		t.Errorf("failover median %v / worst %v misses the goal (2s / 4s)", median, worst)
 	}
 }
+
+// TestLeaderFollowsWriter: with the product default
+// (--leader-follows-writes), a client that keeps writing at a follower gets
+// the leader moved to its site within seconds, on the same connection and
+// without an error; its flushes then commit without a forward. A writer at
+// another site later pulls leadership there. Nothing flushed is lost.
+func TestLeaderFollowsWriter(t *testing.T) {
+	e := newEnvArgs(t, "64MiB")
+	first := e.c.MustLeader()
+	writer := e.others(first)[0]
+	r := e.startRun("writer", checker.Options{Addrs: []string{e.nbd(writer)}, Blocks: 2048})
+	r.waitFlushes(20, time.Minute)
+	t0 := time.Now()
+	waitLeaderIs(t, e, writer, time.Minute)
+	t.Logf("leadership moved from %s to the writing site %s after %v of writes", first, writer, time.Since(t0).Round(100*time.Millisecond))
+	r.waitFlushes(50, time.Minute)
+	if s := r.ck.Snapshot(); s.Sessions != 1 || s.FlushesFailed != 0 {
+		t.Errorf("the client at %s saw the move: %d sessions, %d failed flushes", writer, s.Sessions, s.FlushesFailed)
+	}
+	report(t, "leader moves to the writer", 0, r)
+	r.stop()
+
+	// The volume changes hands: its writer now sits at the third site.
+	third := e.others(first, writer)[0]
+	r2 := e.startRun("writer-2", checker.Options{Addrs: []string{e.nbd(third)}, Blocks: 2048, BaseOffset: 2048 * blockSize})
+	r2.waitFlushes(20, time.Minute)
+	waitLeaderIs(t, e, third, time.Minute)
+	r2.waitFlushes(20, time.Minute)
+	r2.stop()
+	e.verifyEverywhere(r, r2)
+}
+
+// waitLeaderIs waits until every site names site as the leader.
+func waitLeaderIs(t *testing.T, e *env, site string, timeout time.Duration) {
+	t.Helper()
+	harness.WaitFor(t, timeout, "leader "+site, func() (bool, error) {
+		l, err := e.c.Leader()
+		if err != nil {
+			return false, err
+		}
+		if l != site {
+			return false, fmt.Errorf("the leader is %s", l)
+		}
+		return true, nil
+	})
+}

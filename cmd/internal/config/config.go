@@ -47,6 +47,9 @@ type Config struct {
 	LeaderLease       time.Duration // Raft leader lease timeout
 	VolumeLeaseTTL    time.Duration // a read-write attach's volume lease lives this long without renewal
 	RaftLogStore      string        // Raft log and stable store: "boltdb" (default, also "") or "wal"; fixed per data dir
+	// LeaderFollowsWrites: the leader hands leadership to a site that
+	// sends it nearly all write batches (see cluster/placement.go).
+	LeaderFollowsWrites bool
 
 	// Write-back stage (DCD).
 	DCDBuffer   int64 // bytes of unreplicated writes buffered per volume at this site
@@ -101,12 +104,13 @@ const (
 	KeyFlushTimeout      = "flush-timeout"
 	KeyRaftLogStore      = "raft-log-store"
 	KeyLinkDelay         = "link-delay"
+	KeyLeaderFollows     = "leader-follows-writes"
 )
 
 var fileKeys = []string{KeyName, KeyDataDir, KeyNBDAddr, KeyAPIAddr, KeyLogLevel, KeyLogFormat,
 	KeyRaftAddr, KeyGossipAddr, KeyJoin, KeyBootstrapExpect, KeySnapshotThreshold, KeySnapshotInterval,
 	KeyTrailingLogs, KeyHeartbeatTimeout, KeyElectionTimeout, KeyLeaderLease, KeyDCDBuffer, KeyDCDInflight,
-	KeyVolumeLeaseTTL, KeyFlushTimeout, KeyRaftLogStore, KeyLinkDelay}
+	KeyVolumeLeaseTTL, KeyFlushTimeout, KeyRaftLogStore, KeyLinkDelay, KeyLeaderFollows}
 
 // RegisterFlags declares the agent flags on fs.
 func RegisterFlags(fs *pflag.FlagSet) {
@@ -133,6 +137,7 @@ func RegisterFlags(fs *pflag.FlagSet) {
 	fs.Duration(KeyVolumeLeaseTTL, 4*time.Second, "a read-write attach's volume lease expires this long after its site stops renewing it (same value on every site)")
 	fs.Duration(KeyFlushTimeout, 30*time.Second, "a flush not committed on a majority of sites within this fails with EIO")
 	fs.String(KeyRaftLogStore, LogStoreBoltDB, "Raft log store: boltdb or wal (raft-wal); chosen when the data dir is created and fixed for it")
+	fs.Bool(KeyLeaderFollows, true, "move Raft leadership to the site that sends nearly all writes (sustained for a few seconds), so its flushes skip the forward to a remote leader: one round trip instead of two across a WAN")
 	fs.Duration(KeyLinkDelay, 0, "testing/benchmark knob: emulate a WAN between sites by delaying every site-to-site connection this agent dials (Raft, API forwarding) by this much in each direction (0..1s; a round trip costs twice this); NBD and gossip are not delayed")
 }
 
@@ -178,6 +183,8 @@ func Load(fs *pflag.FlagSet) (Config, error) {
 		FlushTimeout:      v.GetDuration(KeyFlushTimeout),
 		RaftLogStore:      v.GetString(KeyRaftLogStore),
 		LinkDelay:         v.GetDuration(KeyLinkDelay),
+
+		LeaderFollowsWrites: v.GetBool(KeyLeaderFollows),
 	}
 	buf, err := ParseSize(v.GetString(KeyDCDBuffer))
 	if err != nil {
