@@ -11,7 +11,8 @@ every number to the given paths:
   p50/p99, flushes/s), a row per job, a column per target, and ratio
   columns: robib-3site and robib-1site over the better of nbdkit and
   qemu-nbd ("best baseline": the higher value for throughput, the lower for
-  latency; the cell names which), and each WAN target over robib-3site;
+  latency; the cell names which), and each WAN target and robib-3site-fwd
+  over robib-3site;
 - the derived 3-site sequential write limit (raw seq-write / 6) and
   robib-3site's fraction of it;
 - the WAN summary (seq-write throughput and flush p50 against the delay);
@@ -155,6 +156,12 @@ def wan_delay_ms(target):
     return int(m.group(1)) if m else None
 
 
+def variant(target):
+    """A robib-3site variant that runs the write jobs only (the WAN targets
+    and robib-3site-fwd) and is compared with robib-3site."""
+    return wan_delay_ms(target) is not None or target == "robib-3site-fwd"
+
+
 def best_baseline(values, targets, higher_is_better):
     """(target, value) of the better of the baselines that have a value."""
     have = [(t, values.get(t)) for t in BASELINES if t in targets and values.get(t) is not None]
@@ -175,7 +182,7 @@ def ratio_columns(targets):
                 cols.append(("%s/best-baseline" % a, "%s / %s" % (a, best), a, None))
     if "robib-3site" in targets:
         for t in targets:
-            if wan_delay_ms(t) is not None:
+            if variant(t):
                 cols.append(("%s/robib-3site" % t, "%s / robib-3site" % t, t, "robib-3site"))
     return cols
 
@@ -219,7 +226,7 @@ def collect_rows(args, targets, jobs, problems):
         for t in targets:
             j = load_fio(os.path.join(args.dir, "%s-%s.json" % (job, t)))
             per[t] = {m[0]: m for m in metrics(job, j)} if j else {}
-            if j is None and not (wan_delay_ms(t) is not None and job not in args.wan_jobs.split()):
+            if j is None and not (variant(t) and job not in args.wan_jobs.split()):
                 problems.append("%s on %s: no fio result" % (job, t))
         names = []
         for t in targets:
@@ -399,7 +406,11 @@ def main():
     notes = ["",
              "NBD targets: fio --ioengine=nbd, one connection per fio job (multi-conn: 4 jobs, 4 connections), "
              "iodepth 8 (seq-write-1M, seq-read-1M, write-64k-flush-1M, multi-conn: each), 32 (rand-write-4k-qd32, "
-             "rand-read-4k), 1 (rand-write-4k-qd1, rand-write-4k-flush). robib-3site* attach at a follower. "
+             "rand-read-4k), 1 (rand-write-4k-qd1, rand-write-4k-flush). robib-3site and its WAN variants: "
+             "the write jobs run at one site (a follower when the target started; with --leader-follows-writes "
+             "the leader has moved there before the first job: see the table of runs), the read jobs at a site "
+             "that is not the leader. robib-3site-fwd: --leader-follows-writes=false, fio at a follower, so "
+             "every write is forwarded to a remote leader. "
              "raw: fio on a plain file, psync (iodepth 1) for the 1 MiB and the iodepth-1 jobs, libaio for the "
              "others, %s, --invalidate=0. Flush latency = fio's sync latency (an NBD FLUSH; fsync(2) on raw)."
              % ("O_DIRECT" if meta.get("raw_direct") == "1" else "through the page cache")]

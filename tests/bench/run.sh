@@ -12,9 +12,18 @@
 # machine at once):
 #   robib-3site          three `robib agent`s (site1..3, --bootstrap-expect 3,
 #                        sites 2 and 3 --join site1's gossip address), one
-#                        volume created once; fio attaches at a FOLLOWER (a
-#                        site that is not the leader; re-chosen before a job
-#                        if leadership moved), for reads too
+#                        volume created once, product defaults. The write
+#                        jobs run at one site, the WRITER: a follower when
+#                        the target starts. With --leader-follows-writes
+#                        (the default) the leader moves to the writer during
+#                        the prefill; the script waits for that (writing
+#                        more if needed) before the first job, and reports
+#                        it. The read jobs run at a site that is not the
+#                        leader
+#   robib-3site-fwd      the same with --leader-follows-writes=false: fio at
+#                        a follower (re-chosen before a job if leadership
+#                        moved), so every write is forwarded to a remote
+#                        leader. Runs BENCH_WAN_JOBS (the write jobs)
 #   robib-3site-wan2ms   the same with an emulated WAN between the sites: every
 #   robib-3site-wan10ms  agent runs with --link-delay 2ms / 10ms (a one-way
 #                        delay on every site-to-site connection it dials, so a
@@ -22,7 +31,8 @@
 #                        delayed). Skipped, with a message, when the agent has
 #                        no --link-delay flag. They run BENCH_WAN_JOBS: by
 #                        default the write jobs only, as reads at a follower
-#                        are served from its own copy and cross no link
+#                        are served from its own copy and cross no link.
+#                        The writer and leader as in robib-3site
 #   robib-1site          one `robib agent`, a one-site cluster
 #   nbdkit               `nbdkit file` on a sparse file, with the plugin's
 #                        defaults (cache=default: through the page cache, 16
@@ -68,8 +78,7 @@
 #   multi-conn           4 KiB random writes from 4 fio jobs (numjobs=4,
 #                        group_reporting), each with its own NBD connection,
 #                        iodepth 8 each
-# Reads, like writes, go to the site fio is attached to: for robib-3site a
-# follower. The old names rand-write-4k and rand-write-4k-sync are accepted
+# Reads go to a site that is not the leader. The old names rand-write-4k and rand-write-4k-sync are accepted
 # in BENCH_JOBS for the renamed jobs.
 #
 # After every fio run of a robib target the script waits until the cluster
@@ -118,7 +127,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 all_jobs=" seq-write-1M rand-write-4k-qd1 rand-write-4k-qd32 rand-write-4k-flush write-64k-flush-1M seq-read-1M rand-read-4k multi-conn "
-all_targets=" robib-3site robib-3site-wan2ms robib-3site-wan10ms robib-1site nbdkit qemu-nbd raw "
+all_targets=" robib-3site robib-3site-fwd robib-3site-wan2ms robib-3site-wan10ms robib-1site nbdkit qemu-nbd raw "
 runtime=${BENCH_RUNTIME:-10}
 size=${BENCH_SIZE:-1GiB}
 jobs=${BENCH_JOBS:-$all_jobs}
@@ -173,6 +182,7 @@ wan_list=${wan_list% }
 has_target() { [[ " $targets " == *" $1 "* ]]; }
 has_robib() { [[ " $targets " == *" robib-"* ]]; }
 is_3site() { [[ $1 == robib-3site* ]]; }
+follows() { [[ $1 == robib-3site* && $1 != robib-3site-fwd ]]; } # leadership follows the writer
 link_delay() { # TARGET: its --link-delay ("" for none)
   case $1 in
     robib-3site-wan2ms) echo 2ms ;;
@@ -180,7 +190,7 @@ link_delay() { # TARGET: its --link-delay ("" for none)
   esac
 }
 target_jobs() { # TARGET: the jobs it runs
-  if [ -n "$(link_delay "$1")" ]; then echo "$wan_list"; else echo "$jobs"; fi
+  if [ -n "$(link_delay "$1")" ] || [ "$1" = robib-3site-fwd ]; then echo "$wan_list"; else echo "$jobs"; fi
 }
 
 need python3 "apt-get install python3"
@@ -219,7 +229,8 @@ samples=()       # LABEL=PID of the processes whose CPU/RSS we record
 api=""           # robib admin API used for settle/leader queries ("" = not robib)
 uri=""           # NBD URI fio uses
 raw_file=""
-attached=""      # robib-3site: the site fio is attached to
+attached=""      # robib-3site*: the site fio is attached to
+writer=""        # robib-3site (not -fwd): the site the write jobs run at
 declare -A site_nbd=() site_pid=()
 
 # shellcheck source=tests/bench/lib.sh
@@ -284,6 +295,9 @@ if has_robib; then
       drop_target "$t" "none of BENCH_JOBS is in BENCH_WAN_JOBS"
     fi
   done
+  if has_target robib-3site-fwd && [ -z "$wan_list" ]; then
+    drop_target robib-3site-fwd "none of BENCH_JOBS is in BENCH_WAN_JOBS"
+  fi
   [ -n "$targets" ] || die "no target left to run"
 fi
 
@@ -369,6 +383,7 @@ setup_robib_3site() { # TARGET: robib-3site or one of its WAN variants
       --bootstrap-expect 3 --log-level warn)
     [ "$i" -gt 1 ] && args+=(--join "127.0.0.1:${p[3]}")
     [ -n "$delay" ] && args+=(--link-delay "$delay")
+    [ "$t" = robib-3site-fwd ] && args+=(--leader-follows-writes=false)
     args+=("${robib_args[@]}")
     start_proc "$d/site$i.log" "$bin" "${args[@]}"
     target_pids+=("$last_pid")
@@ -459,12 +474,20 @@ setup_raw() {
   truncate -s "$bytes" "$raw_file"
 }
 
-pick_follower() { # TARGET (3-site): keeps $attached if it is still a follower, else picks one
+pick_site() { # TARGET JOB (3-site): sets $attached for JOB and $uri
   local leader s
   leader=$(leader_now)
   [ -n "$leader" ] || die "$1: no leader known at $api"
-  if [ -z "$attached" ] || [ "$attached" = "$leader" ]; then
-    [ -n "$attached" ] && echo "bench: $1: $attached became leader; moving fio to another follower" >&2
+  if follows "$1" && [[ $2 != *read* ]]; then
+    # Writes: always at the writer site, a follower when the target started.
+    if [ -z "$writer" ]; then
+      for s in site1 site2 site3; do
+        if [ "$s" != "$leader" ]; then writer=$s; break; fi
+      done
+    fi
+    attached=$writer
+  elif [ -z "$attached" ] || [ "$attached" = "$leader" ]; then
+    if [ -n "$attached" ] && ! follows "$1"; then echo "bench: $1: $attached became leader; moving fio to another follower" >&2; fi
     attached=""
     for s in site1 site2 site3; do
       if [ "$s" != "$leader" ]; then attached=$s; break; fi
@@ -474,6 +497,23 @@ pick_follower() { # TARGET (3-site): keeps $attached if it is still a follower, 
   leader_before=$leader
 }
 
+place_leader() { # TARGET: after the prefill, waits until the leader is the writer
+  local t=$1 i leader t0
+  follows "$t" || return 0
+  t0=$(date +%s)
+  for i in $(seq 12); do
+    leader=$(leader_now)
+    if [ "$leader" = "$writer" ]; then
+      echo "bench: $t: the leader is the writer site $writer ($(($(date +%s) - t0)) s after the prefill)" >&2
+      return 0
+    fi
+    # Keep writing at the writer (not recorded) so the leader sees it.
+    fio --name=place "${common[@]}" --ioengine=nbd --uri="$uri" --rw=randwrite --bs=64k --iodepth=8 \
+      --time_based --runtime=5 --output=/dev/null >/dev/null 2>&1 || true
+  done
+  echo "bench: $t: warning: leadership did not move to the writer $writer (leader $(leader_now)); write jobs are forwarded" >&2
+}
+
 sample() { if [ ${#samples[@]} -gt 0 ]; then ctl sample "${samples[@]}"; else echo '{}'; fi; }
 
 failed=()   # "target: reason"
@@ -481,7 +521,7 @@ failed=()   # "target: reason"
 run_phase() { # TARGET PHASE: one fio run (+ settle, sync) and its record; non-zero if the target died
   local t=$1 job=$2 before after settle="" rc=0 t0 t1 dead
   leader_before=""
-  if is_3site "$t"; then pick_follower "$t"; fi
+  if is_3site "$t"; then pick_site "$t" "$job"; fi
   echo "bench: $t: $job${attached:+ at $attached (leader $leader_before)}$([ "$job" = prefill ] || echo " (${runtime}s)")" >&2
   before=$(sample)
   local tb=()
@@ -520,7 +560,7 @@ run_phase() { # TARGET PHASE: one fio run (+ settle, sync) and its record; non-z
 
 run_target() { # TARGET
   local t=$1 job
-  target_pids=() samples=() api="" uri="" raw_file="" attached=""
+  target_pids=() samples=() api="" uri="" raw_file="" attached="" writer=""
   site_nbd=() site_pid=()
   echo "bench: === $t ===" >&2
   current=$t
@@ -533,6 +573,7 @@ run_target() { # TARGET
   esac
   if [ -n "$api" ]; then ctl settle --bin "$bin" --timeout 60 "$api" >/dev/null; fi
   if run_phase "$t" prefill; then
+    place_leader "$t"
     for job in $(target_jobs "$t"); do
       run_phase "$t" "$job" || break
       # The disk's own sequential write rate for the derived 3-site limit:
