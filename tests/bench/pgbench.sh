@@ -14,8 +14,11 @@
 #   nbd     (1) no backup: `nbdkit file` on a sparse file; nothing is copied
 #   robib   (2) block-level backup: a robib volume in a three-site robib
 #               cluster on this machine (three agents, --bootstrap-expect 3),
-#               attached at a FOLLOWER site, so every flush is forwarded to
-#               the leader and committed on two of three sites
+#               attached at a site that is a FOLLOWER when PostgreSQL
+#               starts; with --leader-follows-writes (the default) the
+#               leader moves there within seconds of sustained writes (the
+#               report names the leader at attach and at the end). Every
+#               flush is committed on two of three sites
 #   pgsync  (3) application-level backup: PostgreSQL synchronous streaming
 #               replication (synchronous_commit=on, synchronous_standby_names
 #               naming the standby, a physical replication slot) to a standby
@@ -434,7 +437,7 @@ setup_robib() {
   # still form a majority).
   echo "${site_pid[$attached]}" >"$d/first.pids"
   uri="nbd://${site_nbd[$attached]}/pg"
-  log "robib: leader $leader; attaching at follower $attached ($uri)"
+  log "robib: leader $leader; attaching at $attached, a follower for now ($uri)"
   note robib leader_at_attach "$leader"
   note robib attached "$attached"
   attach_disk "$d/disk0" "$uri"

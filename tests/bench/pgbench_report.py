@@ -192,7 +192,8 @@ def cmd_report(a):
         if info.get("init_s") is not None:
             extra.append("pgbench -i took %s s" % info["init_s"])
         if info.get("attached"):
-            extra.append("attached at %s, a follower (leader %s at attach, %s at the end)" % (
+            extra.append("attached at %s, a follower at attach (leader %s at attach, %s at the end: "
+                         "with --leader-follows-writes the leader moves to the writing site)" % (
                 info["attached"], info.get("leader_at_attach"), info.get("leader_at_end")))
         if info.get("sync_state"):
             extra.append("standby %s sync_state=%s" % (info.get("standby_name"), info["sync_state"]))

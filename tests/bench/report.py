@@ -497,9 +497,17 @@ def main():
                 problems.append("%s on %s: fio exited %s" % (p["phase"], p["target"], p["fio_rc"]))
             if st and not st.get("ok", True):
                 problems.append("%s on %s: the cluster did not settle" % (p["phase"], p["target"]))
-            if three and p.get("attached") and p.get("attached") in (p.get("leader_before"), st.get("leader")):
-                problems.append("%s on %s: attached site %s was the leader" % (
-                    p["phase"], p["target"], p["attached"]))
+            att = p.get("attached")
+            follows = three and p["target"] != "robib-3site-fwd"
+            if not att or not three or p["phase"] == "prefill" and follows:
+                pass
+            elif follows and "read" not in p["phase"]:
+                # Writes at the writer site, where the leader should have moved.
+                if att != p.get("leader_before"):
+                    problems.append("%s on %s: the leader (%s) was not the writer site %s: writes were forwarded" % (
+                        p["phase"], p["target"], p.get("leader_before"), att))
+            elif att in (p.get("leader_before"), st.get("leader")):
+                problems.append("%s on %s: attached site %s was the leader" % (p["phase"], p["target"], att))
 
     procs = process_stats(targets, phases, args.dir)
     if procs:
