@@ -155,6 +155,10 @@ type Stats struct {
 	BufferedBytes int64         // bytes charged against MaxBufferBytes
 	CommitCount   uint64        // successful Commit calls
 	CommitLatency time.Duration // sum of the durations of successful Commit calls
+	// CommitP50 and CommitP99: percentiles of the durations of the newest
+	// successful Commit calls (up to 1024): how long a replicated commit
+	// takes from this site right now, the floor of a FLUSH's latency.
+	CommitP50, CommitP99 time.Duration
 }
 
 // Volume is the write-back stage of one volume. Its methods are safe for
@@ -205,6 +209,7 @@ type Volume struct {
 	failures    int           // consecutive transient failures, for the backoff
 	retryAt     time.Time
 	stats       Stats
+	latency     latencyRing // durations of the newest successful Commit calls
 }
 
 // limits are the batch size rules derived from MaxBatchBytes.
@@ -675,10 +680,14 @@ func (v *Volume) Shutdown(ctx context.Context) error {
 // Stats returns a snapshot of the counters.
 func (v *Volume) Stats() Stats {
 	v.mu.Lock()
-	defer v.mu.Unlock()
 	s := v.stats
 	s.Inflight = v.inflight
 	s.PendingOps = v.pending.len()
 	s.BufferedBytes = v.bufferedLocked()
+	lat := v.latency.snapshot()
+	v.mu.Unlock()
+	// Sorted outside the lock: writers never wait for a stats call.
+	s.CommitP50 = percentile(lat, 0.50)
+	s.CommitP99 = percentile(lat, 0.99)
 	return s
 }

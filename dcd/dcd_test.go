@@ -969,3 +969,73 @@ func TestFlushTimeout(t *testing.T) {
 		t.Fatal("write not committed after the cluster came back")
 	}
 }
+
+func TestPercentile(t *testing.T) {
+	ms := func(n ...int) []time.Duration {
+		var out []time.Duration
+		for _, x := range n {
+			out = append(out, time.Duration(x)*time.Millisecond)
+		}
+		return out
+	}
+	for _, tc := range []struct {
+		ds   []time.Duration
+		q    float64
+		want time.Duration
+	}{
+		{nil, 0.5, 0},
+		{ms(7), 0.5, 7 * time.Millisecond},
+		{ms(7), 0.99, 7 * time.Millisecond},
+		{ms(4, 1, 3, 2), 0.5, 2 * time.Millisecond},
+		{ms(5, 1, 4, 2, 3), 0.5, 3 * time.Millisecond},
+		{ms(10, 9, 8, 7, 6, 5, 4, 3, 2, 1), 0.99, 10 * time.Millisecond},
+		{ms(10, 9, 8, 7, 6, 5, 4, 3, 2, 1), 0.9, 9 * time.Millisecond},
+	} {
+		if got := percentile(tc.ds, tc.q); got != tc.want {
+			t.Errorf("percentile(%v, %v) = %v, want %v", tc.ds, tc.q, got, tc.want)
+		}
+	}
+}
+
+func TestLatencyRingKeepsTheNewest(t *testing.T) {
+	var r latencyRing
+	for i := 1; i <= latencyWindow+10; i++ {
+		r.add(time.Duration(i))
+	}
+	got := r.snapshot()
+	if len(got) != latencyWindow {
+		t.Fatalf("ring holds %d durations, want %d", len(got), latencyWindow)
+	}
+	if lo := percentile(got, 0); lo != 11 {
+		t.Fatalf("oldest kept duration %d, want 11 (the first 10 overwritten)", lo)
+	}
+	if hi := percentile(got, 1); hi != latencyWindow+10 {
+		t.Fatalf("newest duration %d, want %d", hi, latencyWindow+10)
+	}
+}
+
+// TestStatsReportCommitLatency: Stats' percentiles come from the durations
+// of real Commit calls.
+func TestStatsReportCommitLatency(t *testing.T) {
+	f := newFakeCluster(t, 1<<20)
+	const commitTime = 3 * time.Millisecond
+	f.hook = func(*fsm.WriteBatch, int) error { time.Sleep(commitTime); return nil }
+	v := newVolume(t, f, Config{})
+	if s := v.Stats(); s.CommitP50 != 0 || s.CommitP99 != 0 {
+		t.Fatalf("percentiles before any commit: %v / %v", s.CommitP50, s.CommitP99)
+	}
+	for i := 0; i < 20; i++ {
+		mustWrite(t, v, bytes.Repeat([]byte{byte(i)}, 4096), int64(i)*4096)
+		mustFlush(t, v)
+	}
+	s := v.Stats()
+	if s.CommitCount < 20 {
+		t.Fatalf("%d commits for 20 flushed writes", s.CommitCount)
+	}
+	if s.CommitP50 < commitTime || s.CommitP99 < s.CommitP50 {
+		t.Fatalf("commit p50 %v, p99 %v: want p50 >= %v (each commit sleeps that long) and p99 >= p50", s.CommitP50, s.CommitP99, commitTime)
+	}
+	if mean := s.CommitLatency / time.Duration(s.CommitCount); s.CommitP50 > 20*mean {
+		t.Fatalf("commit p50 %v far above the mean %v", s.CommitP50, mean)
+	}
+}

@@ -280,6 +280,7 @@ func (v *Volume) handle(r commitResult) time.Duration {
 	if r.err == nil {
 		v.stats.CommitCount++
 		v.stats.CommitLatency += r.elapsed
+		v.latency.add(r.elapsed)
 		v.ackLocked(b.seq, r.index)
 		return 0
 	}

@@ -19,7 +19,7 @@ func newVolumeCmd(g *globals) *cobra.Command {
 		Args:  cobra.NoArgs, // an unknown subcommand is an error, not help
 		RunE:  func(cmd *cobra.Command, _ []string) error { return cmd.Help() },
 	}
-	cmd.AddCommand(newVolumeCreateCmd(g), newVolumeListCmd(g), newVolumeDeleteCmd(g), newVolumeResizeCmd(g), newVolumeVerifyCmd(g))
+	cmd.AddCommand(newVolumeCreateCmd(g), newVolumeListCmd(g), newVolumeDeleteCmd(g), newVolumeResizeCmd(g), newVolumeVerifyCmd(g), newVolumeStatsCmd(g))
 	return cmd
 }
 
@@ -140,5 +140,44 @@ func newVolumeResizeCmd(g *globals) *cobra.Command {
 		},
 	}
 	cmd.Flags().StringVar(&size, "size", "", "new size, e.g. 20GiB (required)")
+	return cmd
+}
+
+func newVolumeStatsCmd(g *globals) *cobra.Command {
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "stats NAME",
+		Short: "Show the volume's write-back stage at the site --api points to (commit latency, buffered bytes)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			st, err := c.WriteStage(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			if asJSON {
+				enc := json.NewEncoder(out)
+				enc.SetIndent("", "  ")
+				return enc.Encode(st)
+			}
+			if !st.Attached {
+				_, err := fmt.Fprintf(out, "volume %s is not attached read-write at site %s\n", st.Volume, st.Site)
+				return err
+			}
+			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+			fmt.Fprintf(tw, "volume\t%s (attached read-write at %s)\n", st.Volume, st.Site)
+			fmt.Fprintf(tw, "ops accepted\t%d\n", st.Accepted)
+			fmt.Fprintf(tw, "batches committed\t%d (%s of writes, %d retried)\n", st.Batches, config.FormatSize(int64(st.Bytes)), st.Retries)
+			fmt.Fprintf(tw, "in flight / buffered\t%d batches / %s\n", st.Inflight, config.FormatSize(st.BufferedBytes))
+			fmt.Fprintf(tw, "commit latency\tp50 %dµs, p99 %dµs (newest %d commits), mean %dµs\n",
+				st.CommitP50US, st.CommitP99US, min(st.Commits, 1024), st.CommitMeanUS)
+			return tw.Flush()
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	return cmd
 }

@@ -231,7 +231,7 @@ uri=""           # NBD URI fio uses
 raw_file=""
 attached=""      # robib-3site*: the site fio is attached to
 writer=""        # robib-3site (not -fwd): the site the write jobs run at
-declare -A site_nbd=() site_pid=()
+declare -A site_nbd=() site_pid=() site_api=()
 
 # shellcheck source=tests/bench/lib.sh
 . "$here/lib.sh"
@@ -390,6 +390,7 @@ setup_robib_3site() { # TARGET: robib-3site or one of its WAN variants
     samples+=("site$i=$last_pid")
     site_nbd[site$i]="127.0.0.1:${p[o]}"
     site_pid[site$i]=$last_pid
+    site_api[site$i]="http://127.0.0.1:${p[o + 1]}"
     urls+=("http://127.0.0.1:${p[o + 1]}")
   done
   api=${urls[0]}
@@ -531,7 +532,19 @@ run_phase() { # TARGET PHASE: one fio run (+ settle, sync) and its record; non-z
   fio --name="$job" "${common[@]}" $(job_args "$job" "$t") "${tb[@]}" \
     --output="$out/$job-$t.json" >/dev/null 2>"$out/$job-$t.err" &
   fio_pid=$!
+  local stage_pid=""
+  if [ -n "$api" ] && [ "$job" = rand-write-4k-flush ]; then
+    # The write-back stage's own view of a replicated commit (its latency
+    # percentiles), sampled at the attached site just before fio ends:
+    # the stage lives as long as fio's connection.
+    local stage_api=$api
+    [ -n "$attached" ] && stage_api=${site_api[$attached]}
+    (sleep "$((runtime > 2 ? runtime - 1 : 1))"
+     "$bin" --api "$stage_api" volume stats bench --json >"$out/stage-$job-$t.json" 2>/dev/null || true) &
+    stage_pid=$!
+  fi
   wait "$fio_pid" || rc=$?
+  if [ -n "$stage_pid" ]; then wait "$stage_pid" || true; fi
   fio_pid=""
   t1=$(date +%s.%N)
   if [ "$rc" != 0 ]; then
@@ -561,7 +574,7 @@ run_phase() { # TARGET PHASE: one fio run (+ settle, sync) and its record; non-z
 run_target() { # TARGET
   local t=$1 job
   target_pids=() samples=() api="" uri="" raw_file="" attached="" writer=""
-  site_nbd=() site_pid=()
+  site_nbd=() site_pid=() site_api=()
   echo "bench: === $t ===" >&2
   current=$t
   case $t in

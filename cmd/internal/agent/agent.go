@@ -147,7 +147,7 @@ func (a *Agent) open() error {
 	}); err != nil {
 		return err
 	}
-	mux := api.NewHandler(&clusterService{node: a.node, store: a.store}, log.With("component", "api"))
+	mux := api.NewHandler(&clusterService{node: a.node, store: a.store, stage: a.backend.stageStats}, log.With("component", "api"))
 	mux.Handle("/internal/", a.node.Handler())
 	// Profiling, on the admin listener only (bound to loopback by default).
 	mux.HandleFunc("/debug/pprof/", pprof.Index)

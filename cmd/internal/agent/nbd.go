@@ -37,6 +37,22 @@ type nbdBackend struct {
 	stages map[string]*stage
 }
 
+// stageStats returns the counters of the volume's write-back stage at this
+// site, if it is attached read-write here.
+func (b *nbdBackend) stageStats(name string) (dcd.Stats, bool) {
+	b.mu.Lock()
+	st := b.stages[name]
+	var d *dcd.Volume
+	if st != nil && st.busy == nil {
+		d = st.dcd
+	}
+	b.mu.Unlock()
+	if d == nil {
+		return dcd.Stats{}, false
+	}
+	return d.Stats(), true
+}
+
 // readOnlySuffix, appended to a volume name, selects a read-only attach.
 const readOnlySuffix = "@ro"
 

@@ -8,6 +8,7 @@ import (
 
 	"github.com/robib/robib/cluster"
 	"github.com/robib/robib/cmd/internal/api"
+	"github.com/robib/robib/dcd"
 	"github.com/robib/robib/fsm"
 	"github.com/robib/robib/volume"
 )
@@ -21,6 +22,9 @@ const adminTimeout = 30 * time.Second
 type clusterService struct {
 	node  *cluster.Node
 	store *volume.Store
+	// stage reports a volume's write-back stage at this site, if attached
+	// read-write here.
+	stage func(name string) (dcd.Stats, bool)
 }
 
 func toAPI(m volume.Meta) api.Volume {
@@ -163,4 +167,23 @@ func (s *clusterService) TransferLeadership(ctx context.Context, to string) (str
 	defer cancel()
 	l, err := s.node.TransferLeadership(ctx, to)
 	return l, apiErr(err)
+}
+
+func (s *clusterService) WriteStage(ctx context.Context, name string) (api.WriteStage, error) {
+	if _, err := s.GetVolume(ctx, name); err != nil {
+		return api.WriteStage{}, err
+	}
+	out := api.WriteStage{Volume: name, Site: s.node.Name()}
+	st, ok := s.stage(name)
+	if !ok {
+		return out, nil
+	}
+	out.Attached = true
+	out.Accepted, out.Batches, out.Bytes, out.Retries = st.Accepted, st.Batches, st.Bytes, st.Retries
+	out.Inflight, out.BufferedBytes, out.Commits = st.Inflight, st.BufferedBytes, st.CommitCount
+	if st.CommitCount > 0 {
+		out.CommitMeanUS = (st.CommitLatency / time.Duration(st.CommitCount)).Microseconds()
+	}
+	out.CommitP50US, out.CommitP99US = st.CommitP50.Microseconds(), st.CommitP99.Microseconds()
+	return out, nil
 }

@@ -30,6 +30,28 @@ type Volume struct {
 	Sync      string    `json:"sync"` // "flush" (default) or "always"
 }
 
+// WriteStage is the state of a volume's write-back stage at the site that
+// answers (GET /v1/volumes/{name}/stage). A stage exists while the volume
+// is attached read-write there; its counters start at the attach.
+type WriteStage struct {
+	Volume   string `json:"volume"`
+	Site     string `json:"site"`
+	Attached bool   `json:"attached"` // false: no read-write attach at this site (the rest is zero)
+
+	Accepted      uint64 `json:"accepted"`       // write/trim/zero ops accepted
+	Batches       uint64 `json:"batches"`        // batches committed
+	Bytes         uint64 `json:"bytes"`          // payload bytes committed
+	Retries       uint64 `json:"retries"`        // commit attempts that failed transiently and were resent
+	Inflight      int    `json:"inflight"`       // batches committing now
+	BufferedBytes int64  `json:"buffered_bytes"` // acknowledged writes not yet committed and applied here
+	Commits       uint64 `json:"commits"`        // successful commits
+	// Commit latency of the newest commits (up to 1024), in microseconds:
+	// a replicated commit as this site sees it, the floor of a FLUSH.
+	CommitMeanUS int64 `json:"commit_mean_us"` // over all commits
+	CommitP50US  int64 `json:"commit_p50_us"`
+	CommitP99US  int64 `json:"commit_p99_us"`
+}
+
 // CreateVolumeRequest is the body of POST /v1/volumes.
 type CreateVolumeRequest struct {
 	Name      string `json:"name"`
@@ -57,6 +79,9 @@ type Service interface {
 	DeleteVolume(ctx context.Context, name string) error
 	ResizeVolume(ctx context.Context, name string, size int64) (Volume, error)
 	VerifyVolume(ctx context.Context, name string, req VerifyRequest) (cluster.VerifyResult, error)
+	// WriteStage reports the volume's write-back stage at this site
+	// (ErrNotFound for an unknown volume).
+	WriteStage(ctx context.Context, name string) (WriteStage, error)
 
 	ClusterStatus(ctx context.Context) (cluster.Status, error)
 	Leave(ctx context.Context) error

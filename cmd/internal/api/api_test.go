@@ -35,6 +35,9 @@ func (f *fakeService) ResizeVolume(_ context.Context, n string, s int64) (Volume
 func (f *fakeService) VerifyVolume(context.Context, string, VerifyRequest) (cluster.VerifyResult, error) {
 	return cluster.VerifyResult{}, f.err
 }
+func (f *fakeService) WriteStage(_ context.Context, n string) (WriteStage, error) {
+	return WriteStage{Volume: n, Site: "s1", Attached: true, Commits: 3, CommitP50US: 800}, f.err
+}
 func (f *fakeService) ClusterStatus(context.Context) (cluster.Status, error) {
 	return cluster.Status{Leader: "s1"}, f.err
 }
@@ -72,6 +75,9 @@ func TestClientServerRoundTrip(t *testing.T) {
 	}
 	if v, err := c.ResizeVolume(ctx, "a b/c", 42); err != nil || v.Name != "a b/c" {
 		t.Fatalf("resize with an escaped name: %+v %v", v, err)
+	}
+	if st, err := c.WriteStage(ctx, "a b/c"); err != nil || st.Volume != "a b/c" || !st.Attached || st.CommitP50US != 800 {
+		t.Fatalf("write stage with an escaped name: %+v %v", st, err)
 	}
 }
 

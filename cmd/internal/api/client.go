@@ -122,6 +122,14 @@ func (c *Client) GetVolume(ctx context.Context, name string) (Volume, error) {
 	return v, err
 }
 
+// WriteStage reports a volume's write-back stage at the site the client
+// talks to.
+func (c *Client) WriteStage(ctx context.Context, name string) (WriteStage, error) {
+	var st WriteStage
+	err := c.Do(ctx, http.MethodGet, "/v1/volumes/"+url.PathEscape(name)+"/stage", nil, &st)
+	return st, err
+}
+
 // DeleteVolume deletes a volume.
 func (c *Client) DeleteVolume(ctx context.Context, name string) error {
 	return c.Do(ctx, http.MethodDelete, "/v1/volumes/"+url.PathEscape(name), nil, nil)

@@ -27,6 +27,7 @@ func NewHandler(svc Service, log *slog.Logger) *http.ServeMux {
 	mux.HandleFunc("DELETE /v1/volumes/{name}", h.deleteVolume)
 	mux.HandleFunc("POST /v1/volumes/{name}/resize", h.resizeVolume)
 	mux.HandleFunc("POST /v1/volumes/{name}/verify", h.verifyVolume)
+	mux.HandleFunc("GET /v1/volumes/{name}/stage", h.writeStage)
 	mux.HandleFunc("GET /v1/cluster/status", h.clusterStatus)
 	mux.HandleFunc("POST /v1/cluster/leave", h.leave)
 	mux.HandleFunc("POST /v1/cluster/remove", h.removeSite)
@@ -76,6 +77,15 @@ func (h *handler) createVolume(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusCreated, v)
+}
+
+func (h *handler) writeStage(w http.ResponseWriter, r *http.Request) {
+	st, err := h.svc.WriteStage(r.Context(), r.PathValue("name"))
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, st)
 }
 
 func (h *handler) getVolume(w http.ResponseWriter, r *http.Request) {
