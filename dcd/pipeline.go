@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"sort"
 	"time"
@@ -313,7 +314,13 @@ func (v *Volume) handle(r commitResult) time.Duration {
 		v.log.Warn("FSM lost the writer session, starting a new one", "old", old, "new", v.session, "seq", b.seq, "err", r.err)
 		return v.backoffLocked()
 	case r.timedOut || v.cfg.Retryable(r.err):
-		v.log.Warn("commit failed, retrying", "seq", b.seq, "attempt_ms", r.elapsed.Milliseconds(), "err", r.err)
+		// One warning per backoff round: a leader change fails every batch
+		// in flight at once, and they all say the same.
+		lvl := slog.LevelDebug
+		if !time.Now().Before(v.retryAt) {
+			lvl = slog.LevelWarn
+		}
+		v.log.Log(v.ctx, lvl, "commit failed, retrying", "seq", b.seq, "attempt_ms", r.elapsed.Milliseconds(), "inflight", v.inflight, "err", r.err)
 		return v.backoffLocked()
 	}
 	v.err = fmt.Errorf("%w: volume %s: batch %d rejected: %w", ErrFailed, v.name, b.seq, r.err)
