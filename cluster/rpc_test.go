@@ -3,6 +3,7 @@ package cluster
 import (
 	"bytes"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -41,5 +42,27 @@ func TestReadBody(t *testing.T) {
 				t.Fatalf("got %d bytes, %v; want %d bytes", len(got), err, len(c.want))
 			}
 		})
+	}
+}
+
+func TestLogWriterLevels(t *testing.T) {
+	var buf bytes.Buffer
+	w := &logWriter{log: slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug})), component: "raft"}
+	for _, line := range []string{
+		`2026-11-24T22:27:52.837Z [ERROR] raft: peer has newer term, stopping replication: peer="{Voter site2 x}"`,
+		`2026-11-24T22:27:52.837Z [ERROR] raft: failed to appendEntries to: peer=x`,
+		`2026-11-24T22:27:52.837Z [WARN]  raft: heartbeat timeout reached, starting election`,
+	} {
+		w.Write([]byte(line + "\n"))
+	}
+	out := buf.String()
+	for _, want := range []string{
+		`level=INFO msg="raft: peer has newer term`,
+		`level=ERROR msg="raft: failed to appendEntries`,
+		`level=WARN msg="raft: heartbeat timeout reached`,
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("log output lacks %s:\n%s", want, out)
+		}
 	}
 }

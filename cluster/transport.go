@@ -54,9 +54,18 @@ func (w *logWriter) Write(p []byte) (int, error) {
 			break
 		}
 	}
+	if lvl == slog.LevelError && strings.Contains(line, routineRaftError) {
+		lvl = slog.LevelInfo
+	}
 	w.log.Log(context.Background(), lvl, line, "component", w.component)
 	return len(p), nil
 }
+
+// routineRaftError is what raft logs as an error, once per follower, when a
+// leader learns that a newer term began: the normal end of a leadership
+// transfer (cluster transfer-leadership, leader placement) or of a leader
+// that was cut off. It is logged at info.
+const routineRaftError = "peer has newer term, stopping replication"
 
 func newHCLogger(name string, log *slog.Logger) hclog.Logger {
 	return hclog.New(&hclog.LoggerOptions{
