@@ -357,6 +357,7 @@ func TestCheckerFlushCoverage(t *testing.T) {
 	a := newFakeServer(t, st)
 	a.replyDelay = 2 * time.Millisecond
 	a.crashAt = 400
+	a.crashNeedsAcked = true // else a FLUSH just before the crash may leave no acknowledged write to lose
 	addrA := a.start()
 	b := newFakeServer(t, st)
 	addrB := b.start()

@@ -65,6 +65,11 @@ type fakeServer struct {
 	// crashAt > 0: when write number crashAt arrives, crash instead of
 	// answering it (listener and connections closed, unflushed data lost).
 	crashAt int
+	// crashNeedsAcked: from write crashAt on, crash only at a write that
+	// arrives while some answered write is still volatile (written and
+	// acknowledged after the last FLUSH was processed), so the crash loses
+	// an acknowledged write.
+	crashNeedsAcked bool
 	// replyDelay > 0: replies leave replyDelay after their request was
 	// processed, while later requests are processed meanwhile. A FLUSH then
 	// makes durable only the writes already answered, which is all the
@@ -296,6 +301,7 @@ func (s *fakeServer) transmit(nc net.Conn) {
 	var held [][]byte
 	first := true
 	pendingWrites := map[uint64]unanswered{} // under st.mu
+	ackedVolatile := 0                       // under st.mu: writes answered since the last flush that did not cover them
 	var replies chan delayedReply
 	if s.replyDelay > 0 {
 		replies = make(chan delayedReply, 1024)
@@ -306,9 +312,14 @@ func (s *fakeServer) transmit(nc net.Conn) {
 			for r := range replies {
 				time.Sleep(time.Until(r.at))
 				st.mu.Lock()
+				_, volatile := pendingWrites[r.cookie]
 				delete(pendingWrites, r.cookie)
 				st.mu.Unlock()
-				nc.Write(r.b)
+				if _, err := nc.Write(r.b); err == nil && volatile {
+					st.mu.Lock()
+					ackedVolatile++
+					st.mu.Unlock()
+				}
 			}
 		}()
 	}
@@ -388,14 +399,16 @@ func (s *fakeServer) transmit(nc net.Conn) {
 						copy(st.durable[off:], st.visible[off:off+uint64(n)])
 					}
 				}
+				acked := ackedVolatile
 				st.mu.Unlock()
-				if s.crashAt > 0 && wn == s.crashAt {
+				if s.crashAt > 0 && (wn == s.crashAt || s.crashNeedsAcked && wn > s.crashAt) && (!s.crashNeedsAcked || acked > 0) {
 					s.crash()
 					return
 				}
 			case cmdFlush:
 				st.mu.Lock()
 				if !st.lieFlush {
+					ackedVolatile = 0
 					copy(st.durable, st.visible)
 					for _, w := range pendingWrites {
 						copy(st.durable[w.off:], w.prev)
