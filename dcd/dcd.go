@@ -93,7 +93,7 @@ type Config struct {
 	MaxBatchBytes int
 	// MaxInflight bounds the batches committing concurrently. Below two
 	// in flight, pending operations are cut into a batch at once; above,
-	// only once half a batch has gathered (or a commit completes), so the
+	// only once a full batch has gathered (or commits complete), so the
 	// batch size adapts to the commit time. Default 16.
 	MaxInflight int
 	// SyncWrites makes WriteAt, Trim and WriteZeroes return only after the

@@ -190,12 +190,12 @@ func (v *Volume) schedule(stopping bool) (fresh []*batch, idle bool) {
 	for v.inflight < v.cfg.MaxInflight && v.pending.len() > 0 {
 		// Adaptive batching: while few batches are in flight, cut at once
 		// (low latency for a lone write or flush). With more in flight,
-		// cut only a batch worth sending (half the size limit) and let
-		// small writes gather until a commit completes: the batch size
+		// cut only full batches and let small writes gather until one is
+		// full or commits complete (fewer than two in flight): the batch size
 		// then follows the commit time, and slow commits (a WAN) get
 		// fuller batches and more of them in flight, instead of a stream
 		// of tiny entries.
-		if v.inflight >= eagerInflight && v.pending.bytes < int64(v.cfg.MaxBatchBytes/2) {
+		if v.inflight >= eagerInflight && v.pending.bytes < int64(v.cfg.MaxBatchBytes) {
 			break
 		}
 		fresh = append(fresh, v.cutLocked())
