@@ -1,7 +1,9 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 
@@ -86,6 +88,13 @@ func newLogger(cfg config.Config) (*slog.Logger, error) {
 }
 
 // usageError marks a bad command line.
+// printJSON writes v to out as indented JSON (every --json output).
+func printJSON(out io.Writer, v any) error {
+	enc := json.NewEncoder(out)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
 func usageError(format string, args ...any) error {
 	return fmt.Errorf("usage: "+format, args...)
 }

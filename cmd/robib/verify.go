@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -81,9 +80,7 @@ func newVolumeVerifyCmd(g *globals) *cobra.Command {
 			}
 			sum.OK = len(sum.Mismatches) == 0 && len(sum.Unreachable) == 0 && len(sum.Partial) == 0
 			if asJSON {
-				enc := json.NewEncoder(out)
-				enc.SetIndent("", "  ")
-				if err := enc.Encode(sum); err != nil {
+				if err := printJSON(out, sum); err != nil {
 					return err
 				}
 			} else {
