@@ -82,6 +82,18 @@ func requireNonVacuous(t *testing.T, rep *Report) {
 	}
 }
 
+// mustVerifyClean verifies the export at addr: the check must cover
+// written, durable blocks and find no problem.
+func mustVerifyClean(t *testing.T, c *Checker, addr string) *Report {
+	t.Helper()
+	rep := verifyAt(t, c, addr, VerifyOptions{})
+	requireNonVacuous(t, rep)
+	if err := rep.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return rep
+}
+
 func blockOf(off uint64) uint64 { return off / testBS }
 
 func TestCheckerCleanServer(t *testing.T) {
@@ -381,11 +393,7 @@ func TestCheckerFlushCoverage(t *testing.T) {
 	if stats.FlushesOK < 2 || partial == 0 {
 		t.Fatalf("scenario did not happen: %d flushes ok, %d partial", stats.FlushesOK, partial)
 	}
-	rep := verifyAt(t, c, addrB, VerifyOptions{})
-	requireNonVacuous(t, rep)
-	if err := rep.Err(); err != nil {
-		t.Fatal(err)
-	}
+	mustVerifyClean(t, c, addrB)
 	if strict := verifyAt(t, c, addrB, VerifyOptions{Floor: FloorAcked}); strict.ProblemCount == 0 {
 		t.Fatal("no acknowledged write was lost in the crash: the test proves nothing")
 	}
@@ -413,11 +421,7 @@ func TestCheckerSkipsBadSites(t *testing.T) {
 	if !strings.Contains(rec.Attempts[1].Err, "NBD_REP_ERR_POLICY: not serving this volume") || !strings.Contains(rec.Attempts[2].Err, "read-only") {
 		t.Fatalf("attempts: %+v", rec.Attempts)
 	}
-	rep := verifyAt(t, c, addrG, VerifyOptions{})
-	requireNonVacuous(t, rep)
-	if err := rep.Err(); err != nil {
-		t.Fatal(err)
-	}
+	mustVerifyClean(t, c, addrG)
 }
 
 func TestCheckerUnsuitableExport(t *testing.T) {
@@ -460,11 +464,7 @@ func TestCheckerRunCancel(t *testing.T) {
 	if stats.Running || stats.WritesInFlight != 0 || stats.WritesAcked+stats.WritesFailed+stats.WritesUnanswered != stats.WritesIssued {
 		t.Fatalf("stats after cancel: %+v", stats)
 	}
-	rep := verifyAt(t, c, addr, VerifyOptions{})
-	requireNonVacuous(t, rep)
-	if err := rep.Err(); err != nil {
-		t.Fatal(err)
-	}
+	mustVerifyClean(t, c, addr)
 }
 
 func TestCheckerNoServerUntilDeadline(t *testing.T) {
@@ -494,11 +494,7 @@ func TestCheckerStalledServerTimesOut(t *testing.T) {
 	if stats.Reconnects != 1 || stats.WritesUnanswered < 1 {
 		t.Fatalf("stats: %+v", stats)
 	}
-	rep := verifyAt(t, c, addrG, VerifyOptions{})
-	requireNonVacuous(t, rep)
-	if err := rep.Err(); err != nil {
-		t.Fatal(err)
-	}
+	mustVerifyClean(t, c, addrG)
 }
 
 // TestClassifySectorTearing builds blocks directly: every 512-byte tear
@@ -629,11 +625,7 @@ func TestNbdkitCheckerWithWriteErrors(t *testing.T) {
 	if stats.WritesFailed == 0 || stats.WritesAcked == 0 {
 		t.Fatalf("stats: %+v", stats)
 	}
-	rep := verifyAt(t, c, addr, VerifyOptions{})
-	requireNonVacuous(t, rep)
-	if err := rep.Err(); err != nil {
-		t.Fatal(err)
-	}
+	mustVerifyClean(t, c, addr)
 	var failed int
 	for _, b := range c.Record().Blocks {
 		for _, w := range b.Writes {
