@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"net"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -821,4 +822,140 @@ func TestReplyWriteFailure(t *testing.T) {
 		t.Fatal("connection handler did not finish")
 	}
 	be.waitAllClosed(t)
+}
+
+// gateConn is a net.Conn whose writes wait for the gate to open and then
+// succeed (recording the bytes) or fail with err.
+type gateConn struct {
+	net.Conn // nil: only Write and Close are used
+	gate     chan struct{}
+	entered  chan struct{} // closed at the first Write
+	once     sync.Once
+	err      error
+	mu       sync.Mutex
+	out      []byte
+	closed   atomic.Bool
+}
+
+func newGateConn(err error) *gateConn {
+	return &gateConn{gate: make(chan struct{}), entered: make(chan struct{}), err: err}
+}
+
+func (c *gateConn) Write(p []byte) (int, error) {
+	c.once.Do(func() { close(c.entered) })
+	<-c.gate
+	if c.err != nil {
+		return 0, c.err
+	}
+	c.mu.Lock()
+	c.out = append(c.out, p...)
+	c.mu.Unlock()
+	return len(p), nil
+}
+
+func (c *gateConn) Close() error { c.closed.Store(true); return nil }
+
+// sendAll sends one simple reply per cookie 1..n from its own goroutine
+// while the first reply's write is held at the gate, then opens it, and
+// returns each send's error.
+func sendAll(t *testing.T, tr *transmission, c *gateConn, n int) []error {
+	t.Helper()
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	send := func(i int) {
+		defer wg.Done()
+		j := getJob()
+		j.req.Cookie = uint64(i + 1)
+		errs[i] = tr.sendOK(j)
+	}
+	wg.Add(1)
+	go send(0)
+	<-c.entered
+	for i := 1; i < n; i++ {
+		wg.Add(1)
+		go send(i)
+	}
+	// Wait until every other reply is queued behind the blocked write.
+	waitFor(t, "replies queued", func() bool {
+		tr.wmu.Lock()
+		defer tr.wmu.Unlock()
+		return tr.queued == uint64(n)
+	})
+	close(c.gate)
+	wg.Wait()
+	return errs
+}
+
+func gateTransmission(c *gateConn) *transmission {
+	tr := &transmission{sc: &serverConn{Conn: c}, log: quietLogger()}
+	tr.wdone.L = &tr.wmu
+	return tr
+}
+
+// TestRepliesGroupWritten checks that replies that become ready while a
+// reply is being written leave together in the next write, each whole and
+// each exactly once, and that every sender returns only after its reply
+// is written.
+func TestRepliesGroupWritten(t *testing.T) {
+	const n = 50
+	c := newGateConn(nil)
+	tr := gateTransmission(c)
+	for i, err := range sendAll(t, tr, c, n) {
+		if err != nil {
+			t.Fatalf("send %d: %v", i, err)
+		}
+	}
+	if tr.writes != 2 {
+		t.Errorf("%d replies took %d writes, want 2 (the first alone, then the %d queued behind it)", n, tr.writes, n-1)
+	}
+	if len(c.out) != n*simpleReplyLen {
+		t.Fatalf("wrote %d bytes, want %d", len(c.out), n*simpleReplyLen)
+	}
+	seen := make(map[uint64]bool)
+	for off := 0; off < len(c.out); off += simpleReplyLen {
+		r := c.out[off : off+simpleReplyLen]
+		if binary.BigEndian.Uint32(r) != magicSimpleReply || binary.BigEndian.Uint32(r[4:]) != 0 {
+			t.Fatalf("reply at %d is not a simple OK reply: %x", off, r)
+		}
+		cookie := binary.BigEndian.Uint64(r[8:])
+		if cookie < 1 || cookie > n || seen[cookie] {
+			t.Fatalf("reply at %d: unexpected or repeated cookie %d", off, cookie)
+		}
+		seen[cookie] = true
+	}
+	if binary.BigEndian.Uint64(c.out[8:]) != 1 {
+		t.Errorf("the first reply written is not the one that was being written first")
+	}
+	if tr.queue == nil && tr.spare == nil {
+		t.Errorf("no reply slice kept for reuse")
+	}
+	for i, b := range tr.spare[:cap(tr.spare)] {
+		if b != nil {
+			t.Fatalf("reused reply slice still references buffer %d", i)
+		}
+	}
+}
+
+// TestGroupWriteFailure checks that a failed reply write fails every
+// reply queued with it or after it, closes the connection, and leaves no
+// sender waiting.
+func TestGroupWriteFailure(t *testing.T) {
+	const n = 20
+	c := newGateConn(errors.New("connection reset by the test"))
+	tr := gateTransmission(c)
+	for i, err := range sendAll(t, tr, c, n) {
+		if err == nil || !strings.Contains(err.Error(), "connection reset by the test") {
+			t.Fatalf("send %d: got %v, want the write error", i, err)
+		}
+	}
+	if !c.closed.Load() {
+		t.Error("connection not closed after a failed reply write")
+	}
+	j := getJob()
+	if err := tr.sendOK(j); err == nil {
+		t.Error("a send after the failure succeeded")
+	}
+	if !tr.writeFailed() {
+		t.Error("writeFailed is false after a failed write")
+	}
 }
