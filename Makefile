@@ -60,7 +60,7 @@ soak: tools
 		$(GO) test -count=1 -v -timeout 240m -run '^(TestSoak|TestFailoverTime)$$' ./tests/faults/ 2>&1 | tee tests/faults/results/soak.log | grep -E 'REPORT|FAILOVER|soak|leader kills|^(---|ok|FAIL|PASS)'
 
 bench: build tools
-	$(GO) test -run='^$$' -bench=. -benchmem ./volume ./nbdfront ./dcd ./fsm
+	$(GO) test -run='^$$' -bench=. -benchmem ./volume ./nbdfront ./dcd ./fsm ./cluster
 	ROBIB_BIN=$(CURDIR)/$(BIN) tests/bench/run.sh
 
 demo: build
