@@ -4,8 +4,12 @@ package nbdfront
 //
 //   - the reader (the connection handler goroutine) reads and validates
 //     request headers, reads WRITE payloads, answers invalid requests
-//     itself and starts one worker goroutine per valid request;
-//   - workers call the Device and write their reply.
+//     itself and hands each valid request to a worker: an idle one if one
+//     is waiting, else a new one (at most MaxWorkers per connection);
+//   - workers call the Device, write their reply, then wait for the next
+//     request until the connection ends. Reusing them keeps the stack a
+//     worker has grown (the Device's call chain can be deep) instead of
+//     growing a fresh one per request.
 //
 // Replies never interleave; they may go out in any order. Replies that
 // become ready while another is being written are gathered and written
@@ -143,7 +147,10 @@ type transmission struct {
 	discardLimit int64 // largest WRITE payload skipped after an error reply
 	slots        chan struct{}
 	budget       *budget
-	inflight     sync.WaitGroup // workers started and not finished
+	inflight     sync.WaitGroup // requests handed to workers and not finished
+	idle         chan *job      // unbuffered: a request for a worker waiting for one
+	done         chan struct{}  // closed once no request is in flight: idle workers exit
+	workers      int            // workers started; owned by the reader
 
 	hdr [requestHeaderLen]byte // reader scratch
 
@@ -176,6 +183,8 @@ func newTransmission(s *Server, sc *serverConn, br *bufio.Reader, log *slog.Logg
 		discardLimit: max(int64(s.cfg.MaxPayload), minDiscardLimit),
 		slots:        make(chan struct{}, s.cfg.MaxWorkers),
 		budget:       newBudget(s.cfg.MaxConnBuffer),
+		idle:         make(chan *job),
+		done:         make(chan struct{}),
 	}
 	t.wdone.L = &t.wmu
 	return t
@@ -203,6 +212,7 @@ func (t *transmission) run() {
 	// Orderly ends let in-flight requests finish and reply, as NBD_CMD_DISC
 	// and server shutdown require.
 	t.inflight.Wait()
+	close(t.done)
 	t.sc.Conn.Close()
 	closeExport(t.exp, t.log)
 }
@@ -272,8 +282,38 @@ func (t *transmission) dispatch(req request) error {
 	}
 	j.started = true
 	t.inflight.Add(1)
-	go t.work(j)
+	t.handOff(j)
 	return nil
+}
+
+// handOff gives a request to an idle worker, or to a new one while fewer
+// than MaxWorkers exist. With MaxWorkers workers, at most MaxWorkers-1
+// hold a request (the reader holds the last slot), so one is idle or about
+// to be, and the send completes.
+func (t *transmission) handOff(j *job) {
+	select {
+	case t.idle <- j:
+		return
+	default:
+	}
+	if t.workers < t.s.cfg.MaxWorkers {
+		t.workers++
+		go t.worker(j)
+		return
+	}
+	t.idle <- j
+}
+
+// worker serves requests until the connection ends.
+func (t *transmission) worker(j *job) {
+	for {
+		t.work(j)
+		select {
+		case j = <-t.idle:
+		case <-t.done:
+			return
+		}
+	}
 }
 
 // reject answers an invalid request from the reader goroutine. A WRITE

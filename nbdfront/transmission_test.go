@@ -7,6 +7,7 @@ import (
 	"io"
 	"math"
 	"net"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -958,4 +959,38 @@ func TestGroupWriteFailure(t *testing.T) {
 	if !tr.writeFailed() {
 		t.Error("writeFailed is false after a failed write")
 	}
+}
+
+// TestWorkersBoundedAndGone checks that a connection runs at most
+// MaxWorkers worker goroutines however many requests it pipelines, that
+// every request is served, and that the (reused, idle) workers are gone
+// once the connection has ended.
+func TestWorkersBoundedAndGone(t *testing.T) {
+	const maxWorkers, n, chunk = 4, 200, 4096
+	e := newEnv(t, func(c *Config) { c.MaxWorkers = maxWorkers })
+	before := runtime.NumGoroutine()
+	var peak atomic.Int64
+	e.disk.setHook(func(op string, off, length int64) error {
+		for g := int64(runtime.NumGoroutine()); ; {
+			p := peak.Load()
+			if g <= p || peak.CompareAndSwap(p, g) {
+				break
+			}
+		}
+		time.Sleep(200 * time.Microsecond)
+		return nil
+	})
+	c, _ := e.open("disk", false, false)
+	if err := runConcurrent(c, 0, n, chunk); err != nil {
+		t.Fatal(err)
+	}
+	// The connection adds its handler, the test client's reader and sender,
+	// and its workers.
+	if extra := peak.Load() - int64(before); extra > maxWorkers+4 {
+		t.Errorf("%d goroutines above the baseline while serving, want at most %d workers (+4)", extra, maxWorkers)
+	}
+	c.disc()
+	c.expectClosed()
+	e.be.waitAllClosed(t)
+	waitFor(t, "workers to exit", func() bool { return runtime.NumGoroutine() <= before })
 }
