@@ -28,6 +28,7 @@ import (
 const (
 	pathLeaseAcquire = "/internal/v1/lease/acquire"
 	pathLeaseRenew   = "/internal/v1/lease/renew"
+	pathReadIndex    = "/internal/v1/read-index"
 )
 
 // DefaultLeaseTTL is how long a volume lease survives without renewal.
@@ -44,6 +45,9 @@ type leaseRequest struct {
 // leaseReply is their answer.
 type leaseReply struct {
 	Epoch uint64 `json:"epoch,omitempty"`
+	// Index: acquire: the log index of the AcquireLease entry; read-index:
+	// the leader's read index.
+	Index uint64 `json:"index,omitempty"`
 	// Code: "" success, "held" (ErrLeaseHeld), "lost" (ErrLeaseLost),
 	// "retry" (not the leader, ...), or an fsm error code.
 	Code  string `json:"code,omitempty"`
@@ -90,21 +94,65 @@ func (t *leaseTable) resetLocked(term uint64, now time.Time) {
 	}
 }
 
+// Grant is a lease acquisition's outcome: the epoch the writer's batches
+// must carry (dcd.Config.Epoch) and the log index of the AcquireLease entry.
+// Every entry committed before the grant has a smaller index, so a site
+// that has applied Index holds every write acknowledged under earlier
+// epochs: the new writer may serve reads from it (see WaitApplied).
+type Grant struct {
+	Epoch uint64
+	Index uint64
+	// Sent is when the request that won the lease was sent (this site's
+	// clock): the leader counts the lease from a moment after it, so a
+	// holder measuring its validity from Sent errs on the safe side.
+	Sent time.Time
+}
+
 // AcquireLease takes the read-write lease of volume (incarnation created)
-// for this site and returns its epoch: batches written under it must carry
-// it (dcd.Config.Epoch). A lease this site already holds is taken again at
-// a new epoch, which fences this site's own earlier writers. It fails with
+// for this site. A lease this site already holds is taken again at a new
+// epoch, which fences this site's own earlier writers. It fails with
 // ErrLeaseHeld while another site holds the lease and renews it; transient
 // conditions are retried until ctx ends.
-func (n *Node) AcquireLease(ctx context.Context, volume string, created int64) (uint64, error) {
+func (n *Node) AcquireLease(ctx context.Context, volume string, created int64) (Grant, error) {
 	req := leaseRequest{Volume: volume, Site: n.cfg.Name, Created: created}
-	var epoch uint64
-	err := n.onLeaderCall(ctx, func() error {
+	var g Grant
+	err := n.onLeaderCall(ctx, func(sent time.Time) error {
 		var err error
-		epoch, err = n.acquireLocal(ctx, req)
+		g, err = n.acquireLocal(ctx, req)
+		g.Sent = sent
 		return err
-	}, pathLeaseAcquire, req, func(rep leaseReply) { epoch = rep.Epoch })
-	return epoch, err
+	}, pathLeaseAcquire, req, func(rep leaseReply, sent time.Time) { g = Grant{Epoch: rep.Epoch, Index: rep.Index, Sent: sent} })
+	return g, err
+}
+
+// ReadIndex returns a log index that covers every entry committed before the
+// call: the leader's last log index, read after the leader confirmed with a
+// majority that it still leads. A site that has applied it reads nothing
+// older than what was acknowledged before the call. It fails (retryably)
+// when no leader can be reached; it makes one attempt per leader.
+func (n *Node) ReadIndex(ctx context.Context) (uint64, error) {
+	var idx uint64
+	err := n.onLeaderCall(ctx, func(time.Time) error {
+		var err error
+		idx, err = n.readIndexLocal()
+		return err
+	}, pathReadIndex, leaseRequest{}, func(rep leaseReply, _ time.Time) { idx = rep.Index })
+	return idx, err
+}
+
+// readIndexLocal is ReadIndex on the leader.
+func (n *Node) readIndexLocal() (uint64, error) {
+	if !n.IsLeader() {
+		return 0, ErrNotLeader
+	}
+	// LastIndex is read before the check: every entry committed before the
+	// call is in this leader's log at or below it, and the check proves
+	// that no other leader could have committed anything past it first.
+	idx := n.raft.LastIndex()
+	if err := n.raft.VerifyLeader().Error(); err != nil {
+		return 0, raftErr(err)
+	}
+	return idx, nil
 }
 
 // RenewLease tells the leader this site still holds volume's lease at
@@ -135,9 +183,9 @@ func (n *Node) ReleaseLease(ctx context.Context, volume string, epoch uint64) er
 }
 
 // acquireLocal decides and proposes an acquisition; leader only.
-func (n *Node) acquireLocal(ctx context.Context, req leaseRequest) (uint64, error) {
+func (n *Node) acquireLocal(ctx context.Context, req leaseRequest) (Grant, error) {
 	if !n.IsLeader() {
-		return 0, ErrNotLeader
+		return Grant{}, ErrNotLeader
 	}
 	term := n.raft.CurrentTerm()
 	cur, _ := n.fsm.Lease(req.Volume)
@@ -145,7 +193,7 @@ func (n *Node) acquireLocal(ctx context.Context, req leaseRequest) (uint64, erro
 		now := time.Now()
 		last := n.leases.lastRenewal(term, req.Volume, cur, now)
 		if left := n.cfg.LeaseTTL - now.Sub(last); left > 0 {
-			return 0, fmt.Errorf("%w: volume %s is attached read-write at site %s (lease epoch %d, expires in %v unless renewed)",
+			return Grant{}, fmt.Errorf("%w: volume %s is attached read-write at site %s (lease epoch %d, expires in %v unless renewed)",
 				ErrLeaseHeld, req.Volume, cur.Holder, cur.Epoch, left.Round(100*time.Millisecond))
 		}
 		n.log.Warn("volume lease expired; granting it to another site", "volume", req.Volume,
@@ -154,33 +202,44 @@ func (n *Node) acquireLocal(ctx context.Context, req leaseRequest) (uint64, erro
 	cmd := &fsm.AcquireLease{Volume: req.Volume, Site: req.Site, Created: req.Created, Prev: cur.Epoch}
 	data, err := fsm.Encode(cmd)
 	if err != nil {
-		return 0, fmt.Errorf("%w: %w", ErrInvalid, err)
+		return Grant{}, fmt.Errorf("%w: %w", ErrInvalid, err)
 	}
 	// Proposed here, never forwarded: the expiry was judged by this
 	// leader's view of renewals.
 	res, err := n.applyLocal(ctx, cmd, data, n.cfg.Name)
 	if err != nil {
-		return 0, err
+		return Grant{}, err
 	}
 	if errors.Is(res.Err, fsm.ErrLeaseConflict) {
 		// Someone's acquisition was applied in between: decide again.
-		return 0, fmt.Errorf("%w: %v", ErrRetry, res.Err)
+		return Grant{}, fmt.Errorf("%w: %v", ErrRetry, res.Err)
 	}
 	if res.Err != nil {
-		return 0, res.Err
+		return Grant{}, res.Err
 	}
-	epoch := cur.Epoch + 1
-	n.leases.renewed(term, req.Volume, req.Site, epoch, time.Now())
-	n.log.Info("volume lease granted", "volume", req.Volume, "holder", req.Site, "epoch", epoch)
-	return epoch, nil
+	g := Grant{Epoch: cur.Epoch + 1, Index: res.Index}
+	n.leases.renewed(term, req.Volume, req.Site, g.Epoch, time.Now())
+	n.log.Info("volume lease granted", "volume", req.Volume, "holder", req.Site, "epoch", g.Epoch, "index", g.Index)
+	return g, nil
 }
 
-// renewLocal records a renewal; leader only.
+// renewLocal records a renewal; leader only. The renewal counts only once
+// this site has confirmed with a majority that it still leads, after the
+// request arrived: a deposed leader that has not noticed yet must not extend
+// a lease its successor may already be expiring (see DESIGN.md, "Leases and
+// self-fencing").
 func (n *Node) renewLocal(req leaseRequest) error {
 	if !n.IsLeader() {
 		return ErrNotLeader
 	}
 	term := n.raft.CurrentTerm()
+	at := time.Now()
+	if err := n.raft.VerifyLeader().Error(); err != nil {
+		return raftErr(err)
+	}
+	if n.raft.CurrentTerm() != term {
+		return fmt.Errorf("%w: term changed during renewal", ErrNotLeader)
+	}
 	cur, _ := n.fsm.Lease(req.Volume)
 	switch {
 	case cur.Epoch > req.Epoch || cur.Epoch == req.Epoch && cur.Holder != req.Site:
@@ -190,7 +249,7 @@ func (n *Node) renewLocal(req leaseRequest) error {
 		// This leader has not applied the acquisition yet; it is
 		// committed (the holder learned its epoch from a commit).
 	}
-	n.leases.renewed(term, req.Volume, req.Site, req.Epoch, time.Now())
+	n.leases.renewed(term, req.Volume, req.Site, req.Epoch, at)
 	return nil
 }
 
@@ -208,18 +267,20 @@ func (n *Node) leaderAPI() (string, error) {
 }
 
 // onLeaderCall is onLeader for the lease endpoints, which answer a body.
-func (n *Node) onLeaderCall(ctx context.Context, local func() error, path string, req leaseRequest, ok func(leaseReply)) error {
+// Both callbacks get the time the attempt was sent.
+func (n *Node) onLeaderCall(ctx context.Context, local func(sent time.Time) error, path string, req leaseRequest, ok func(rep leaseReply, sent time.Time)) error {
 	backoff := 20 * time.Millisecond
 	for {
 		var err error
+		sent := time.Now()
 		if n.IsLeader() {
-			err = local()
+			err = local(sent)
 		} else if addr, aerr := n.leaderAPI(); aerr != nil {
 			err = aerr
 		} else {
 			var rep leaseReply
 			if rep, err = n.rpc.lease(ctx, addr, path, req); err == nil {
-				ok(rep)
+				ok(rep, sent)
 			}
 		}
 		if err == nil || !IsRetryable(err) {
@@ -248,9 +309,13 @@ func (n *Node) handleLease(w http.ResponseWriter, r *http.Request) {
 	)
 	switch r.URL.Path {
 	case pathLeaseAcquire:
-		rep.Epoch, err = n.acquireLocal(r.Context(), req)
+		var g Grant
+		g, err = n.acquireLocal(r.Context(), req)
+		rep.Epoch, rep.Index = g.Epoch, g.Index
 	case pathLeaseRenew:
 		err = n.renewLocal(req)
+	case pathReadIndex:
+		rep.Index, err = n.readIndexLocal()
 	}
 	if err != nil {
 		rep.Code, rep.Error = leaseCode(err), err.Error()

@@ -134,7 +134,19 @@ func (n *Node) applyLocal(ctx context.Context, cmd fsm.Command, data []byte, ori
 		if n.cfg.LeaderFollowsWrites {
 			n.origins.note(origin)
 		}
-		n.seq.append(c.Session, c.Seq, func() { fut = n.raft.Apply(data, timeout) })
+		// A forward whose sender gave up (leader change, timeout) while it
+		// waited here is dropped before it reaches the log: the sender
+		// resends it, and a copy appended after the resend would reach the
+		// FSM late. (Safety does not depend on it, see "Late copies of a
+		// batch" in fsm/DESIGN.md, but it keeps them out of the log.)
+		n.seq.append(c.Session, c.Seq, func() {
+			if ctx.Err() == nil {
+				fut = n.raft.Apply(data, timeout)
+			}
+		})
+		if fut == nil {
+			return nil, ctx.Err()
+		}
 	case *fsm.EndSession:
 		n.seq.forget(c.Session)
 		fut = n.raft.Apply(data, timeout)

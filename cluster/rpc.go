@@ -53,6 +53,7 @@ func (n *Node) Handler() http.Handler {
 	mux.HandleFunc("POST "+pathTransfer, n.handleTransfer)
 	mux.HandleFunc("POST "+pathLeaseAcquire, n.handleLease)
 	mux.HandleFunc("POST "+pathLeaseRenew, n.handleLease)
+	mux.HandleFunc("POST "+pathReadIndex, n.handleLease)
 	return mux
 }
 

@@ -621,6 +621,36 @@ func (v *Volume) Pending(off, length int64) bool {
 	return v.pending.overlaps(off, end)
 }
 
+// Range is a byte range of a volume.
+type Range struct{ Off, Len int64 }
+
+// Buffered returns the ranges of the buffered operations (writes, trims,
+// zeroings not yet applied locally) that overlap [off, off+length), clipped
+// to it, in no particular order. The local copy's allocation there is not
+// final. Like ReadAt, a caller that combines them with the local copy must
+// call Buffered first and read the local copy after: an operation that
+// leaves the buffer in between is applied locally by then (DESIGN.md).
+func (v *Volume) Buffered(off, length int64) []Range {
+	if length <= 0 {
+		return nil
+	}
+	end := off + length
+	if end < off {
+		end = math.MaxInt64
+	}
+	v.mu.Lock()
+	ops := v.captureLocked(nil, off, end)
+	v.mu.Unlock()
+	out := make([]Range, 0, len(ops))
+	for _, op := range ops {
+		lo, hi := max(op.Off, off), min(op.Off+op.Len, end)
+		if lo < hi {
+			out = append(out, Range{Off: lo, Len: hi - lo})
+		}
+	}
+	return out
+}
+
 // Close is Shutdown without a deadline: it flushes every buffered operation
 // (retrying for as long as the cluster is unavailable), waits until they are
 // applied locally, and stops the background goroutines. It returns the

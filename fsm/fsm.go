@@ -431,8 +431,13 @@ func (f *FSM) applyCommand(index uint64, cmd Command) (outcome, error) {
 		if c.Session == 0 {
 			return outcome{err: fmt.Errorf("%w: session 0", ErrInvalid)}, nil
 		}
-		delete(f.sessions, c.Session)
-		f.updateSessionCount()
+		// A pinned session outlives its EndSession: forgetting it while
+		// its epoch can still write would let a late copy of its first
+		// batch start it afresh. It goes with its lease.
+		if s := f.sessions[c.Session]; s != nil && !f.pinned(s) {
+			delete(f.sessions, c.Session)
+			f.updateSessionCount()
+		}
 		return outcome{}, nil
 	case *VerifyChunks:
 		return f.applyVerify(index, c), nil
@@ -468,6 +473,14 @@ func (f *FSM) applyWriteBatch(index uint64, b *WriteBatch) (outcome, error) {
 	case s != nil && s.Failed != "":
 		return outcome{err: ErrorFromCode(s.Failed, fmt.Sprintf("session %x lost a batch earlier (%s); it accepts no more writes", b.Session, s.Failed))}, nil
 	case s == nil && b.Seq != 1:
+		// An unknown session's batch after the first: a session dropped
+		// with its lease is told why (its writer was fenced), any other
+		// writer to resend from Seq 1.
+		if err := f.checkEpoch(b.Volume, b.Epoch); err != nil {
+			f.recordSession(b, index)
+			f.sessions[b.Session].Failed = ErrorCode(err)
+			return outcome{err: err}, nil
+		}
 		return outcome{err: fmt.Errorf("%w: session %x is unknown (new or evicted) and seq is %d, not 1",
 			ErrSeqGap, b.Session, b.Seq)}, nil
 	case s != nil && b.Seq <= s.LastSeq:
@@ -481,7 +494,7 @@ func (f *FSM) applyWriteBatch(index uint64, b *WriteBatch) (outcome, error) {
 	}
 	// The verdict, accepted or rejected, is the answer for this Seq; a
 	// rejection fails the session for good (see session.Failed).
-	f.recordSession(b.Session, b.Seq, index)
+	f.recordSession(b, index)
 	if verdict != nil {
 		f.sessions[b.Session].Failed = ErrorCode(verdict)
 	}
@@ -534,27 +547,60 @@ func (f *FSM) applyOps(b *WriteBatch) (verdict, local error) {
 	return nil, nil
 }
 
-// recordSession sets a session's LastSeq and LastIndex, evicting the least
-// recently used sessions (smallest LastIndex, unique per session) when a
-// new one would exceed MaxSessions.
-func (f *FSM) recordSession(id, seq, index uint64) {
-	if s := f.sessions[id]; s != nil {
-		s.LastSeq, s.LastIndex = seq, index
+// recordSession sets the LastSeq and LastIndex of b's session. A new
+// session records b's volume and epoch; when it would exceed MaxSessions,
+// the least recently used sessions that are not pinned (smallest LastIndex,
+// unique per session) are evicted first. Pinned sessions are never evicted:
+// there is at most one per held lease, so they cannot grow without bound.
+func (f *FSM) recordSession(b *WriteBatch, index uint64) {
+	if s := f.sessions[b.Session]; s != nil {
+		s.LastSeq, s.LastIndex = b.Seq, index
 		return
 	}
 	for len(f.sessions) >= f.opts.MaxSessions {
 		var victim uint64
 		oldest := ^uint64(0)
 		for sid, s := range f.sessions {
+			if f.pinned(s) {
+				continue
+			}
 			if s.LastIndex < oldest || s.LastIndex == oldest && sid < victim {
 				victim, oldest = sid, s.LastIndex
 			}
 		}
+		if oldest == ^uint64(0) {
+			break // every session is pinned
+		}
 		delete(f.sessions, victim)
 		f.log.Debug("fsm: evicted writer session", "session", victim, "last_index", oldest)
 	}
-	f.sessions[id] = &session{LastSeq: seq, LastIndex: index}
+	f.sessions[b.Session] = &session{LastSeq: b.Seq, LastIndex: index, Volume: b.Volume, Epoch: b.Epoch}
 	f.updateSessionCount()
+}
+
+// pinned reports whether s belongs to the lease its volume is held under
+// right now (FSM goroutine only).
+func (f *FSM) pinned(s *session) bool {
+	if s.Epoch == 0 {
+		return false
+	}
+	l, ok := f.leases[s.Volume]
+	return ok && l.Holder != "" && l.Epoch == s.Epoch
+}
+
+// dropSessions forgets every session of volume: its lease was released or
+// taken at a new epoch, or the volume was deleted. The epoch check rejects
+// any later batch of them (FSM goroutine only).
+func (f *FSM) dropSessions(volume string) {
+	n := len(f.sessions)
+	for id, s := range f.sessions {
+		if s.Volume == volume && s.Epoch != 0 {
+			delete(f.sessions, id)
+		}
+	}
+	if len(f.sessions) != n {
+		f.updateSessionCount()
+	}
 }
 
 func (f *FSM) updateSessionCount() {
@@ -622,6 +668,7 @@ func (f *FSM) applyDelete(c *DeleteVolume) (outcome, error) {
 		return outcome{}, err
 	}
 	f.setLease(c.Name, Lease{}, false)
+	f.dropSessions(c.Name)
 	return outcome{metaChanged: true}, nil
 }
 

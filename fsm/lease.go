@@ -81,6 +81,7 @@ func (f *FSM) applyAcquire(c *AcquireLease) (outcome, error) {
 			ErrLeaseConflict, c.Volume, c.Prev, cur.Epoch, cur.Holder)}, nil
 	}
 	f.setLease(c.Volume, Lease{Holder: c.Site, Epoch: c.Prev + 1}, true)
+	f.dropSessions(c.Volume)
 	return outcome{}, nil
 }
 
@@ -91,6 +92,7 @@ func (f *FSM) applyRelease(c *ReleaseLease) outcome {
 			ErrLeaseConflict, c.Volume, c.Site, c.Epoch, cur.Epoch, cur.Holder)}
 	}
 	f.setLease(c.Volume, Lease{Epoch: cur.Epoch}, true)
+	f.dropSessions(c.Volume)
 	return outcome{}
 }
 

@@ -153,17 +153,35 @@ func TestLeasesTravelInSnapshots(t *testing.T) {
 	}
 }
 
-func TestStateDecodesVersion1(t *testing.T) {
-	img := &stateImage{Applied: 7, Sessions: []sessionEntry{{ID: 3, session: session{LastSeq: 2, LastIndex: 6}}}}
-	b := encodeState(img)
-	// Version 1 is version 2 without the trailing lease count.
-	v1 := append([]byte{stateVersionV1}, b[1:len(b)-1]...)
-	got, err := decodeState(v1)
-	if err != nil {
-		t.Fatalf("version 1 state: %v", err)
+func TestStateDecodesOlderVersions(t *testing.T) {
+	// Written out byte by byte, as versions 1 and 2 wrote them: version,
+	// flags, applied 7, fuzzy-until 0, no volumes, one session (id 3,
+	// last seq 2, last index 6, not failed); version 2 adds the lease
+	// list (volume "v", holder "a", epoch 4).
+	v1 := []byte{1, 0, 7, 0, 0, 1, 3, 2, 6, 0}
+	v2 := append([]byte{2}, v1[1:]...)
+	v2 = append(v2, 1, 1, 'v', 1, 'a', 4)
+	wantSession := sessionEntry{ID: 3, session: session{LastSeq: 2, LastIndex: 6}}
+	for name, b := range map[string][]byte{"version 1": v1, "version 2": v2} {
+		got, err := decodeState(b)
+		if err != nil {
+			t.Fatalf("%s state: %v", name, err)
+		}
+		if got.Applied != 7 || len(got.Sessions) != 1 || got.Sessions[0] != wantSession {
+			t.Fatalf("%s state decoded as %+v", name, got)
+		}
+		if name == "version 2" && (len(got.Leases) != 1 || got.Leases[0] != (leaseEntry{Volume: "v", Lease: Lease{Holder: "a", Epoch: 4}})) {
+			t.Fatalf("version 2 leases decoded as %+v", got.Leases)
+		}
 	}
-	if got.Applied != 7 || len(got.Sessions) != 1 || len(got.Leases) != 0 {
-		t.Fatalf("version 1 state decoded as %+v", got)
+	// Version 3 records each session's volume and epoch.
+	img := &stateImage{Applied: 7, Sessions: []sessionEntry{{ID: 3, session: session{LastSeq: 2, LastIndex: 6, Volume: "v", Epoch: 4}}}}
+	got, err := decodeState(encodeState(img))
+	if err != nil || len(got.Sessions) != 1 || got.Sessions[0] != img.Sessions[0] {
+		t.Fatalf("version 3 round trip: %+v, %v", got, err)
+	}
+	if _, err := decodeState(append([]byte{stateVersion + 1}, v1[1:]...)); err == nil {
+		t.Fatal("a state of a newer version decoded")
 	}
 	bad := []*stateImage{
 		{Leases: []leaseEntry{{Volume: "v", Lease: Lease{Holder: "a", Epoch: 0}}}},

@@ -31,6 +31,15 @@ type session struct {
 	// included — gets the same verdict: a writer whose answer was lost
 	// can never see a resend succeed as a duplicate.
 	Failed string
+	// Volume and Epoch are those of the session's first batch. While
+	// Volume's lease is held at Epoch the session is pinned: it is never
+	// evicted and EndSession keeps it, so a late copy of any of its
+	// batches is answered as a duplicate; once the lease is released or
+	// taken at a new epoch, the session is dropped, and the epoch check
+	// rejects every late copy (DESIGN.md, "Late copies of a batch").
+	// Sessions recorded by state versions 1 and 2 have neither.
+	Volume string
+	Epoch  uint64
 }
 
 // sessionEntry is a session with its ID, as stored.
@@ -43,12 +52,13 @@ type sessionEntry struct {
 // checkpoint (Volumes empty) and in the state record of a snapshot
 // (Restoring false, FuzzyUntil 0).
 //
-// Encoding (version 2; version 1 is the same without the lease list):
+// Encoding (version 3; version 2 is the same without each session's volume
+// and epoch; version 1 also without the lease list):
 // version 1 byte, flags 1 byte (bit 0 Restoring),
 // applied uv, fuzzyUntil uv, volume count uv, per volume name str, size uv,
 // blockSize uv, created sv (Unix ns), flags 1 byte (bit 0 SyncWrites),
 // session count uv, per session id uv, lastSeq uv, lastIndex uv,
-// failed str, lease count uv, per lease volume str, holder str, epoch uv.
+// failed str, volume str, epoch uv, lease count uv, per lease volume str, holder str, epoch uv.
 // Volumes and leases are sorted by name, sessions by ID, all without
 // duplicates, so equal states encode to equal bytes.
 type stateImage struct {
@@ -61,7 +71,8 @@ type stateImage struct {
 }
 
 const (
-	stateVersion      byte = 2
+	stateVersion      byte = 3
+	stateVersionV2    byte = 2
 	stateVersionV1    byte = 1
 	stateFlagRestore  byte = 1
 	stateFileName          = "state"
@@ -98,6 +109,8 @@ func encodeState(img *stateImage) []byte {
 		e.uvarint(s.LastSeq)
 		e.uvarint(s.LastIndex)
 		e.string(s.Failed)
+		e.string(s.Volume)
+		e.uvarint(s.Epoch)
 	}
 	e.uvarint(uint64(len(img.Leases)))
 	for _, l := range img.Leases {
@@ -112,7 +125,7 @@ func encodeState(img *stateImage) []byte {
 func decodeState(b []byte) (*stateImage, error) {
 	d := decoder{buf: b, kind: errCorruptState}
 	version := d.byte()
-	if d.err == nil && version != stateVersion && version != stateVersionV1 {
+	if d.err == nil && (version < stateVersionV1 || version > stateVersion) {
 		return nil, fmt.Errorf("%w: unsupported state version %d", errCorruptState, version)
 	}
 	flags := d.byte()
@@ -164,6 +177,16 @@ func decodeState(b []byte) (*stateImage, error) {
 			s.LastSeq = d.uvarint()
 			s.LastIndex = d.uvarint()
 			s.Failed = string(d.str())
+			if version >= stateVersion {
+				if v := d.str(); len(v) > 0 {
+					if err := volume.ValidateName(string(v)); err != nil {
+						d.fail("session volume: %v", err)
+						break
+					}
+					s.Volume = string(v)
+				}
+				s.Epoch = d.uvarint()
+			}
 			if d.err != nil {
 				break
 			}
@@ -178,7 +201,7 @@ func decodeState(b []byte) (*stateImage, error) {
 			img.Sessions[i] = s
 		}
 	}
-	if version >= stateVersion {
+	if version >= stateVersionV2 {
 		// A lease takes at least 3 bytes.
 		if n := d.uvarint(); n > uint64(d.remaining()/3) {
 			d.fail("%d leases cannot fit in %d bytes", n, d.remaining())
@@ -233,7 +256,7 @@ func sessionList(m map[uint64]*session) []sessionEntry {
 func sessionMap(list []sessionEntry) map[uint64]*session {
 	m := make(map[uint64]*session, len(list))
 	for _, s := range list {
-		m[s.ID] = &session{LastSeq: s.LastSeq, LastIndex: s.LastIndex, Failed: s.Failed}
+		m[s.ID] = &session{LastSeq: s.LastSeq, LastIndex: s.LastIndex, Failed: s.Failed, Volume: s.Volume, Epoch: s.Epoch}
 	}
 	return m
 }

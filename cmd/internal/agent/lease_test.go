@@ -3,6 +3,7 @@ package agent
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -124,7 +125,26 @@ func TestLeaseTakenOverFencesOldHolder(t *testing.T) {
 	st.stopRenew, st.renewDone = make(chan struct{}), make(chan struct{})
 	close(st.renewDone) // closeStage's stopRenewal must not block
 
-	// b is refused at first, then gets the lease once a's has expired.
+	// b is refused at first, then gets the lease once a's has expired. a
+	// stops serving (self-fencing) before that: never do both sites
+	// answer reads of the volume at once.
+	stopped := make(chan time.Time, 1)
+	go func() { // when does a stop serving reads?
+		buf := make([]byte, 4096)
+		for {
+			_, err := ea.ReadAt(buf, 0)
+			if errors.Is(err, errLeaseSuspended) {
+				stopped <- time.Now()
+				return
+			}
+			if err != nil {
+				t.Errorf("read at the old holder: %v", err)
+				close(stopped)
+				return
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}()
 	var eb nbdfront.Export
 	waitFor(t, 30*time.Second, "b takes the expired lease", func() (bool, error) {
 		e, err := b.a.backend.Open("fence")
@@ -134,6 +154,18 @@ func TestLeaseTakenOverFencesOldHolder(t *testing.T) {
 		eb = e
 		return err == nil, err
 	})
+	bAttached := time.Now()
+	select {
+	case aStopped := <-stopped:
+		if !aStopped.Before(bAttached) {
+			t.Fatalf("the old holder stopped serving at %v, after b attached (%v)", aStopped, bAttached)
+		}
+	default:
+		t.Fatal("the old holder still serves reads after b took the lease")
+	}
+	if code := nbdErrorCode(fmt.Errorf("read: %w", errLeaseSuspended)); code != nbdfront.EIO {
+		t.Errorf("a suspended holder answers NBD error %d, want EIO", code)
+	}
 	if _, err := eb.WriteAt(bytes.Repeat([]byte("2"), 4096), 4096); err != nil {
 		t.Fatal(err)
 	}
@@ -142,11 +174,19 @@ func TestLeaseTakenOverFencesOldHolder(t *testing.T) {
 	}
 	// a still believes it holds the lease; its next flushed write must fail
 	// and must not reach any site.
-	if _, err := ea.WriteAt(bytes.Repeat([]byte("X"), 4096), 4096); err != nil && !errors.Is(err, dcd.ErrFailed) {
+	if _, err := ea.WriteAt(bytes.Repeat([]byte("X"), 4096), 4096); err != nil && !errors.Is(err, dcd.ErrFailed) && !errors.Is(err, errLeaseSuspended) {
 		t.Fatal(err)
 	}
-	if err := ea.Flush(); !errors.Is(err, dcd.ErrFailed) {
+	if err := ea.Flush(); !errors.Is(err, dcd.ErrFailed) && !errors.Is(err, errLeaseSuspended) {
 		t.Fatalf("old holder's flush = %v, want a failure", err)
+	}
+	// Its buffered write is dropped (never lands anywhere) once it flushes
+	// through the stage: push it through dcd directly.
+	if _, err := st.dcd.WriteAt(bytes.Repeat([]byte("X"), 4096), 4096); err != nil && !errors.Is(err, dcd.ErrFailed) {
+		t.Fatal(err)
+	}
+	if err := st.dcd.Flush(); !errors.Is(err, dcd.ErrFailed) {
+		t.Fatalf("old holder's flush through its stage = %v, want a failure", err)
 	}
 	// A new attach at a, while its failed stage is still open, does not
 	// join that stage: it asks for the lease again (held by b: refused).

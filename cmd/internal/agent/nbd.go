@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/robib/robib/cluster"
@@ -53,8 +55,14 @@ func (b *nbdBackend) stageStats(name string) (dcd.Stats, bool) {
 	return d.Stats(), true
 }
 
-// readOnlySuffix, appended to a volume name, selects a read-only attach.
-const readOnlySuffix = "@ro"
+// Export name suffixes. readOnlySuffix selects a read-only attach of this
+// site's copy, once it has applied everything committed when the attach
+// began; staleSuffix a read-only attach of the copy as it is, without
+// asking the leader (a site cut off from the majority serves only these).
+const (
+	readOnlySuffix = "@ro"
+	staleSuffix    = "@ro-stale"
+)
 
 const (
 	// releaseTimeout bounds how long closing a volume's write-back stage
@@ -68,7 +76,17 @@ const (
 	// site holds before it is refused: long enough for a client that just
 	// detached there to have its site release the lease.
 	heldWait = 2 * time.Second
+	// catchUpTimeout bounds how long an attach waits for this site to apply
+	// the log up to the point it must serve from: the lease grant for a
+	// read-write attach, the leader's read index for a read-only one.
+	catchUpTimeout = 60 * time.Second
 )
+
+// errLeaseSuspended: this site has not renewed a volume's lease for so long
+// that the lease may soon expire at the leader; until a renewal succeeds
+// again it neither acknowledges writes nor serves reads of the volume
+// (self-fencing, see DESIGN.md). NBD clients see EIO.
+var errLeaseSuspended = errors.New("volume lease not renewed: this site may no longer be the volume's writer")
 
 // stage is one volume's shared DCD stage and the connections using it.
 // While busy is non-nil the stage is in transition: being opened (taking
@@ -78,12 +96,40 @@ const (
 type stage struct {
 	vol   *volume.Volume
 	dcd   *dcd.Volume
-	epoch uint64 // the volume lease epoch this stage writes under
+	epoch uint64      // the volume lease epoch this stage writes under
+	lease *leaseClock // how long this stage may serve without a renewal
 	refs  int
 	busy  chan struct{} // non-nil while opening or closing; closed when done
 
 	stopRenew chan struct{} // closed to stop the lease renewal
 	renewDone chan struct{} // closed when the renewal goroutine returned
+
+	// fenceMu guards the hand-over between the renewal goroutine, which
+	// starts before the DCD volume exists, and openStage, which sets it.
+	fenceMu sync.Mutex
+	fenced  error       // the lease was lost
+	fenceTo *dcd.Volume // the DCD volume to fence, once it exists
+}
+
+// fence fences the stage's DCD volume, now or when it is set.
+func (st *stage) fence(err error) {
+	st.fenceMu.Lock()
+	defer st.fenceMu.Unlock()
+	st.fenced = err
+	if st.fenceTo != nil {
+		st.fenceTo.Fence(err)
+	}
+}
+
+// setDCD makes d the DCD volume that fence fences, fencing it at once if the
+// lease is already lost.
+func (st *stage) setDCD(d *dcd.Volume) {
+	st.fenceMu.Lock()
+	defer st.fenceMu.Unlock()
+	st.fenceTo = d
+	if st.fenced != nil {
+		d.Fence(st.fenced)
+	}
 }
 
 func exportInfo(m volume.Meta) nbdfront.ExportInfo {
@@ -101,9 +147,9 @@ func exportInfo(m volume.Meta) nbdfront.ExportInfo {
 	}
 }
 
-func readOnlyInfo(m volume.Meta) nbdfront.ExportInfo {
+func readOnlyInfo(m volume.Meta, suffix string) nbdfront.ExportInfo {
 	info := exportInfo(m)
-	info.Name = m.Name + readOnlySuffix
+	info.Name = m.Name + suffix
 	info.Description = fmt.Sprintf("robib volume %s, read-only (this site's copy)", m.Name)
 	info.ReadOnly = true
 	return info
@@ -117,37 +163,44 @@ func (b *nbdBackend) List() ([]nbdfront.ExportInfo, error) {
 	return out, nil
 }
 
-// lookup resolves an export name to its volume and access mode.
-func (b *nbdBackend) lookup(name string) (v *volume.Volume, readOnly bool, err error) {
-	vol, readOnly := strings.CutSuffix(name, readOnlySuffix)
+// lookup resolves an export name to its volume and access mode: suffix is
+// "" (read-write), readOnlySuffix or staleSuffix.
+func (b *nbdBackend) lookup(name string) (v *volume.Volume, suffix string, err error) {
+	vol := name
+	for _, sfx := range []string{staleSuffix, readOnlySuffix} {
+		if base, ok := strings.CutSuffix(name, sfx); ok {
+			vol, suffix = base, sfx
+			break
+		}
+	}
 	if vol == "" {
-		return nil, false, fmt.Errorf("%w: robib has no default export; name a volume (or VOLUME%s for read-only)", nbdfront.ErrUnknownExport, readOnlySuffix)
+		return nil, "", fmt.Errorf("%w: robib has no default export; name a volume (or VOLUME%s for read-only)", nbdfront.ErrUnknownExport, readOnlySuffix)
 	}
 	v, err = b.store.Get(vol)
 	if err != nil {
-		return nil, false, fmt.Errorf("%w: %w", nbdfront.ErrUnknownExport, err)
+		return nil, "", fmt.Errorf("%w: %w", nbdfront.ErrUnknownExport, err)
 	}
-	return v, readOnly, nil
+	return v, suffix, nil
 }
 
 func (b *nbdBackend) Info(name string) (nbdfront.ExportInfo, error) {
-	v, ro, err := b.lookup(name)
+	v, suffix, err := b.lookup(name)
 	if err != nil {
 		return nbdfront.ExportInfo{}, err
 	}
-	if ro {
-		return readOnlyInfo(v.Meta()), nil
+	if suffix != "" {
+		return readOnlyInfo(v.Meta(), suffix), nil
 	}
 	return exportInfo(v.Meta()), nil
 }
 
 func (b *nbdBackend) Open(name string) (nbdfront.Export, error) {
-	v, ro, err := b.lookup(name)
+	v, suffix, err := b.lookup(name)
 	if err != nil {
 		return nil, err
 	}
-	if ro {
-		return &roExport{vol: v, info: readOnlyInfo(v.Meta())}, nil
+	if suffix != "" {
+		return b.openReadOnly(v, suffix)
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -182,41 +235,104 @@ func (b *nbdBackend) Open(name string) (nbdfront.Export, error) {
 	return &export{b: b, name: name, st: st, info: exportInfo(v.Meta())}, nil
 }
 
-// openStage takes the volume's lease for this site and opens the stage's
-// DCD volume under its epoch.
+// openReadOnly opens a read-only attach. With readOnlySuffix it first waits
+// (bounded) until this site has applied everything committed when the
+// attach began, so a lagging site never serves data older than a flush
+// acknowledged before the attach; a site that cannot learn that (cut off
+// from the majority) refuses and names the stale export instead.
+func (b *nbdBackend) openReadOnly(v *volume.Volume, suffix string) (nbdfront.Export, error) {
+	m := v.Meta()
+	info := readOnlyInfo(m, suffix)
+	site := b.node.Name()
+	if suffix == staleSuffix {
+		info.Description = fmt.Sprintf("robib volume %s, read-only copy at site %s as applied there (index %d), not checked against the leader: may be stale",
+			m.Name, site, b.node.FSM().AppliedIndex())
+		return &roExport{vol: v, info: info}, nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), catchUpTimeout)
+	defer cancel()
+	rctx, rcancel := context.WithTimeout(ctx, attachTimeout)
+	idx, err := b.node.ReadIndex(rctx)
+	rcancel()
+	if err != nil {
+		return nil, fmt.Errorf("site %s cannot reach the leader to learn how current its copy of %s is (%w); attach %s%s to read this site's copy as it is",
+			site, m.Name, err, m.Name, staleSuffix)
+	}
+	applied := b.node.FSM().AppliedIndex()
+	if err := b.node.WaitApplied(ctx, idx); err != nil {
+		return nil, fmt.Errorf("site %s has not caught up with the log (applied %d of %d) within %v: %w; attach %s%s to read this site's copy as it is",
+			site, b.node.FSM().AppliedIndex(), idx, catchUpTimeout, err, m.Name, staleSuffix)
+	}
+	behind := uint64(0)
+	if idx > applied {
+		behind = idx - applied
+	}
+	info.Description = fmt.Sprintf("robib volume %s, read-only copy at site %s, current as of log index %d (%d entries behind the leader when attached)",
+		m.Name, site, idx, behind)
+	return &roExport{vol: v, info: info}, nil
+}
+
+// openStage takes the volume's lease for this site, waits until this site
+// has applied the log up to the grant, and opens the stage's DCD volume
+// under its epoch. Nothing is served before that wait ends: the overlay of
+// a new stage is empty, so until the site has applied every batch
+// committed before the grant (by another site's writer, or by a stage of
+// this site that this one replaces) its reads would return older data, and
+// a read-modify-write by the client would spread it to every site.
 func (b *nbdBackend) openStage(name string, st *stage) error {
 	meta := st.vol.Meta()
 	ctx, cancel := context.WithTimeout(context.Background(), attachTimeout)
 	defer cancel()
-	epoch, err := b.acquire(ctx, name, meta.Created.UnixNano())
+	g, err := b.acquire(ctx, name, meta.Created.UnixNano())
 	if err != nil {
 		return err
+	}
+	st.epoch, st.lease = g.Epoch, newLeaseClock(g.Sent, b.ttl())
+	st.stopRenew, st.renewDone = make(chan struct{}), make(chan struct{})
+	go b.renewLoop(name, st)
+	fail := func(err error) error {
+		st.stopRenewal()
+		b.releaseLease(name, g.Epoch)
+		return err
+	}
+
+	wctx, wcancel := context.WithTimeout(context.Background(), catchUpTimeout)
+	err = b.node.WaitApplied(wctx, g.Index)
+	wcancel()
+	if err != nil {
+		return fail(fmt.Errorf("site %s has not applied the log up to the write lease of %s (index %d, applied %d) within %v: %w",
+			b.node.Name(), name, g.Index, b.node.FSM().AppliedIndex(), catchUpTimeout, err))
 	}
 	cfg := b.dcd
 	cfg.SyncWrites = meta.SyncWrites
 	cfg.VolumeCreated = meta.Created.UnixNano()
-	cfg.Epoch = epoch
-	cfg.Logger = b.log.With("volume", name, "epoch", epoch)
+	cfg.Epoch = g.Epoch
+	cfg.Logger = b.log.With("volume", name, "epoch", g.Epoch)
 	d, err := dcd.New(name, st.vol, b.node, cfg)
 	if err != nil {
-		b.releaseLease(name, epoch)
-		return fmt.Errorf("opening write-back stage for %s: %w", name, err)
+		return fail(fmt.Errorf("opening write-back stage for %s: %w", name, err))
 	}
-	st.dcd, st.epoch = d, epoch
-	st.stopRenew, st.renewDone = make(chan struct{}), make(chan struct{})
-	go b.renewLoop(name, st)
+	st.dcd = d
+	st.setDCD(d)
 	return nil
+}
+
+func (b *nbdBackend) ttl() time.Duration {
+	if b.leaseTTL <= 0 {
+		return cluster.DefaultLeaseTTL
+	}
+	return b.leaseTTL
 }
 
 // acquire takes the lease, asking again for a short while if another site
 // holds it (it may be releasing it right now).
-func (b *nbdBackend) acquire(ctx context.Context, name string, created int64) (uint64, error) {
+func (b *nbdBackend) acquire(ctx context.Context, name string, created int64) (cluster.Grant, error) {
 	deadline := time.Now().Add(heldWait)
 	for {
-		epoch, err := b.node.AcquireLease(ctx, name, created)
+		g, err := b.node.AcquireLease(ctx, name, created)
 		switch {
 		case err == nil:
-			return epoch, nil
+			return g, nil
 		case errors.Is(err, cluster.ErrLeaseHeld) && time.Now().Before(deadline):
 			select {
 			case <-ctx.Done():
@@ -225,53 +341,102 @@ func (b *nbdBackend) acquire(ctx context.Context, name string, created int64) (u
 			}
 			fallthrough
 		case errors.Is(err, cluster.ErrLeaseHeld):
-			return 0, fmt.Errorf("%w: %w; attach it read-only as %s%s, or detach it there first",
+			return g, fmt.Errorf("%w: %w; attach it read-only as %s%s, or detach it there first",
 				nbdfront.ErrBusy, err, name, readOnlySuffix)
 		case errors.Is(err, fsm.ErrUnknownVolume):
-			return 0, fmt.Errorf("%w: %w", nbdfront.ErrUnknownExport, err)
+			return g, fmt.Errorf("%w: %w", nbdfront.ErrUnknownExport, err)
 		default:
-			return 0, fmt.Errorf("taking the write lease of %s (it needs a majority of sites): %w", name, err)
+			return g, fmt.Errorf("taking the write lease of %s (it needs a majority of sites): %w", name, err)
 		}
 	}
 }
 
-// renewLoop renews the stage's lease every TTL/4 until the stage closes.
-// If the lease turns out to be lost (another site took it after this one
-// failed to renew it, e.g. behind a partition), the stage is fenced: its
-// buffered writes are dropped and every later write or flush fails.
+// renewLoop renews the stage's lease every TTL/8 until the stage closes.
+// Each success extends the stage's leaseClock from the moment its request
+// was sent; while the clock has run out, the stage's connections get EIO
+// (self-fencing; logged once per lapse). If the lease turns out to be lost
+// (another site took it after this one failed to renew it, e.g. behind a
+// partition), the stage is fenced for good: its buffered writes are dropped
+// and every later write or flush fails.
 func (b *nbdBackend) renewLoop(name string, st *stage) {
 	defer close(st.renewDone)
 	log := b.log.With("volume", name, "epoch", st.epoch)
-	ttl := b.leaseTTL
-	if ttl <= 0 {
-		ttl = cluster.DefaultLeaseTTL
-	}
-	t := time.NewTicker(ttl / 4)
+	ttl := b.ttl()
+	t := time.NewTicker(ttl / 8)
 	defer t.Stop()
-	lastOK := time.Now()
+	var lastErr error
+	lapsed := false
 	for {
 		select {
 		case <-st.stopRenew:
 			return
 		case <-t.C:
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), ttl/2)
+		sent := time.Now()
+		ctx, cancel := context.WithTimeout(context.Background(), ttl/4)
 		err := b.node.RenewLease(ctx, name, st.epoch)
 		cancel()
 		switch {
 		case err == nil:
-			if time.Since(lastOK) > ttl/2 {
-				log.Info("volume lease renewed again", "after", time.Since(lastOK).Round(time.Millisecond))
+			st.lease.renewed(sent)
+			if lapsed {
+				log.Info("volume lease renewed again; serving the volume again")
+				lapsed = false
 			}
-			lastOK = time.Now()
+			continue
 		case errors.Is(err, cluster.ErrLeaseLost):
 			log.Error("volume lease lost to another site; this site's writers are fenced", "err", err)
-			st.dcd.Fence(err)
+			st.fence(err)
+			st.lease.lose()
 			return
-		case time.Since(lastOK) > ttl/2:
-			log.Warn("cannot renew the volume lease", "unrenewed_for", time.Since(lastOK).Round(time.Millisecond), "err", err)
+		}
+		lastErr = err
+		if !lapsed && st.lease.check() != nil {
+			lapsed = true
+			log.Error("volume lease not renewed in time: this site stops serving the volume (EIO) until a renewal succeeds",
+				"valid_for", st.lease.guard, "err", lastErr)
 		}
 	}
+}
+
+// leaseClock says how long a lease holder may keep serving without hearing
+// from the leader: until guard after it sent its last successful renewal
+// (or acquisition). The leader counts a renewal from when it received it,
+// after it confirmed its leadership, so its expiry is at least TTL after
+// the send; guard (3/4 TTL) leaves a quarter of the TTL for the two clocks'
+// rates to differ. See cmd/DESIGN.md, "Self-fencing".
+type leaseClock struct {
+	base  time.Time     // monotonic reference
+	guard time.Duration // immutable
+	until atomic.Int64  // nanoseconds after base; math.MinInt64 once lost
+}
+
+func newLeaseClock(sent time.Time, ttl time.Duration) *leaseClock {
+	c := &leaseClock{base: sent, guard: ttl * 3 / 4}
+	c.until.Store(int64(c.guard))
+	return c
+}
+
+// renewed extends the validity to guard after sent (never shortens it).
+func (c *leaseClock) renewed(sent time.Time) {
+	v := int64(sent.Sub(c.base) + c.guard)
+	for {
+		cur := c.until.Load()
+		if v <= cur || c.until.CompareAndSwap(cur, v) {
+			return
+		}
+	}
+}
+
+// lose makes the clock run out for good.
+func (c *leaseClock) lose() { c.until.Store(math.MinInt64) }
+
+// check returns errLeaseSuspended once the validity has run out.
+func (c *leaseClock) check() error {
+	if int64(time.Since(c.base)) > c.until.Load() {
+		return errLeaseSuspended
+	}
+	return nil
 }
 
 // stopRenewal stops a stage's renewal goroutine and waits for it.
@@ -320,15 +485,14 @@ func (b *nbdBackend) closed(name string, st *stage) {
 }
 
 // closeStage flushes and closes a stage's DCD volume (abandoning what is not
-// committed within timeout), then ends its session and releases its lease.
+// committed within timeout), then releases its lease. The release also
+// ends the stage's writer session in the FSM (the session is pinned to the
+// lease epoch until then, see fsm/DESIGN.md), so no EndSession is sent.
 func (b *nbdBackend) closeStage(name string, st *stage, timeout time.Duration) error {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	err := st.dcd.Shutdown(ctx)
 	st.stopRenewal()
-	if _, e := b.node.Apply(ctx, &fsm.EndSession{Session: st.dcd.Session()}); e != nil {
-		b.log.Debug("ending writer session", "volume", name, "err", e)
-	}
 	b.releaseLease(name, st.epoch)
 	return err
 }
@@ -411,13 +575,56 @@ type export struct {
 	once sync.Once
 }
 
-func (e *export) Info() nbdfront.ExportInfo                { return e.info }
-func (e *export) ReadAt(p []byte, off int64) (int, error)  { return e.st.dcd.ReadAt(p, off) }
-func (e *export) WriteAt(p []byte, off int64) (int, error) { return e.st.dcd.WriteAt(p, off) }
-func (e *export) Flush() error                             { return e.st.dcd.Flush() }
-func (e *export) Trim(off, length int64) error             { return e.st.dcd.Trim(off, length) }
+// The export's operations check the stage's lease clock: writes before
+// (nothing is buffered while the lease may be gone) and after (no write is
+// acknowledged once it may be), reads after (a read that returns finished
+// before the clock ran out, so before another site could take the lease).
+// A successful Flush needs no check: its writes were committed under this
+// stage's epoch, which the FSM accepts only while the lease is this site's.
+
+func (e *export) Info() nbdfront.ExportInfo { return e.info }
+func (e *export) ReadAt(p []byte, off int64) (int, error) {
+	n, err := e.st.dcd.ReadAt(p, off)
+	if err == nil {
+		err = e.st.lease.check()
+	}
+	if err != nil {
+		return 0, err
+	}
+	return n, nil
+}
+func (e *export) WriteAt(p []byte, off int64) (int, error) {
+	if err := e.st.lease.check(); err != nil {
+		return 0, err
+	}
+	n, err := e.st.dcd.WriteAt(p, off)
+	if err == nil {
+		err = e.st.lease.check()
+	}
+	return n, err
+}
+func (e *export) Flush() error {
+	if err := e.st.lease.check(); err != nil {
+		return err
+	}
+	return e.st.dcd.Flush()
+}
+func (e *export) Trim(off, length int64) error {
+	return e.checked(func() error { return e.st.dcd.Trim(off, length) })
+}
 func (e *export) WriteZeroes(off, length int64, noHole bool) error {
-	return e.st.dcd.WriteZeroes(off, length, noHole)
+	return e.checked(func() error { return e.st.dcd.WriteZeroes(off, length, noHole) })
+}
+
+// checked runs a write-like operation between two lease checks.
+func (e *export) checked(op func() error) error {
+	if err := e.st.lease.check(); err != nil {
+		return err
+	}
+	if err := op(); err != nil {
+		return err
+	}
+	return e.st.lease.check()
 }
 
 func (e *export) Close() error {
@@ -427,18 +634,36 @@ func (e *export) Close() error {
 }
 
 // BlockStatus reports the local copy's allocation, except that ranges with
-// buffered (not yet applied) writes are reported as data.
+// buffered (not yet applied) operations are reported as data. The buffered
+// ranges are captured before the local allocation is read, as reads do: an
+// operation applied locally and released in between is then in the local
+// allocation already. (The other order reported such a range as a hole,
+// and sparse copies skipped written data.)
 func (e *export) BlockStatus(off, length int64) ([]nbdfront.Extent, error) {
+	buffered := e.st.dcd.Buffered(off, length)
 	exts, err := e.st.vol.BlockStatus(off, length)
 	if err != nil {
 		return nil, err
 	}
 	out := make([]nbdfront.Extent, 0, len(exts))
 	for _, x := range exts {
-		hole := x.Hole && !e.st.dcd.Pending(x.Offset, x.Length)
+		hole := x.Hole && !overlapsAny(buffered, x.Offset, x.Length)
 		out = append(out, nbdfront.Extent{Length: x.Length, Hole: hole, Zero: hole})
 	}
+	if err := e.st.lease.check(); err != nil {
+		return nil, err
+	}
 	return out, nil
+}
+
+// overlapsAny reports whether [off, off+length) overlaps one of rs.
+func overlapsAny(rs []dcd.Range, off, length int64) bool {
+	for _, r := range rs {
+		if r.Off < off+length && off < r.Off+r.Len {
+			return true
+		}
+	}
+	return false
 }
 
 // nbdErrorCode maps errors of the layers below nbdfront to NBD error codes.
@@ -448,7 +673,7 @@ func nbdErrorCode(err error) uint32 {
 		return nbdfront.EINVAL
 	case errors.Is(err, volume.ErrClosed), errors.Is(err, dcd.ErrClosed), errors.Is(err, cluster.ErrClosed):
 		return nbdfront.ESHUTDOWN
-	case errors.Is(err, dcd.ErrFailed), errors.Is(err, dcd.ErrFlushTimeout):
+	case errors.Is(err, dcd.ErrFailed), errors.Is(err, dcd.ErrFlushTimeout), errors.Is(err, errLeaseSuspended):
 		// Lost writes (rejected, fenced) and flushes without a majority:
 		// an I/O error the client must see, not a shutdown it would
 		// retry elsewhere as if nothing happened.
