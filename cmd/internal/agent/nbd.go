@@ -80,6 +80,10 @@ const (
 	// the log up to the point it must serve from: the lease grant for a
 	// read-write attach, the leader's read index for a read-only one.
 	catchUpTimeout = 60 * time.Second
+	// readIndexTimeout bounds how long a read-only attach looks for a
+	// leader to tell it how current this site's copy must be (a leader
+	// election takes about a second).
+	readIndexTimeout = 5 * time.Second
 )
 
 // errLeaseSuspended: this site has not renewed a volume's lease for so long
@@ -251,7 +255,7 @@ func (b *nbdBackend) openReadOnly(v *volume.Volume, suffix string) (nbdfront.Exp
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), catchUpTimeout)
 	defer cancel()
-	rctx, rcancel := context.WithTimeout(ctx, attachTimeout)
+	rctx, rcancel := context.WithTimeout(ctx, readIndexTimeout)
 	idx, err := b.node.ReadIndex(rctx)
 	rcancel()
 	if err != nil {
@@ -633,6 +637,11 @@ func (e *export) Close() error {
 	return err
 }
 
+// testHookExtents, if set (tests only, before any export is opened), is
+// called by export.BlockStatus between reading the local allocation and
+// returning it.
+var testHookExtents func(e *export, exts []volume.Extent)
+
 // BlockStatus reports the local copy's allocation, except that ranges with
 // buffered (not yet applied) operations are reported as data. The buffered
 // ranges are captured before the local allocation is read, as reads do: an
@@ -644,6 +653,9 @@ func (e *export) BlockStatus(off, length int64) ([]nbdfront.Extent, error) {
 	exts, err := e.st.vol.BlockStatus(off, length)
 	if err != nil {
 		return nil, err
+	}
+	if testHookExtents != nil {
+		testHookExtents(e, exts)
 	}
 	out := make([]nbdfront.Extent, 0, len(exts))
 	for _, x := range exts {
