@@ -197,6 +197,10 @@ func New(store *volume.Store, stateDir string, opts Options) (*FSM, error) {
 	}
 	f.stats.CheckpointIndex = img.Applied
 	f.stats.Sessions = len(f.sessions)
+	f.dropOrphanLeases("state file", func(name string) bool {
+		_, err := store.Get(name)
+		return err == nil || !errors.Is(err, volume.ErrNotFound)
+	})
 	if img.Restoring {
 		f.failed = fmt.Errorf("%w: a snapshot restore was interrupted; waiting for a snapshot to be installed", ErrFailed)
 		f.log.Error("fsm: interrupted snapshot restore; not applying entries until a snapshot is installed")
@@ -610,6 +614,17 @@ func (f *FSM) applyDelete(c *DeleteVolume) (outcome, error) {
 	_, err := f.store.Get(c.Name)
 	switch {
 	case errors.Is(err, volume.ErrNotFound):
+		// The volume is gone, so nothing else may refer to it either. If
+		// this is the replay of a Delete whose store operation completed
+		// before a crash (the state file is at the checkpoint before it),
+		// the lease table still holds the volume's lease: drop it here,
+		// so the replay reaches the same replicated state as the first
+		// apply (DESIGN.md, "Restart and replay", per-volume state).
+		if _, ok := f.leases[c.Name]; ok {
+			f.log.Info("fsm: dropping the lease of a volume that no longer exists (replayed delete)", "volume", c.Name)
+			f.setLease(c.Name, Lease{}, false)
+		}
+		delete(f.dirty, c.Name)
 		return outcome{err: fmt.Errorf("%w: %q", ErrUnknownVolume, c.Name)}, nil
 	case err != nil && !errors.Is(err, volume.ErrCorrupt):
 		return outcome{}, err // a broken volume (ErrCorrupt) can be deleted

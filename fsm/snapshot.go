@@ -110,13 +110,13 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 
 	f.restoring = false
 	f.sessions = sessionMap(img.Sessions)
-	leases := leaseMap(img.Leases)
+	leases := leaseMap(r.state.Leases)
 	f.checkpointed = r.state.Applied
-	f.fuzzyUntil = r.state.FuzzyUntil
 	f.pendingBytes = 0
 	f.pendingSince = time.Time{}
 	f.mu.Lock()
 	f.applied = r.state.Applied
+	f.fuzzyUntil = r.state.FuzzyUntil
 	f.failed = nil
 	f.leases = leases
 	f.stats.Restores++
@@ -154,7 +154,7 @@ func (f *FSM) installImage(rr *recordReader, h streamHeader, img *stateImage) (*
 			return nil, err
 		}
 	}
-	r.state = stateImage{Applied: max(img.Applied, h.Index), Sessions: img.Sessions, Leases: img.Leases}
+	r.state = stateImage{Applied: max(img.Applied, h.Index), Sessions: img.Sessions, Leases: existingLeases(img)}
 	if end.FuzzyUntil > r.state.Applied {
 		r.state.FuzzyUntil = end.FuzzyUntil
 	}
