@@ -180,6 +180,14 @@ func New(store *volume.Store, stateDir string, opts Options) (*FSM, error) {
 				"the log cannot be replayed onto them", stateDir, store.Dir(), n)
 		}
 		img = &stateImage{}
+		// Write the empty state now: a crash inside the first Create
+		// (after the store created the volume, before the checkpoint
+		// after it; the one before it has nothing to write at index 0)
+		// would otherwise leave volumes without a state file, which
+		// the check above refuses.
+		if err := writeStateFile(stateDir, img); err != nil {
+			return nil, fmt.Errorf("fsm: initial state: %w", err)
+		}
 	}
 	f := &FSM{
 		store:        store,
