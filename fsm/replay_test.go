@@ -210,7 +210,7 @@ func TestVerifyAfterStreamDuringRestartReplay(t *testing.T) {
 	lastBeforeCrash := uint64(len(l.entries))
 
 	// kill -9: the state file is at 2, the volumes hold the effects of 4, 6
-	// and 7. The agent tells the FSM the raft log's last index.
+	// and 7. The wiring tells the FSM the raft log's last index.
 	a.crash()
 	a.fsm.SetReplayBound(lastBeforeCrash)
 	ssA = a.snapStore()
@@ -322,7 +322,7 @@ func TestVerifyAfterStreamDuringRestartReplay(t *testing.T) {
 // is replayed and the whole replicated state — volume metadata and bytes,
 // sessions, leases — and every later verdict must equal the reference's,
 // and no verify report of the crashed site may be exact-looking yet differ
-// (the site is told the raft log's last index, as the agent does).
+// (the site is told the raft log's last index, as cluster must do).
 func TestCrashReplayRandom(t *testing.T) {
 	seeds := 10 // before the fixes: seeds 3, 4, 6, 7 kept a deleted volume's lease, 0 and 2 raised a false alarm in a replayed verify
 	if testing.Short() {
