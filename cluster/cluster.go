@@ -305,6 +305,14 @@ func (n *Node) openRaft() error {
 		store.Close()
 		return fmt.Errorf("reading raft state: %w", err)
 	}
+	// After a crash the volumes may hold effects of log entries past the
+	// FSM's checkpoint; none is past the log's last index (fsm/DESIGN.md, I7).
+	last, err := logs.LastIndex()
+	if err != nil {
+		store.Close()
+		return fmt.Errorf("reading the raft log's last index: %w", err)
+	}
+	n.fsm.SetReplayBound(last)
 	r, err := raft.NewRaft(rc, n.fsm, logs, stable, snaps, n.trans)
 	if err != nil {
 		store.Close()

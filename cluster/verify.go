@@ -142,7 +142,7 @@ func checkReport(rep fsm.VerifyReport) error {
 	case rep.Error != "":
 		return fmt.Errorf("hashing failed: %s", rep.Error)
 	case rep.Fuzzy:
-		return fmt.Errorf("site is still replaying after a snapshot install; its copy is not exact at index %d yet, retry", rep.Index)
+		return fmt.Errorf("site is still replaying its log (after a restart or a snapshot install); its copy is not exact at index %d yet, retry", rep.Index)
 	}
 	return nil
 }

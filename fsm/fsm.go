@@ -73,9 +73,11 @@ type VerifyReport struct {
 	Len       int64    `json:"len"`
 	ChunkSize int64    `json:"chunk_size"`
 	Hashes    []string `json:"hashes"` // hex SHA-256 per chunk; the last chunk may be short
-	// Fuzzy: this site installed a snapshot whose image may contain
-	// writes from after Index, so the hashes may differ from the other
-	// sites' without any real divergence. Ignore such a report.
+	// Fuzzy: this site's volumes may contain writes from after Index
+	// (it installed a snapshot whose image may hold them, or it restarted
+	// and is replaying entries it had applied before), so the hashes may
+	// differ from the other sites' without any real divergence. Ignore
+	// such a report.
 	Fuzzy bool `json:"fuzzy,omitempty"`
 	// Error: the site could not read the range (local failure); Hashes
 	// is empty.
@@ -108,7 +110,8 @@ type Stats struct {
 //     the bytes captured by Snapshot, never an FSM field.
 //   - The SnapshotStore's Open streams volumes concurrently with Apply; it
 //     uses only the volume.Store (safe for concurrent use) and
-//     AppliedIndex.
+//     fuzzyBound (under mu).
+//   - SetReplayBound is called before raft starts, like New.
 //   - AppliedIndex, WaitApplied, VerifyResult, Stats and Store are safe
 //     from any goroutine; they read the fields guarded by mu.
 //
@@ -125,7 +128,6 @@ type FSM struct {
 	sessions     map[uint64]*session
 	dirty        map[string]*volume.Volume // written since the last checkpoint
 	checkpointed uint64                    // Applied of the state file
-	fuzzyUntil   uint64                    // entries below this index see a fuzzy image (after a restore)
 	restoring    bool                      // the state file says a restore is unfinished
 	pendingBytes int64                     // bytes applied since the last checkpoint
 	pendingSince time.Time                 // first apply since the last checkpoint; zero if none
@@ -133,10 +135,16 @@ type FSM struct {
 
 	// mu guards the fields below. The FSM goroutine writes them under mu
 	// and may read them without it (it is their only writer).
-	mu          sync.Mutex
-	applied     uint64 // index of the last entry applied (or skipped)
-	failed      error  // non-nil: the failed state; wraps ErrFailed
-	closed      bool
+	mu      sync.Mutex
+	applied uint64 // index of the last entry applied (or skipped)
+	failed  error  // non-nil: the failed state; wraps ErrFailed
+	closed  bool
+	// fuzzyUntil: the volumes may hold effects of entries below this
+	// index that this site has not applied (yet): after a restore (the
+	// image's end record) or after a restart (SetReplayBound). A verify
+	// below it is Fuzzy, and a snapshot streamed from the live volumes
+	// says so in its end record (fuzzyBound).
+	fuzzyUntil  uint64
 	stats       Stats            // counters only; AppliedIndex etc. are filled in by Stats()
 	leases      map[string]Lease // volume leases; written only by the FSM goroutine
 	verify      map[string]VerifyReport
@@ -180,6 +188,14 @@ func New(store *volume.Store, stateDir string, opts Options) (*FSM, error) {
 				"the log cannot be replayed onto them", stateDir, store.Dir(), n)
 		}
 		img = &stateImage{}
+		// Write the empty state now: a crash inside the first Create
+		// (after the store created the volume, before the checkpoint
+		// after it; the one before it has nothing to write at index 0)
+		// would otherwise leave volumes without a state file, which
+		// the check above refuses.
+		if err := writeStateFile(stateDir, img); err != nil {
+			return nil, fmt.Errorf("fsm: initial state: %w", err)
+		}
 	}
 	f := &FSM{
 		store:        store,
@@ -197,6 +213,10 @@ func New(store *volume.Store, stateDir string, opts Options) (*FSM, error) {
 	}
 	f.stats.CheckpointIndex = img.Applied
 	f.stats.Sessions = len(f.sessions)
+	f.dropOrphanLeases("state file", func(name string) bool {
+		_, err := store.Get(name)
+		return err == nil || !errors.Is(err, volume.ErrNotFound)
+	})
 	if img.Restoring {
 		f.failed = fmt.Errorf("%w: a snapshot restore was interrupted; waiting for a snapshot to be installed", ErrFailed)
 		f.log.Error("fsm: interrupted snapshot restore; not applying entries until a snapshot is installed")
@@ -210,6 +230,50 @@ func New(store *volume.Store, stateDir string, opts Options) (*FSM, error) {
 
 // Store returns the volume store.
 func (f *FSM) Store() *volume.Store { return f.store }
+
+// SetReplayBound tells the FSM the last index of the raft log store as it
+// is at start-up. Call it after New and before raft starts (with
+// lastLogIndex from the log store's LastIndex).
+//
+// After a crash the volumes may already hold effects of entries after the
+// checkpoint C that the state file records (applied before the crash, not
+// yet checkpointed); every such entry is still in the raft log, so none is
+// above lastLogIndex. Until this site has applied past lastLogIndex, its
+// verify reports are marked Fuzzy and a snapshot it streams from its live
+// volumes carries at least lastLogIndex+1 as its fuzzy-until bound (see
+// DESIGN.md, "Restart and replay" and "Why a fuzzy image is correct").
+// Without the call a restarted site cannot know how far its volumes are
+// ahead of its applied index.
+func (f *FSM) SetReplayBound(lastLogIndex uint64) {
+	f.mu.Lock()
+	raised := lastLogIndex > f.checkpointed && lastLogIndex >= f.fuzzyUntil
+	if raised {
+		f.fuzzyUntil = lastLogIndex + 1
+	}
+	f.mu.Unlock()
+	if raised {
+		f.log.Info("fsm: until the log is replayed past its last index, volumes may be ahead of the applied index",
+			"checkpoint", f.checkpointed, "fuzzy_until", lastLogIndex+1)
+	}
+}
+
+// fuzzyBound is the fuzzy-until index of a snapshot streamed from the live
+// volumes now: every byte read from them reflects entries below it. That
+// is the entry being applied (applied+1), unless the volumes are ahead of
+// the applied index (fuzzyUntil: a restore's image or a restart's replay).
+// Safe from any goroutine.
+func (f *FSM) fuzzyBound() uint64 {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return max(f.fuzzyUntil, f.applied+1)
+}
+
+// setFuzzyUntil sets fuzzyUntil (FSM goroutine only).
+func (f *FSM) setFuzzyUntil(v uint64) {
+	f.mu.Lock()
+	f.fuzzyUntil = v
+	f.mu.Unlock()
+}
 
 // AppliedIndex returns the index of the last log entry applied (including
 // rejected and duplicate ones). Only command entries reach the FSM, so it
@@ -656,6 +720,18 @@ func (f *FSM) applyDelete(c *DeleteVolume) (outcome, error) {
 	_, err := f.store.Get(c.Name)
 	switch {
 	case errors.Is(err, volume.ErrNotFound):
+		// The volume is gone, so nothing else may refer to it either. If
+		// this is the replay of a Delete whose store operation completed
+		// before a crash (the state file is at the checkpoint before it),
+		// the lease table still holds the volume's lease: drop it here,
+		// so the replay reaches the same replicated state as the first
+		// apply (DESIGN.md, "Restart and replay", per-volume state).
+		if _, ok := f.leases[c.Name]; ok {
+			f.log.Info("fsm: dropping the lease of a volume that no longer exists (replayed delete)", "volume", c.Name)
+			f.setLease(c.Name, Lease{}, false)
+		}
+		f.dropSessions(c.Name) // its writer sessions too, as the first apply did
+		delete(f.dirty, c.Name)
 		return outcome{err: fmt.Errorf("%w: %q", ErrUnknownVolume, c.Name)}, nil
 	case err != nil && !errors.Is(err, volume.ErrCorrupt):
 		return outcome{}, err // a broken volume (ErrCorrupt) can be deleted
@@ -771,7 +847,7 @@ func (f *FSM) checkpoint() error {
 		return fmt.Errorf("checkpoint: %w", err)
 	}
 	f.checkpointed = f.applied
-	f.fuzzyUntil = img.FuzzyUntil
+	f.setFuzzyUntil(img.FuzzyUntil)
 	f.pendingBytes = 0
 	f.pendingSince = time.Time{}
 	f.mu.Lock()
@@ -848,7 +924,7 @@ func (f *FSM) reapCheckpoint(block bool) error {
 	}
 	f.checkpointed = max(f.checkpointed, img.Applied)
 	if img.FuzzyUntil == 0 && f.fuzzyUntil <= img.Applied {
-		f.fuzzyUntil = 0
+		f.setFuzzyUntil(0)
 	}
 	return nil
 }

@@ -3,8 +3,10 @@ package fsm
 import (
 	"bytes"
 	"encoding/binary"
+	"fmt"
 	"hash/crc32"
 	"log/slog"
+	"maps"
 	"math/rand/v2"
 	"path/filepath"
 	"slices"
@@ -155,22 +157,38 @@ func (s *site) read(name string) []byte {
 	return b
 }
 
-// sameState fails unless a and b have identical volumes (metadata and
-// bytes) and session tables.
+// sameState fails unless a and b hold the same replicated state: volumes
+// (metadata and bytes), session tables and lease tables.
 func sameState(t testing.TB, a, b *site) {
 	t.Helper()
+	if err := diffState(a, b); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// diffState describes the first difference between the replicated states
+// of a and b (volume metadata and bytes, broken volumes, sessions, leases),
+// or returns nil.
+func diffState(a, b *site) error {
 	am, bm := a.store.List(), b.store.List()
 	if !slices.EqualFunc(am, bm, sameMeta) {
-		t.Fatalf("volume metadata differs:\n%v\n%v", am, bm)
+		return fmt.Errorf("volume metadata differs:\n%v\n%v", am, bm)
+	}
+	if ab, bb := len(a.store.Broken()), len(b.store.Broken()); ab != 0 || bb != 0 {
+		return fmt.Errorf("broken volumes: %v / %v", a.store.Broken(), b.store.Broken())
 	}
 	for _, m := range am {
 		if !bytes.Equal(a.read(m.Name), b.read(m.Name)) {
-			t.Fatalf("volume %q differs", m.Name)
+			return fmt.Errorf("volume %q bytes differ", m.Name)
 		}
 	}
 	if as, bs := sessionList(a.fsm.sessions), sessionList(b.fsm.sessions); !slices.Equal(as, bs) {
-		t.Fatalf("sessions differ:\n%v\n%v", as, bs)
+		return fmt.Errorf("sessions differ:\n%v\n%v", as, bs)
 	}
+	if al, bl := a.fsm.Leases(), b.fsm.Leases(); !maps.Equal(al, bl) {
+		return fmt.Errorf("lease tables differ:\n%v\n%v", al, bl)
+	}
+	return nil
 }
 
 // reCRC recomputes the trailing CRC of an encoded command.

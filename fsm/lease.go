@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+
+	"github.com/robib/robib/volume"
 )
 
 // Lease is a volume's single-writer lease as the replicated state records
@@ -113,4 +115,33 @@ func leaseMap(list []leaseEntry) map[string]Lease {
 		m[l.Volume] = l.Lease
 	}
 	return m
+}
+
+// dropOrphanLeases enforces "no lease entry for a volume that does not
+// exist" on a lease table loaded from disk (FSM goroutine only, or before
+// raft starts). Applying the log never creates such an entry, but a state
+// file can hold one: it is written by the checkpoint before a Delete, and a
+// crash after the store removed the volume leaves the file at that
+// checkpoint (DESIGN.md, "Restart and replay"). The entry is exactly what
+// the interrupted Delete would have dropped.
+func (f *FSM) dropOrphanLeases(from string, exists func(volume string) bool) {
+	for name := range f.leases {
+		if !exists(name) {
+			f.log.Info("fsm: dropping the lease of a volume that does not exist", "volume", name, "from", from)
+			f.setLease(name, Lease{}, false)
+		}
+	}
+}
+
+// existingLeases returns img's lease list without entries for volumes that
+// are not in img (a snapshot taken by a site that still had the defect
+// dropOrphanLeases repairs).
+func existingLeases(img *stateImage) []leaseEntry {
+	out := make([]leaseEntry, 0, len(img.Leases))
+	for _, l := range img.Leases {
+		if slices.ContainsFunc(img.Volumes, func(m volume.Meta) bool { return m.Name == l.Volume }) {
+			out = append(out, l)
+		}
+	}
+	return out
 }

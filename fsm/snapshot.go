@@ -110,13 +110,13 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 
 	f.restoring = false
 	f.sessions = sessionMap(img.Sessions)
-	leases := leaseMap(img.Leases)
+	leases := leaseMap(r.state.Leases)
 	f.checkpointed = r.state.Applied
-	f.fuzzyUntil = r.state.FuzzyUntil
 	f.pendingBytes = 0
 	f.pendingSince = time.Time{}
 	f.mu.Lock()
 	f.applied = r.state.Applied
+	f.fuzzyUntil = r.state.FuzzyUntil
 	f.failed = nil
 	f.leases = leases
 	f.stats.Restores++
@@ -154,7 +154,7 @@ func (f *FSM) installImage(rr *recordReader, h streamHeader, img *stateImage) (*
 			return nil, err
 		}
 	}
-	r.state = stateImage{Applied: max(img.Applied, h.Index), Sessions: img.Sessions, Leases: img.Leases}
+	r.state = stateImage{Applied: max(img.Applied, h.Index), Sessions: img.Sessions, Leases: existingLeases(img)}
 	if end.FuzzyUntil > r.state.Applied {
 		r.state.FuzzyUntil = end.FuzzyUntil
 	}
@@ -285,10 +285,10 @@ func (r *restorer) zero(off, n int64) error {
 // The bytes are read from the volumes as they are when each record is
 // produced; DESIGN.md explains why this fuzzy image is correct.
 type fullStream struct {
-	header  streamHeader
-	state   []byte // state record payload
-	vols    []volumeLayout
-	applied func() uint64 // the source FSM's AppliedIndex
+	header streamHeader
+	state  []byte // state record payload
+	vols   []volumeLayout
+	bound  func() uint64 // the source FSM's fuzzyBound
 
 	size    int64 // total stream length
 	emitted int64
@@ -339,12 +339,12 @@ const layoutWindow = 64 << 20
 
 // newFullStream prepares the full stream for a local snapshot with raft
 // index index and state img, reading the volumes of store.
-func newFullStream(store *volume.Store, index uint64, img *stateImage, applied func() uint64) (*fullStream, error) {
+func newFullStream(store *volume.Store, index uint64, img *stateImage, bound func() uint64) (*fullStream, error) {
 	s := &fullStream{
-		header:  streamHeader{Kind: kindFull, Index: index},
-		state:   encodeState(img),
-		applied: applied,
-		rec:     make([]byte, 0, recOverhead+streamChunk),
+		header: streamHeader{Kind: kindFull, Index: index},
+		state:  encodeState(img),
+		bound:  bound,
+		rec:    make([]byte, 0, recOverhead+streamChunk),
 	}
 	s.size = int64(len(streamMagic)) + recOverhead + headerPayload + recOverhead + int64(len(s.state)) + recOverhead + endPayload
 	for i, m := range img.Volumes {
@@ -482,9 +482,11 @@ func (s *fullStream) fill() error {
 		s.chunk = next
 		return nil
 	case stageEnd:
-		// Everything read so far reflects entries up to the one being
-		// applied now at most: below AppliedIndex()+1.
-		s.emit(recEnd, endRecordPayload(streamEnd{Records: s.records, FuzzyUntil: s.applied() + 1}))
+		// Everything read so far reflects entries below fuzzyBound():
+		// the one being applied now at most, or, while the source
+		// replays after a restart (or is still below a restored image's
+		// bound), the highest index its volumes may already reflect.
+		s.emit(recEnd, endRecordPayload(streamEnd{Records: s.records, FuzzyUntil: s.bound()}))
 		s.stage = stageDone
 		return nil
 	}

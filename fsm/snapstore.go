@@ -233,7 +233,7 @@ func (s *snapshotStore) Open(id string) (*raft.SnapshotMeta, io.ReadCloser, erro
 	if err != nil {
 		return nil, nil, fmt.Errorf("fsm: open snapshot %s: %w", id, err)
 	}
-	stream, err := newFullStream(s.fsm.store, meta.Index, img, s.fsm.AppliedIndex)
+	stream, err := newFullStream(s.fsm.store, meta.Index, img, s.fsm.fuzzyBound)
 	if err != nil {
 		return nil, nil, fmt.Errorf("fsm: open snapshot %s: %w", id, err)
 	}
