@@ -139,6 +139,7 @@ type FSM struct {
 	closed      bool
 	stats       Stats            // counters only; AppliedIndex etc. are filled in by Stats()
 	leases      map[string]Lease // volume leases; written only by the FSM goroutine
+	clusterID   string           // "" until SetClusterID; written only by the FSM goroutine
 	verify      map[string]VerifyReport
 	verifyOrder []string      // IDs in verify, oldest first
 	changed     chan struct{} // closed when applied/failed/closed change; nil if nobody waits
@@ -193,6 +194,7 @@ func New(store *volume.Store, stateDir string, opts Options) (*FSM, error) {
 		restoring:    img.Restoring,
 		applied:      img.Applied,
 		leases:       leaseMap(img.Leases),
+		clusterID:    img.ClusterID,
 		verify:       make(map[string]VerifyReport),
 	}
 	f.stats.CheckpointIndex = img.Applied
@@ -440,8 +442,34 @@ func (f *FSM) applyCommand(index uint64, cmd Command) (outcome, error) {
 		return f.applyAcquire(c)
 	case *ReleaseLease:
 		return f.applyRelease(c), nil
+	case *SetClusterID:
+		return f.applySetClusterID(c), nil
 	}
 	return outcome{err: fmt.Errorf("%w: unhandled command %T", ErrBadCommand, cmd)}, nil
+}
+
+// applySetClusterID is a compare-and-set on the cluster ID (see
+// SetClusterID).
+func (f *FSM) applySetClusterID(c *SetClusterID) outcome {
+	switch f.clusterID {
+	case "":
+		f.mu.Lock()
+		f.clusterID = c.ID
+		f.mu.Unlock()
+		f.log.Info("fsm: cluster ID set", "cluster_id", c.ID)
+		return outcome{}
+	case c.ID:
+		return outcome{duplicate: true}
+	}
+	return outcome{err: fmt.Errorf("%w: the cluster ID is %s, not %s", ErrClusterIDSet, f.clusterID, c.ID)}
+}
+
+// ClusterID returns the cluster ID as of the last applied entry, "" while
+// none was set. It is safe from any goroutine.
+func (f *FSM) ClusterID() string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.clusterID
 }
 
 // getVolume looks a volume up. A missing volume is the replicated verdict
@@ -716,7 +744,7 @@ func (f *FSM) checkpoint() error {
 		}
 		delete(f.dirty, name)
 	}
-	img := &stateImage{Applied: f.applied, FuzzyUntil: f.fuzzyUntil, Sessions: sessionList(f.sessions), Leases: leaseList(f.leases)}
+	img := &stateImage{Applied: f.applied, FuzzyUntil: f.fuzzyUntil, Sessions: sessionList(f.sessions), Leases: leaseList(f.leases), ClusterID: f.clusterID}
 	if f.fuzzyUntil <= f.applied {
 		img.FuzzyUntil = 0
 	}
@@ -748,7 +776,7 @@ type bgCheckpoint struct {
 // names this index. Writes applied meanwhile may be synced too, which is
 // harmless (replay overwrites them with the same bytes, I3).
 func (f *FSM) startCheckpoint() {
-	img := &stateImage{Applied: f.applied, FuzzyUntil: f.fuzzyUntil, Sessions: sessionList(f.sessions), Leases: leaseList(f.leases)}
+	img := &stateImage{Applied: f.applied, FuzzyUntil: f.fuzzyUntil, Sessions: sessionList(f.sessions), Leases: leaseList(f.leases), ClusterID: f.clusterID}
 	if f.fuzzyUntil <= f.applied {
 		img.FuzzyUntil = 0
 	}

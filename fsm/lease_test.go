@@ -156,8 +156,9 @@ func TestLeasesTravelInSnapshots(t *testing.T) {
 func TestStateDecodesVersion1(t *testing.T) {
 	img := &stateImage{Applied: 7, Sessions: []sessionEntry{{ID: 3, session: session{LastSeq: 2, LastIndex: 6}}}}
 	b := encodeState(img)
-	// Version 1 is version 2 without the trailing lease count.
-	v1 := append([]byte{stateVersionV1}, b[1:len(b)-1]...)
+	// Version 1 is version 3 without the trailing lease count and
+	// cluster ID (both empty here, one byte each).
+	v1 := append([]byte{stateVersionV1}, b[1:len(b)-2]...)
 	got, err := decodeState(v1)
 	if err != nil {
 		t.Fatalf("version 1 state: %v", err)

@@ -43,12 +43,14 @@ type sessionEntry struct {
 // checkpoint (Volumes empty) and in the state record of a snapshot
 // (Restoring false, FuzzyUntil 0).
 //
-// Encoding (version 2; version 1 is the same without the lease list):
+// Encoding (version 3; version 2 is the same without the cluster ID,
+// version 1 also without the lease list):
 // version 1 byte, flags 1 byte (bit 0 Restoring),
 // applied uv, fuzzyUntil uv, volume count uv, per volume name str, size uv,
 // blockSize uv, created sv (Unix ns), flags 1 byte (bit 0 SyncWrites),
 // session count uv, per session id uv, lastSeq uv, lastIndex uv,
-// failed str, lease count uv, per lease volume str, holder str, epoch uv.
+// failed str, lease count uv, per lease volume str, holder str, epoch uv,
+// cluster ID str ("" while none is set, else valid for CheckClusterID).
 // Volumes and leases are sorted by name, sessions by ID, all without
 // duplicates, so equal states encode to equal bytes.
 type stateImage struct {
@@ -58,10 +60,12 @@ type stateImage struct {
 	Volumes    []volume.Meta
 	Sessions   []sessionEntry
 	Leases     []leaseEntry
+	ClusterID  string // "" until a SetClusterID was applied
 }
 
 const (
-	stateVersion      byte = 2
+	stateVersion      byte = 3
+	stateVersionV2    byte = 2
 	stateVersionV1    byte = 1
 	stateFlagRestore  byte = 1
 	stateFileName          = "state"
@@ -105,6 +109,7 @@ func encodeState(img *stateImage) []byte {
 		e.string(l.Holder)
 		e.uvarint(l.Epoch)
 	}
+	e.string(img.ClusterID)
 	return e.buf
 }
 
@@ -112,7 +117,7 @@ func encodeState(img *stateImage) []byte {
 func decodeState(b []byte) (*stateImage, error) {
 	d := decoder{buf: b, kind: errCorruptState}
 	version := d.byte()
-	if d.err == nil && version != stateVersion && version != stateVersionV1 {
+	if d.err == nil && version != stateVersion && version != stateVersionV2 && version != stateVersionV1 {
 		return nil, fmt.Errorf("%w: unsupported state version %d", errCorruptState, version)
 	}
 	flags := d.byte()
@@ -178,7 +183,7 @@ func decodeState(b []byte) (*stateImage, error) {
 			img.Sessions[i] = s
 		}
 	}
-	if version >= stateVersion {
+	if version >= stateVersionV2 {
 		// A lease takes at least 3 bytes.
 		if n := d.uvarint(); n > uint64(d.remaining()/3) {
 			d.fail("%d leases cannot fit in %d bytes", n, d.remaining())
@@ -209,6 +214,15 @@ func decodeState(b []byte) (*stateImage, error) {
 				img.Leases[i] = l
 			}
 		}
+	}
+	if version >= stateVersion {
+		id := d.str()
+		if d.err == nil && len(id) > 0 {
+			if err := CheckClusterID(string(id)); err != nil {
+				d.fail("%v", err)
+			}
+		}
+		img.ClusterID = string(id)
 	}
 	if d.err != nil {
 		return nil, d.err
