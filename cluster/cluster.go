@@ -317,7 +317,10 @@ func (n *Node) openRaft() error {
 			return err
 		}
 	}
-	if n.fresh.Load() {
+	switch {
+	case n.fresh.Load() && n.cfg.BootstrapExpect > 1 && !hasState:
+		n.log.Info("fresh site: no raft history; founding the cluster with the others, or joining an existing one as a non-voter", "site", n.cfg.Name)
+	case n.fresh.Load():
 		n.log.Warn("fresh site: no raft history; joining as a non-voter and voting only once caught up", "site", n.cfg.Name)
 	}
 	n.trans = newVoteGuard(raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{

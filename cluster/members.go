@@ -496,6 +496,12 @@ func (n *Node) reconcile() error {
 				return fmt.Errorf("adding %s: %w", m.Name, err)
 			}
 		case m.Meta.Fresh && cur.Suffrage == raft.Voter:
+			// Gossip may still carry the metadata of a founding voter's
+			// first moments (fresh until it bootstrapped): the site's own
+			// answer decides.
+			if s, err := n.memberStatus(m); err != nil || !s.Fresh {
+				continue
+			}
 			n.log.Error("site restarted with an empty raft directory but is listed as a voter: demoting it to non-voter "+
 				"until it caught up (its old votes and log are gone)", "site", m.Name)
 			if err := n.raft.DemoteVoter(id, 0, 10*time.Second).Error(); err != nil {
@@ -529,17 +535,26 @@ func (n *Node) reconcile() error {
 	return nil
 }
 
-// nonvoterLag asks a member how far it has applied and returns how many
-// entries that is behind this leader's commit index.
-func (n *Node) nonvoterLag(m member) (uint64, error) {
+// memberStatus asks a member for its own status (its local view).
+func (n *Node) memberStatus(m member) (SiteStatus, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	var s SiteStatus
 	if err := n.rpc.getJSON(ctx, m.Meta.API, pathLocalStatus, &s); err != nil {
-		return 0, err
+		return SiteStatus{}, err
 	}
 	if s.Name != m.Name || foreign(n.fsm.ClusterID(), s.ClusterID) {
-		return 0, fmt.Errorf("%w: %s answers as %s of cluster %q", ErrForeignCluster, m.Meta.API, s.Name, s.ClusterID)
+		return SiteStatus{}, fmt.Errorf("%w: %s answers as %s of cluster %q", ErrForeignCluster, m.Meta.API, s.Name, s.ClusterID)
+	}
+	return s, nil
+}
+
+// nonvoterLag asks a member how far it has applied and returns how many
+// entries that is behind this leader's commit index.
+func (n *Node) nonvoterLag(m member) (uint64, error) {
+	s, err := n.memberStatus(m)
+	if err != nil {
+		return 0, err
 	}
 	if s.Fresh {
 		return 0, fmt.Errorf("%s is still fresh", m.Name)
