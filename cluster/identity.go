@@ -32,8 +32,12 @@ var ErrForeignCluster = errors.New("site belongs to another cluster")
 const freshFileName = "fresh"
 
 // promoteMaxLag is how many entries a non-voter may be behind the leader's
-// commit index to be promoted to voter.
-const promoteMaxLag = 64
+// commit index to be promoted to voter. Safety does not depend on it (the
+// non-voter's log matches the leader's up to what it acknowledged); it only
+// keeps a far-behind site from counting in the quorum. It is generous
+// enough that a site keeping up with a busy writer (entries in flight) is
+// still promoted.
+const promoteMaxLag = 256
 
 func (n *Node) freshFile() string { return filepath.Join(n.cfg.DataDir, "raft", freshFileName) }
 
