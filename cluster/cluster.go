@@ -328,7 +328,7 @@ func (n *Node) openRaft() error {
 		MaxPool: 4,
 		Timeout: 10 * time.Second,
 		Logger:  hlog,
-	}), &n.fresh, n.log)
+	}), &n.fresh, func(id string) bool { return foreign(n.fsm.ClusterID(), n.refused.clusterOf(id)) }, n.log)
 	r, err := raft.NewRaft(rc, n.fsm, logs, stable, snaps, n.trans)
 	if err != nil {
 		n.trans.Close()

@@ -146,10 +146,30 @@ func (n *Node) ensureClusterID() {
 // of another cluster: both IDs known and different.
 func foreign(ours, theirs string) bool { return ours != "" && theirs != "" && ours != theirs }
 
-// refusals logs each refused (site, cluster ID) once.
+// refusals logs each refused (site, cluster ID) once, and remembers the
+// cluster ID each gossiping site last advertised (so Raft traffic from a
+// foreign leader can be refused too).
 type refusals struct {
 	mu   sync.Mutex
 	seen map[string]bool
+	last map[string]string // site name -> cluster ID it last advertised
+}
+
+// advertised records the cluster ID a site advertises.
+func (r *refusals) advertised(site, id string) {
+	r.mu.Lock()
+	if r.last == nil {
+		r.last = map[string]string{}
+	}
+	r.last[site] = id
+	r.mu.Unlock()
+}
+
+// clusterOf is the cluster ID site last advertised ("" if unknown).
+func (r *refusals) clusterOf(site string) string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.last[site]
 }
 
 func (r *refusals) once(log *slog.Logger, site, theirs, ours, by string) {
@@ -177,14 +197,20 @@ type voteGuard struct {
 	guardedTransport
 	fresh *atomic.Bool
 	log   *slog.Logger
+	// foreign, if set, reports whether a site (by Raft ID) is known to be
+	// of another cluster: its log replication and snapshots are refused.
+	foreign func(id string) bool
 
-	ch        chan raft.RPC
-	done      chan struct{}
-	closeOnce sync.Once
-	warned    atomic.Bool
+	ch            chan raft.RPC
+	done          chan struct{}
+	closeOnce     sync.Once
+	warned        atomic.Bool
+	warnedForeign atomic.Bool
 
 	refusals   atomic.Int64 // election requests refused while fresh
 	suppressed atomic.Int64 // own vote requests not sent while fresh
+
+	foreignRefusals atomic.Int64 // replication RPCs refused from foreign sites
 }
 
 // guardedTransport is what voteGuard wraps (raft's network and in-memory
@@ -197,8 +223,8 @@ type guardedTransport interface {
 
 var errFreshSite = errors.New("fresh site: takes no part in elections until it caught up as a non-voter")
 
-func newVoteGuard(t guardedTransport, fresh *atomic.Bool, log *slog.Logger) *voteGuard {
-	g := &voteGuard{guardedTransport: t, fresh: fresh, log: log, ch: make(chan raft.RPC), done: make(chan struct{})}
+func newVoteGuard(t guardedTransport, fresh *atomic.Bool, foreign func(id string) bool, log *slog.Logger) *voteGuard {
+	g := &voteGuard{guardedTransport: t, fresh: fresh, foreign: foreign, log: log, ch: make(chan raft.RPC), done: make(chan struct{})}
 	go g.forward()
 	return g
 }
@@ -213,6 +239,9 @@ func (g *voteGuard) forward() {
 		case rpc = <-in:
 		case <-g.done:
 			return
+		}
+		if g.refuseForeign(rpc) {
+			continue
 		}
 		if g.fresh.Load() {
 			switch req := rpc.Command.(type) {
@@ -238,6 +267,53 @@ func (g *voteGuard) forward() {
 			return
 		}
 	}
+}
+
+var errForeignLeader = fmt.Errorf("%w: refusing its log", ErrForeignCluster)
+
+// refuseForeign answers log replication, heartbeats and snapshots from a
+// site known to be of another cluster with an error, and reports whether
+// it did. Best effort: it knows a site as foreign only once gossip showed
+// its cluster ID.
+func (g *voteGuard) refuseForeign(rpc raft.RPC) bool {
+	if g.foreign == nil {
+		return false
+	}
+	var from []byte
+	switch req := rpc.Command.(type) {
+	case *raft.AppendEntriesRequest:
+		from = req.ID
+		if !g.foreign(string(from)) {
+			return false
+		}
+		rpc.Respond(&raft.AppendEntriesResponse{}, errForeignLeader)
+	case *raft.InstallSnapshotRequest:
+		from = req.ID
+		if !g.foreign(string(from)) {
+			return false
+		}
+		rpc.Respond(&raft.InstallSnapshotResponse{}, errForeignLeader)
+	default:
+		return false
+	}
+	g.foreignRefusals.Add(1)
+	if !g.warnedForeign.Swap(true) {
+		g.log.Error("refusing raft replication from a site of another cluster", "from", string(from), "err", ErrForeignCluster)
+	}
+	return true
+}
+
+// SetHeartbeatHandler passes heartbeats on, except a foreign leader's.
+func (g *voteGuard) SetHeartbeatHandler(cb func(raft.RPC)) {
+	if cb == nil {
+		g.guardedTransport.SetHeartbeatHandler(nil)
+		return
+	}
+	g.guardedTransport.SetHeartbeatHandler(func(rpc raft.RPC) {
+		if !g.refuseForeign(rpc) {
+			cb(rpc)
+		}
+	})
 }
 
 func (g *voteGuard) refused(what string, from []byte) {

@@ -36,13 +36,17 @@ type memSite struct {
 }
 
 func startMemSite(t *testing.T, id string, addr raft.ServerAddress, guarded, fresh bool) *memSite {
+	return startGuardedMemSite(t, id, addr, guarded, fresh, nil)
+}
+
+func startGuardedMemSite(t *testing.T, id string, addr raft.ServerAddress, guarded, fresh bool, foreign func(string) bool) *memSite {
 	t.Helper()
 	s := &memSite{id: raft.ServerID(id)}
 	s.addr, s.trans = raft.NewInmemTransportWithTimeout(addr, 200*time.Millisecond)
 	var tr raft.Transport = s.trans
 	if guarded {
 		s.fresh.Store(fresh)
-		s.guard = newVoteGuard(s.trans, &s.fresh, slog.New(slog.DiscardHandler))
+		s.guard = newVoteGuard(s.trans, &s.fresh, foreign, slog.New(slog.DiscardHandler))
 		tr = s.guard
 	}
 	c := raft.DefaultConfig()
@@ -214,4 +218,31 @@ func TestFreshSiteNeverCampaigns(t *testing.T) {
 	waitUntil(t, 10*time.Second, "a leader once c is no longer fresh", func() bool {
 		return a.raft.State() == raft.Leader || c.raft.State() == raft.Leader
 	})
+}
+
+// TestForeignLeaderLogIsRefused: a site that knows the leader to be of
+// another cluster (gossip showed its cluster ID) refuses its log and its
+// heartbeats; once the leader is not foreign any more, replication works.
+func TestForeignLeaderLogIsRefused(t *testing.T) {
+	var isForeign atomic.Bool
+	isForeign.Store(true)
+	a := startMemSite(t, "a", "a", false, false)
+	c := startGuardedMemSite(t, "c", "c", true, false, func(id string) bool { return id == "a" && isForeign.Load() })
+	connect(a, c)
+	if err := a.raft.BootstrapCluster(raft.Configuration{Servers: []raft.Server{{Suffrage: raft.Voter, ID: a.id, Address: a.addr}}}).Error(); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 5*time.Second, "a to lead", func() bool { return a.raft.State() == raft.Leader })
+	if err := a.raft.AddNonvoter(c.id, c.addr, 0, time.Second).Error(); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.raft.Apply([]byte("x"), time.Second).Error(); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 10*time.Second, "c to refuse the foreign leader's replication", func() bool { return c.guard.foreignRefusals.Load() >= 3 })
+	if n := c.raft.LastIndex(); n != 0 {
+		t.Fatalf("c took %d entries from a foreign leader", n)
+	}
+	isForeign.Store(false)
+	waitUntil(t, 10*time.Second, "c to replicate once the leader is not foreign", func() bool { return c.raft.LastIndex() >= a.raft.LastIndex() })
 }

@@ -57,6 +57,10 @@ type gossipNode struct {
 }
 
 func (d *delegate) set(n *memberlist.Node) {
+	var meta siteMeta
+	if json.Unmarshal(n.Meta, &meta) == nil {
+		d.n.refused.advertised(n.Name, meta.Cluster)
+	}
 	d.mu.Lock()
 	d.nodes[n.Name] = gossipNode{Addr: n.Address(), Meta: slices.Clone(n.Meta)}
 	d.mu.Unlock()
@@ -99,12 +103,13 @@ func (d *delegate) NotifyAlive(peer *memberlist.Node) error {
 // NotifyMerge (memberlist.MergeDelegate) refuses a state exchange (join or
 // push/pull) with a pool that holds a member of another cluster.
 func (d *delegate) NotifyMerge(peers []*memberlist.Node) error {
+	var first error
 	for _, p := range peers {
-		if err := d.checkPeer(p, "gossip merge"); err != nil {
-			return err
+		if err := d.checkPeer(p, "gossip merge"); err != nil && first == nil {
+			first = err // check them all: each is remembered (and logged)
 		}
 	}
-	return nil
+	return first
 }
 
 func (d *delegate) checkPeer(peer *memberlist.Node, by string) error {
@@ -115,6 +120,7 @@ func (d *delegate) checkPeer(peer *memberlist.Node, by string) error {
 	if json.Unmarshal(peer.Meta, &meta) != nil {
 		return nil // not a robib site's metadata (yet): members() skips it
 	}
+	d.n.refused.advertised(peer.Name, meta.Cluster)
 	ours := d.n.fsm.ClusterID()
 	if foreign(ours, meta.Cluster) {
 		d.n.refused.once(d.n.log, peer.Name, meta.Cluster, ours, by)
