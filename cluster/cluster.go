@@ -338,6 +338,10 @@ func (n *Node) openRaft() error {
 	n.raft, n.store = r, store
 	if oneSite {
 		n.log.Info("bootstrapping a new one-site cluster", "site", n.cfg.Name)
+		if err := n.clearFresh("founding a one-site cluster"); err != nil { // a marker left behind
+			n.shutdownRaft()
+			return err
+		}
 		if err := n.bootstrap([]raft.Server{n.self()}); err != nil {
 			n.shutdownRaft()
 			return err
