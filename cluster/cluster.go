@@ -146,8 +146,8 @@ type Node struct {
 	log     *slog.Logger
 	fsm     *fsm.FSM
 	raft    *raft.Raft
-	store   io.Closer // the Raft log and stable store (openLogStore)
-	trans   *raft.NetworkTransport
+	store   io.Closer  // the Raft log and stable store (openLogStore)
+	trans   *voteGuard // the Raft transport; keeps a fresh site out of elections
 	ml      *memberlist.Memberlist
 	gossip  *delegate // this site's copy of the gossip member table
 	rpc     *rpcClient
@@ -159,6 +159,8 @@ type Node struct {
 	leaderChanged chan struct{} // closed (and replaced) whenever the known leader changes
 
 	needBootstrap bool          // set by openRaft: wait for BootstrapExpect sites
+	fresh         atomic.Bool   // joined with an empty raft directory, not yet a non-voter (identity.go)
+	refused       refusals      // sites of other clusters, logged once each
 	events        chan struct{} // nudges the reconcile loop on membership changes
 	stop          chan struct{}
 	wg            sync.WaitGroup
@@ -274,12 +276,6 @@ func (n *Node) openRaft() error {
 		return fmt.Errorf("opening snapshot store: %w", err)
 	}
 	hlog := newHCLogger("raft", n.log)
-	n.trans = raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
-		Stream:  &streamLayer{Listener: n.cfg.RaftListener, dial: n.cfg.Dial, advertise: n.cfg.RaftAddr},
-		MaxPool: 4,
-		Timeout: 10 * time.Second,
-		Logger:  hlog,
-	})
 	rc := raft.DefaultConfig()
 	rc.LocalID = raft.ServerID(n.cfg.Name)
 	rc.Logger = hlog
@@ -313,14 +309,47 @@ func (n *Node) openRaft() error {
 		return fmt.Errorf("reading the raft log's last index: %w", err)
 	}
 	n.fsm.SetReplayBound(last)
+	// A site with no Raft state that does not found a cluster by itself
+	// joins one: it is fresh (no vote record, an empty log) until it has
+	// been a non-voter; the marker survives restarts until then. A site
+	// bootstrapping with others (--bootstrap-expect) is fresh until it
+	// bootstraps (bootstrapExpectLoop), as it may instead join an existing
+	// cluster.
+	oneSite := !hasState && len(n.cfg.Join) == 0 && n.cfg.BootstrapExpect <= 1
+	if _, err := os.Stat(n.freshFile()); err == nil {
+		n.fresh.Store(true)
+	}
+	if !hasState && !oneSite {
+		if err := n.markFresh(); err != nil {
+			store.Close()
+			return err
+		}
+	}
+	switch {
+	case n.fresh.Load() && n.cfg.BootstrapExpect > 1 && !hasState:
+		n.log.Info("fresh site: no raft history; founding the cluster with the others, or joining an existing one as a non-voter", "site", n.cfg.Name)
+	case n.fresh.Load():
+		n.log.Warn("fresh site: no raft history; joining as a non-voter and voting only once caught up", "site", n.cfg.Name)
+	}
+	n.trans = newVoteGuard(raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
+		Stream:  &streamLayer{Listener: n.cfg.RaftListener, dial: n.cfg.Dial, advertise: n.cfg.RaftAddr},
+		MaxPool: 4,
+		Timeout: 10 * time.Second,
+		Logger:  hlog,
+	}), &n.fresh, func(id string) bool { return foreign(n.fsm.ClusterID(), n.refused.clusterOf(id)) }, n.log)
 	r, err := raft.NewRaft(rc, n.fsm, logs, stable, snaps, n.trans)
 	if err != nil {
+		n.trans.Close()
 		store.Close()
 		return fmt.Errorf("starting raft: %w", err)
 	}
 	n.raft, n.store = r, store
-	if !hasState && len(n.cfg.Join) == 0 && n.cfg.BootstrapExpect <= 1 {
+	if oneSite {
 		n.log.Info("bootstrapping a new one-site cluster", "site", n.cfg.Name)
+		if err := n.clearFresh("founding a one-site cluster"); err != nil { // a marker left behind
+			n.shutdownRaft()
+			return err
+		}
 		if err := n.bootstrap([]raft.Server{n.self()}); err != nil {
 			n.shutdownRaft()
 			return err

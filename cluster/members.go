@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -24,6 +25,13 @@ type siteMeta struct {
 	Raft string `json:"raft"`
 	API  string `json:"api"`
 	NBD  string `json:"nbd"`
+	// Cluster is the cluster ID this site's state holds ("" until it
+	// knows one): a member of another cluster is never added to Raft and
+	// gossip does not merge with it.
+	Cluster string `json:"cluster,omitempty"`
+	// Fresh: the site joined with an empty Raft directory and has not yet
+	// been a non-voter; it takes no part in elections (identity.go).
+	Fresh bool `json:"fresh,omitempty"`
 }
 
 // delegate answers memberlist's questions about this site, keeps this
@@ -35,10 +43,10 @@ type siteMeta struct {
 // outside its lock is a data race. Events hand over a node while
 // memberlist holds that lock, so copying there is safe.
 type delegate struct {
-	meta []byte
-	n    *Node
+	n *Node
 
-	mu    sync.Mutex // guards nodes
+	mu    sync.Mutex // guards meta and nodes
+	meta  []byte     // this site's encoded siteMeta
 	nodes map[string]gossipNode
 }
 
@@ -49,6 +57,10 @@ type gossipNode struct {
 }
 
 func (d *delegate) set(n *memberlist.Node) {
+	var meta siteMeta
+	if json.Unmarshal(n.Meta, &meta) == nil {
+		d.n.refused.advertised(n.Name, meta.Cluster)
+	}
 	d.mu.Lock()
 	d.nodes[n.Name] = gossipNode{Addr: n.Address(), Meta: slices.Clone(n.Meta)}
 	d.mu.Unlock()
@@ -63,10 +75,58 @@ func (d *delegate) snapshot() map[string]gossipNode {
 }
 
 func (d *delegate) NodeMeta(limit int) []byte {
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	if len(d.meta) > limit {
 		return nil
 	}
 	return d.meta
+}
+
+// setMeta replaces this site's metadata; it reports whether it changed.
+func (d *delegate) setMeta(b []byte) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if string(b) == string(d.meta) {
+		return false
+	}
+	d.meta = b
+	return true
+}
+
+// NotifyAlive (memberlist.AliveDelegate) refuses a member of another
+// cluster, so it never enters this site's member table.
+func (d *delegate) NotifyAlive(peer *memberlist.Node) error {
+	return d.checkPeer(peer, "gossip")
+}
+
+// NotifyMerge (memberlist.MergeDelegate) refuses a state exchange (join or
+// push/pull) with a pool that holds a member of another cluster.
+func (d *delegate) NotifyMerge(peers []*memberlist.Node) error {
+	var first error
+	for _, p := range peers {
+		if err := d.checkPeer(p, "gossip merge"); err != nil && first == nil {
+			first = err // check them all: each is remembered (and logged)
+		}
+	}
+	return first
+}
+
+func (d *delegate) checkPeer(peer *memberlist.Node, by string) error {
+	if peer.Name == d.n.cfg.Name {
+		return nil
+	}
+	var meta siteMeta
+	if json.Unmarshal(peer.Meta, &meta) != nil {
+		return nil // not a robib site's metadata (yet): members() skips it
+	}
+	d.n.refused.advertised(peer.Name, meta.Cluster)
+	ours := d.n.fsm.ClusterID()
+	if foreign(ours, meta.Cluster) {
+		d.n.refused.once(d.n.log, peer.Name, meta.Cluster, ours, by)
+		return fmt.Errorf("%w: %s is in cluster %s, this is %s", ErrForeignCluster, peer.Name, meta.Cluster, ours)
+	}
+	return nil
 }
 func (d *delegate) NotifyMsg([]byte)                {}
 func (d *delegate) GetBroadcasts(int, int) [][]byte { return nil }
@@ -97,7 +157,7 @@ func (n *Node) openGossip() error {
 	if err != nil {
 		return fmt.Errorf("%w: gossip port %q", ErrInvalid, portStr)
 	}
-	meta, err := json.Marshal(siteMeta{Raft: n.cfg.RaftAddr, API: n.cfg.APIAddr, NBD: n.cfg.NBDAddr})
+	meta, err := json.Marshal(n.ownMeta())
 	if err != nil {
 		return err
 	}
@@ -111,6 +171,8 @@ func (n *Node) openGossip() error {
 	n.gossip = d
 	mc.Delegate = d
 	mc.Events = d
+	mc.Alive = d
+	mc.Merge = d
 	mc.Logger = log.New(&logWriter{log: n.log, component: "gossip"}, "", 0)
 	// Faster failure detection than the LAN default: sites are few.
 	mc.ProbeInterval = 500 * time.Millisecond
@@ -131,6 +193,23 @@ func (n *Node) openGossip() error {
 	n.wg.Add(1)
 	go n.gossipLoop()
 	return nil
+}
+
+// ownMeta is what this site gossips about itself now.
+func (n *Node) ownMeta() siteMeta {
+	return siteMeta{Raft: n.cfg.RaftAddr, API: n.cfg.APIAddr, NBD: n.cfg.NBDAddr, Cluster: n.fsm.ClusterID(), Fresh: n.fresh.Load()}
+}
+
+// refreshMeta gossips this site's metadata again when it changed (the
+// cluster ID became known, the site stopped being fresh).
+func (n *Node) refreshMeta() {
+	b, err := json.Marshal(n.ownMeta())
+	if err != nil || !n.gossip.setMeta(b) {
+		return
+	}
+	if err := n.ml.UpdateNode(2 * time.Second); err != nil {
+		n.log.Warn("gossiping updated site metadata", "err", err)
+	}
 }
 
 // gossipLoop keeps this site in the gossip pool. Gossip alone forgets a
@@ -290,7 +369,7 @@ func (n *Node) members() []member {
 // memberMeta returns the gossiped addresses of a site.
 func (n *Node) memberMeta(name string) (siteMeta, bool) {
 	if name == n.cfg.Name {
-		return siteMeta{Raft: n.cfg.RaftAddr, API: n.cfg.APIAddr, NBD: n.cfg.NBDAddr}, true
+		return n.ownMeta(), true
 	}
 	for _, m := range n.members() {
 		if m.Name == name {
@@ -317,6 +396,13 @@ func (n *Node) bootstrapExpectLoop() {
 			return // someone else bootstrapped and we were added
 		}
 		ms := n.members()
+		if i := slices.IndexFunc(ms, func(m member) bool { return m.Meta.Cluster != "" }); i >= 0 {
+			// A cluster exists already: this site (with no Raft state) is
+			// a new or wiped one, and joins it as a fresh non-voter.
+			n.log.Warn("a cluster exists already; joining it instead of bootstrapping",
+				"member", ms[i].Name, "cluster_id", ms[i].Meta.Cluster)
+			return
+		}
 		if len(ms) < n.cfg.BootstrapExpect {
 			continue
 		}
@@ -329,6 +415,11 @@ func (n *Node) bootstrapExpectLoop() {
 			return
 		}
 		n.log.Info("bootstrapping cluster", "sites", len(servers))
+		// A founding voter: its empty vote record and log are the truth.
+		if err := n.clearFresh("founding voter"); err != nil {
+			n.log.Error("bootstrap failed", "err", err)
+			return
+		}
 		if err := n.bootstrap(servers); err != nil {
 			n.log.Error("bootstrap failed", "err", err)
 		}
@@ -336,12 +427,14 @@ func (n *Node) bootstrapExpectLoop() {
 	}
 }
 
-// reconcileLoop, on the leader, makes every live gossip member a Raft
-// voter. A site that dies stays a voter: it is a backup, and only an
-// operator removes it (cluster leave / cluster remove).
+// reconcileLoop keeps this site's gossip metadata current and ends its
+// fresh state when due; on the leader it fixes the cluster ID and
+// reconciles the Raft configuration with the live gossip members. A site
+// that dies stays a voter: it is a backup, and only an operator removes it
+// (cluster leave / cluster remove).
 func (n *Node) reconcileLoop() {
 	defer n.wg.Done()
-	t := time.NewTicker(2 * time.Second)
+	t := time.NewTicker(500 * time.Millisecond)
 	defer t.Stop()
 	for {
 		select {
@@ -356,33 +449,128 @@ func (n *Node) reconcileLoop() {
 		if !n.hasLeft() {
 			n.rememberPeers()
 		}
+		n.checkFresh()
+		n.refreshMeta()
 		if n.raft.State() != raft.Leader {
 			continue
 		}
+		n.ensureClusterID()
 		if err := n.reconcile(); err != nil {
 			n.log.Warn("reconciling members", "err", err)
 		}
 	}
 }
 
+// reconcile, on the leader, brings the Raft configuration in line with the
+// live gossip members, one change per member and round:
+//
+//   - a member of another cluster (another cluster ID) is never added;
+//     neither is any member advertising an ID while this site knows none;
+//   - a member not in the configuration joins as a non-voter;
+//   - a fresh member listed as a voter (its data directory was wiped) is
+//     demoted to non-voter first;
+//   - a non-voter that is not fresh and is caught up (applied within
+//     promoteMaxLag entries of the leader's commit index) becomes a voter;
+//   - a changed address is updated, keeping the suffrage.
 func (n *Node) reconcile() error {
 	fut := n.raft.GetConfiguration()
 	if err := fut.Error(); err != nil {
 		return err
 	}
-	known := map[raft.ServerID]raft.ServerAddress{}
+	known := map[raft.ServerID]raft.Server{}
 	for _, s := range fut.Configuration().Servers {
-		known[s.ID] = s.Address
+		known[s.ID] = s
 	}
+	ours := n.fsm.ClusterID()
 	for _, m := range n.members() {
 		id, addr := raft.ServerID(m.Name), raft.ServerAddress(m.Meta.Raft)
-		if cur, ok := known[id]; ok && cur == addr {
+		if m.Name == n.cfg.Name {
 			continue
 		}
-		n.log.Info("adding site as voter", "site", m.Name, "raft", m.Meta.Raft)
-		if err := n.raft.AddVoter(id, addr, 0, 10*time.Second).Error(); err != nil {
-			return fmt.Errorf("adding %s: %w", m.Name, err)
+		if foreign(ours, m.Meta.Cluster) {
+			n.refused.once(n.log, m.Name, m.Meta.Cluster, ours, "raft membership")
+			continue
+		}
+		if ours == "" && m.Meta.Cluster != "" {
+			continue // cannot tell yet whether it is ours
+		}
+		cur, inConfig := known[id]
+		switch {
+		case !inConfig:
+			n.log.Info("adding site as non-voter; it becomes a voter once caught up", "site", m.Name, "raft", m.Meta.Raft, "fresh", m.Meta.Fresh)
+			if err := n.raft.AddNonvoter(id, addr, 0, 10*time.Second).Error(); err != nil {
+				return fmt.Errorf("adding %s: %w", m.Name, err)
+			}
+		case m.Meta.Fresh && cur.Suffrage == raft.Voter:
+			// Gossip may still carry the metadata of a founding voter's
+			// first moments (fresh until it bootstrapped): the site's own
+			// answer decides.
+			if s, err := n.memberStatus(m); err != nil || !s.Fresh {
+				continue
+			}
+			n.log.Error("site restarted with an empty raft directory but is listed as a voter: demoting it to non-voter "+
+				"until it caught up (its old votes and log are gone)", "site", m.Name)
+			if err := n.raft.DemoteVoter(id, 0, 10*time.Second).Error(); err != nil {
+				return fmt.Errorf("demoting %s: %w", m.Name, err)
+			}
+		case cur.Address != addr && cur.Suffrage == raft.Voter:
+			n.log.Info("updating a voter's address", "site", m.Name, "raft", m.Meta.Raft)
+			if err := n.raft.AddVoter(id, addr, 0, 10*time.Second).Error(); err != nil {
+				return fmt.Errorf("updating %s: %w", m.Name, err)
+			}
+		case cur.Address != addr:
+			n.log.Info("updating a non-voter's address", "site", m.Name, "raft", m.Meta.Raft)
+			if err := n.raft.AddNonvoter(id, addr, 0, 10*time.Second).Error(); err != nil {
+				return fmt.Errorf("updating %s: %w", m.Name, err)
+			}
+		case cur.Suffrage == raft.Nonvoter && !m.Meta.Fresh:
+			lag, err := n.nonvoterLag(m)
+			if err != nil {
+				n.log.Debug("non-voter progress unknown", "site", m.Name, "err", err)
+				continue
+			}
+			if lag > promoteMaxLag {
+				continue
+			}
+			n.log.Info("promoting caught-up non-voter to voter", "site", m.Name, "lag", lag)
+			if err := n.raft.AddVoter(id, addr, 0, 10*time.Second).Error(); err != nil {
+				return fmt.Errorf("promoting %s: %w", m.Name, err)
+			}
 		}
 	}
 	return nil
+}
+
+// memberStatus asks a member for its own status (its local view).
+func (n *Node) memberStatus(m member) (SiteStatus, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	var s SiteStatus
+	if err := n.rpc.getJSON(ctx, m.Meta.API, pathLocalStatus, &s); err != nil {
+		return SiteStatus{}, err
+	}
+	if s.Name != m.Name || foreign(n.fsm.ClusterID(), s.ClusterID) {
+		return SiteStatus{}, fmt.Errorf("%w: %s answers as %s of cluster %q", ErrForeignCluster, m.Meta.API, s.Name, s.ClusterID)
+	}
+	return s, nil
+}
+
+// nonvoterLag asks a member how far it has applied and returns how many
+// entries that is behind this leader's commit index.
+func (n *Node) nonvoterLag(m member) (uint64, error) {
+	s, err := n.memberStatus(m)
+	if err != nil {
+		return 0, err
+	}
+	if s.Fresh {
+		return 0, fmt.Errorf("%s is still fresh", m.Name)
+	}
+	commit, err := strconv.ParseUint(n.raft.Stats()["commit_index"], 10, 64)
+	if err != nil {
+		return 0, err
+	}
+	if s.AppliedIndex >= commit {
+		return 0, nil
+	}
+	return commit - s.AppliedIndex, nil
 }

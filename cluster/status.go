@@ -15,9 +15,18 @@ import (
 // it. Fields other than Name are filled from the site itself when it
 // answers, else from the Raft configuration and gossip.
 type SiteStatus struct {
-	Name              string `json:"name"`
-	State             string `json:"state"` // Leader, Follower, Candidate, Shutdown, unreachable, not-a-voter
-	Voter             bool   `json:"voter"`
+	Name  string `json:"name"`
+	State string `json:"state"` // Leader, Follower, Candidate, Shutdown, unreachable, not-a-voter
+	Voter bool   `json:"voter"`
+	// Suffrage is "voter", "non-voter" (catching up: promoted once
+	// caught up) or "" (not in the Raft configuration).
+	Suffrage string `json:"suffrage,omitempty"`
+	// ClusterID is the cluster ID this site's state holds ("" while it
+	// does not know it yet).
+	ClusterID string `json:"cluster_id,omitempty"`
+	// Fresh: the site joined with an empty Raft directory and takes no
+	// part in elections until it has been a non-voter.
+	Fresh             bool   `json:"fresh,omitempty"`
 	Gossip            string `json:"gossip"` // alive or gone
 	RaftAddr          string `json:"raft_addr"`
 	APIAddr           string `json:"api_addr,omitempty"`
@@ -35,7 +44,8 @@ type SiteStatus struct {
 
 // Status is the cluster as seen from the site that answered.
 type Status struct {
-	Leader      string       `json:"leader"` // leading site's name, "" when none
+	Leader      string       `json:"leader"`     // leading site's name, "" when none
+	ClusterID   string       `json:"cluster_id"` // as the answering site's state holds it
 	CommitIndex uint64       `json:"commit_index"`
 	Sites       []SiteStatus `json:"sites"`
 }
@@ -58,6 +68,8 @@ func (n *Node) LocalStatus() SiteStatus {
 		LastSnapshotIndex: num("last_snapshot_index"),
 		Leader:            n.Leader(),
 		Gossip:            "alive",
+		ClusterID:         n.fsm.ClusterID(),
+		Fresh:             n.fresh.Load(),
 	}
 }
 
@@ -97,7 +109,7 @@ func (n *Node) Status(ctx context.Context) (Status, error) {
 	}
 	wg.Wait()
 
-	out := Status{Leader: n.Leader(), Sites: sites}
+	out := Status{Leader: n.Leader(), ClusterID: n.fsm.ClusterID(), Sites: sites}
 	for _, s := range sites {
 		if s.Name == out.Leader {
 			out.CommitIndex = s.CommitIndex
@@ -140,11 +152,20 @@ func (n *Node) siteStatus(ctx context.Context, name string, voters map[string]ra
 	default:
 		s.Gossip = "alive"
 	}
+	s.Suffrage = ""
 	if v, ok := voters[name]; ok {
 		s.Voter = v.Suffrage == raft.Voter
+		s.Suffrage = "non-voter"
+		if s.Voter {
+			s.Suffrage = "voter"
+		}
 		s.RaftAddr = string(v.Address)
 	} else if s.State != "unreachable" {
 		s.State = "not-a-voter"
+	}
+	if inGossip && foreign(n.fsm.ClusterID(), m.Meta.Cluster) {
+		s.State = "refused"
+		s.Error = fmt.Sprintf("%v: its cluster ID is %s", ErrForeignCluster, m.Meta.Cluster)
 	}
 	return s
 }

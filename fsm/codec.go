@@ -2,6 +2,7 @@ package fsm
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"hash/crc32"
 	"math"
@@ -32,6 +33,7 @@ import (
 //	VerifyChunks  id str, volume str, off uv, len uv, chunkSize uv
 //	AcquireLease  volume str, site str, created sv, prev uv
 //	ReleaseLease  volume str, site str, epoch uv
+//	SetClusterID  id str (see CheckClusterID)
 //
 // Signed fields that must not be negative (sizes, offsets, lengths) are
 // sent as uv and must be <= math.MaxInt64. The encoding of a command is
@@ -56,6 +58,7 @@ const (
 	cmdVerify     byte = 6
 	cmdAcquire    byte = 7
 	cmdRelease    byte = 8
+	cmdClusterID  byte = 9
 
 	opFlagNoHole byte = 1
 
@@ -67,6 +70,8 @@ const (
 	maxIDLen = 128
 	// maxSiteLen bounds the site names in lease commands.
 	maxSiteLen = 63
+	// MaxClusterIDLen bounds a cluster ID.
+	MaxClusterIDLen = 64
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
@@ -226,6 +231,9 @@ func encodeCommand(e *encoder, cmd Command) {
 		e.string(c.Volume)
 		e.string(c.Site)
 		e.uvarint(c.Epoch)
+	case *SetClusterID:
+		e.byte(cmdClusterID)
+		e.string(c.ID)
 	}
 	if e.sizing {
 		e.n += codecTrailerLen
@@ -328,6 +336,14 @@ func checkCommand(cmd Command) error {
 			return err
 		}
 		return checkName("volume name", c.Volume)
+	case *SetClusterID:
+		if c == nil {
+			return badf("nil command")
+		}
+		if err := CheckClusterID(c.ID); err != nil {
+			return fmt.Errorf("%w: %w", ErrBadCommand, err)
+		}
+		return nil
 	case nil:
 		return badf("nil command")
 	default:
@@ -422,6 +438,8 @@ func Decode(data []byte) (Command, error) {
 		cmd = &AcquireLease{Volume: d.name(), Site: d.site(), Created: d.varint(), Prev: d.uvarint()}
 	case cmdRelease:
 		cmd = &ReleaseLease{Volume: d.name(), Site: d.site(), Epoch: d.uvarint()}
+	case cmdClusterID:
+		cmd = &SetClusterID{ID: d.clusterID()}
 	default:
 		return nil, badf("unknown command type %d", typ)
 	}
@@ -558,6 +576,35 @@ func checkSite(s string) error {
 		}
 	}
 	return nil
+}
+
+// ErrBadClusterID is wrapped by CheckClusterID's errors.
+var ErrBadClusterID = errors.New("invalid cluster ID")
+
+// CheckClusterID checks a cluster ID: 1 to MaxClusterIDLen bytes of
+// lowercase letters, digits or '-'. The errors wrap ErrBadClusterID.
+func CheckClusterID(id string) error {
+	if len(id) == 0 || len(id) > MaxClusterIDLen {
+		return fmt.Errorf("%w: %d bytes, want 1 to %d", ErrBadClusterID, len(id), MaxClusterIDLen)
+	}
+	for i := 0; i < len(id); i++ {
+		c := id[i]
+		if !('a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '-') {
+			return fmt.Errorf("%w: %q: invalid character %q", ErrBadClusterID, id, c)
+		}
+	}
+	return nil
+}
+
+// clusterID reads a string that must be a valid cluster ID.
+func (d *decoder) clusterID() string {
+	b := d.str()
+	if d.err == nil {
+		if err := CheckClusterID(string(b)); err != nil {
+			d.err = fmt.Errorf("%w: at byte %d: %w", d.sentinel(), d.off, err)
+		}
+	}
+	return string(b)
 }
 
 // name reads a string that must be a valid volume name.

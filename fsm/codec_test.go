@@ -34,6 +34,8 @@ func sampleCommands() []Command {
 		&AcquireLease{Volume: "vol-1", Site: "site-1", Created: testCreated, Prev: 0},
 		&AcquireLease{Volume: "v", Site: strings.Repeat("s", maxSiteLen), Created: -1, Prev: math.MaxUint64},
 		&ReleaseLease{Volume: "vol-1", Site: "a.b_c", Epoch: 3},
+		&SetClusterID{ID: "0123456789abcdef0123456789abcdef"},
+		&SetClusterID{ID: strings.Repeat("z-9", MaxClusterIDLen/3)},
 	}
 }
 

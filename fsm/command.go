@@ -116,6 +116,15 @@ type ReleaseLease struct {
 	Epoch  uint64
 }
 
+// SetClusterID fixes the cluster's identity: the first leader of a cluster
+// whose state has no cluster ID proposes one (random). It is a
+// compare-and-set: applied only while the state has no ID; the same ID
+// again is a duplicate (success, nothing done); another ID is the verdict
+// ErrClusterIDSet. So the ID, once applied, never changes.
+type SetClusterID struct {
+	ID string
+}
+
 func (*CreateVolume) isCommand() {}
 func (*DeleteVolume) isCommand() {}
 func (*ResizeVolume) isCommand() {}
@@ -124,3 +133,4 @@ func (*EndSession) isCommand()   {}
 func (*VerifyChunks) isCommand() {}
 func (*AcquireLease) isCommand() {}
 func (*ReleaseLease) isCommand() {}
+func (*SetClusterID) isCommand() {}

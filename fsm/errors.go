@@ -39,6 +39,9 @@ var (
 	// epoch (someone else acquired it first), or a ReleaseLease of a lease
 	// the site does not hold at that epoch.
 	ErrLeaseConflict = errors.New("volume lease conflict")
+	// ErrClusterIDSet: a SetClusterID whose ID differs from the one the
+	// state already holds (the cluster ID never changes).
+	ErrClusterIDSet = errors.New("cluster ID already set")
 	// ErrFailed: this site could not apply an entry because of a local
 	// I/O error, or has not finished installing a snapshot. The site stops
 	// applying (every later entry also returns ErrFailed) until it is
@@ -64,6 +67,7 @@ var errorCodes = []struct {
 	{"seq_gap", ErrSeqGap},
 	{"stale_epoch", ErrStaleEpoch},
 	{"lease_conflict", ErrLeaseConflict},
+	{"cluster_id_set", ErrClusterIDSet},
 	{"failed", ErrFailed},
 	{"closed", ErrClosed},
 }

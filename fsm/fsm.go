@@ -147,6 +147,7 @@ type FSM struct {
 	fuzzyUntil  uint64
 	stats       Stats            // counters only; AppliedIndex etc. are filled in by Stats()
 	leases      map[string]Lease // volume leases; written only by the FSM goroutine
+	clusterID   string           // "" until SetClusterID; written only by the FSM goroutine
 	verify      map[string]VerifyReport
 	verifyOrder []string      // IDs in verify, oldest first
 	changed     chan struct{} // closed when applied/failed/closed change; nil if nobody waits
@@ -209,6 +210,7 @@ func New(store *volume.Store, stateDir string, opts Options) (*FSM, error) {
 		restoring:    img.Restoring,
 		applied:      img.Applied,
 		leases:       leaseMap(img.Leases),
+		clusterID:    img.ClusterID,
 		verify:       make(map[string]VerifyReport),
 	}
 	f.stats.CheckpointIndex = img.Applied
@@ -509,6 +511,8 @@ func (f *FSM) applyCommand(index uint64, cmd Command) (outcome, error) {
 		return f.applyAcquire(c)
 	case *ReleaseLease:
 		return f.applyRelease(c), nil
+	case *SetClusterID:
+		return f.applySetClusterID(c), nil
 	}
 	return outcome{err: fmt.Errorf("%w: unhandled command %T", ErrBadCommand, cmd)}, nil
 }
@@ -839,7 +843,7 @@ func (f *FSM) checkpoint() error {
 		}
 		delete(f.dirty, name)
 	}
-	img := &stateImage{Applied: f.applied, FuzzyUntil: f.fuzzyUntil, Sessions: sessionList(f.sessions), Leases: leaseList(f.leases)}
+	img := &stateImage{Applied: f.applied, FuzzyUntil: f.fuzzyUntil, Sessions: sessionList(f.sessions), Leases: leaseList(f.leases), ClusterID: f.clusterID}
 	if f.fuzzyUntil <= f.applied {
 		img.FuzzyUntil = 0
 	}
@@ -871,7 +875,7 @@ type bgCheckpoint struct {
 // names this index. Writes applied meanwhile may be synced too, which is
 // harmless (replay overwrites them with the same bytes, I3).
 func (f *FSM) startCheckpoint() {
-	img := &stateImage{Applied: f.applied, FuzzyUntil: f.fuzzyUntil, Sessions: sessionList(f.sessions), Leases: leaseList(f.leases)}
+	img := &stateImage{Applied: f.applied, FuzzyUntil: f.fuzzyUntil, Sessions: sessionList(f.sessions), Leases: leaseList(f.leases), ClusterID: f.clusterID}
 	if f.fuzzyUntil <= f.applied {
 		img.FuzzyUntil = 0
 	}

@@ -175,9 +175,9 @@ func TestStateDecodesOlderVersions(t *testing.T) {
 		}
 	}
 	// Version 3 records each session's volume and epoch.
-	img := &stateImage{Applied: 7, Sessions: []sessionEntry{{ID: 3, session: session{LastSeq: 2, LastIndex: 6, Volume: "v", Epoch: 4}}}}
+	img := &stateImage{Applied: 7, ClusterID: "c1", Sessions: []sessionEntry{{ID: 3, session: session{LastSeq: 2, LastIndex: 6, Volume: "v", Epoch: 4}}}}
 	got, err := decodeState(encodeState(img))
-	if err != nil || len(got.Sessions) != 1 || got.Sessions[0] != img.Sessions[0] {
+	if err != nil || len(got.Sessions) != 1 || got.Sessions[0] != img.Sessions[0] || got.ClusterID != "c1" {
 		t.Fatalf("version 3 round trip: %+v, %v", got, err)
 	}
 	if _, err := decodeState(append([]byte{stateVersion + 1}, v1[1:]...)); err == nil {

@@ -32,7 +32,7 @@ func (f *FSM) Snapshot() (raft.FSMSnapshot, error) {
 	if err := f.checkpoint(); err != nil {
 		return nil, fmt.Errorf("fsm: snapshot: %w", f.fail(f.applied, err))
 	}
-	img := &stateImage{Applied: f.applied, Volumes: f.store.List(), Sessions: sessionList(f.sessions), Leases: leaseList(f.leases)}
+	img := &stateImage{Applied: f.applied, Volumes: f.store.List(), Sessions: sessionList(f.sessions), Leases: leaseList(f.leases), ClusterID: f.clusterID}
 	return &fsmSnapshot{stream: encodeStateStream(img)}, nil
 }
 
@@ -93,7 +93,7 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 		"volumes", len(img.Volumes), "sessions", len(img.Sessions))
 
 	// From here on the volumes change: record that first.
-	if err := writeStateFile(f.stateDir, &stateImage{Applied: f.checkpointed, Restoring: true}); err != nil {
+	if err := writeStateFile(f.stateDir, &stateImage{Applied: f.checkpointed, Restoring: true, ClusterID: f.clusterID}); err != nil {
 		return fmt.Errorf("fsm: restore: %w", err)
 	}
 	f.restoring = true
@@ -119,6 +119,7 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 	f.fuzzyUntil = r.state.FuzzyUntil
 	f.failed = nil
 	f.leases = leases
+	f.clusterID = img.ClusterID
 	f.stats.Restores++
 	f.stats.Checkpoints++
 	f.stats.CheckpointIndex = r.state.Applied
@@ -154,7 +155,7 @@ func (f *FSM) installImage(rr *recordReader, h streamHeader, img *stateImage) (*
 			return nil, err
 		}
 	}
-	r.state = stateImage{Applied: max(img.Applied, h.Index), Sessions: img.Sessions, Leases: existingLeases(img)}
+	r.state = stateImage{Applied: max(img.Applied, h.Index), Sessions: img.Sessions, Leases: existingLeases(img), ClusterID: img.ClusterID}
 	if end.FuzzyUntil > r.state.Applied {
 		r.state.FuzzyUntil = end.FuzzyUntil
 	}

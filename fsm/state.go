@@ -53,12 +53,15 @@ type sessionEntry struct {
 // (Restoring false, FuzzyUntil 0).
 //
 // Encoding (version 3; version 2 is the same without each session's volume
-// and epoch; version 1 also without the lease list):
+// and epoch and without the cluster ID; version 1 also without the lease
+// list):
 // version 1 byte, flags 1 byte (bit 0 Restoring),
 // applied uv, fuzzyUntil uv, volume count uv, per volume name str, size uv,
 // blockSize uv, created sv (Unix ns), flags 1 byte (bit 0 SyncWrites),
 // session count uv, per session id uv, lastSeq uv, lastIndex uv,
-// failed str, volume str, epoch uv, lease count uv, per lease volume str, holder str, epoch uv.
+// failed str, volume str, epoch uv, lease count uv, per lease volume str,
+// holder str, epoch uv, cluster ID str ("" while none is set, else valid
+// for CheckClusterID).
 // Volumes and leases are sorted by name, sessions by ID, all without
 // duplicates, so equal states encode to equal bytes.
 type stateImage struct {
@@ -68,6 +71,7 @@ type stateImage struct {
 	Volumes    []volume.Meta
 	Sessions   []sessionEntry
 	Leases     []leaseEntry
+	ClusterID  string // "" until a SetClusterID was applied
 }
 
 const (
@@ -118,6 +122,7 @@ func encodeState(img *stateImage) []byte {
 		e.string(l.Holder)
 		e.uvarint(l.Epoch)
 	}
+	e.string(img.ClusterID)
 	return e.buf
 }
 
@@ -232,6 +237,15 @@ func decodeState(b []byte) (*stateImage, error) {
 				img.Leases[i] = l
 			}
 		}
+	}
+	if version >= stateVersion {
+		id := d.str()
+		if d.err == nil && len(id) > 0 {
+			if err := CheckClusterID(string(id)); err != nil {
+				d.fail("%v", err)
+			}
+		}
+		img.ClusterID = string(id)
 	}
 	if d.err != nil {
 		return nil, d.err

@@ -69,15 +69,15 @@ func TestClusterCLI(t *testing.T) {
 	// status, table.
 	table := c.Agents[2].MustCLI("cluster", "status")
 	for _, re := range []string{
-		`(?m)^leader: ` + regexp.QuoteMeta(st.Leader) + `\s+commit index: \d+$`,
-		`(?m)^SITE\s+STATE\s+VOTER\s+GOSSIP\s+APPLIED\s+COMMIT\s+LAG\s+RAFT\s+NBD\s+API\s*$`,
+		`(?m)^cluster: [0-9a-f]{32}\s+leader: ` + regexp.QuoteMeta(st.Leader) + `\s+commit index: \d+$`,
+		`(?m)^SITE\s+STATE\s+SUFFRAGE\s+GOSSIP\s+APPLIED\s+COMMIT\s+LAG\s+RAFT\s+NBD\s+API\s*$`,
 	} {
 		if !regexp.MustCompile(re).MatchString(table) {
 			t.Errorf("cluster status table does not match %s:\n%s", re, table)
 		}
 	}
 	for _, a := range c.Agents {
-		re := `(?m)^` + regexp.QuoteMeta(a.Name) + `\s+(Leader|Follower)\s+true\s+alive\s+\d+\s+\d+\s+\d+\s+` +
+		re := `(?m)^` + regexp.QuoteMeta(a.Name) + `\s+(Leader|Follower)\s+voter\s+alive\s+\d+\s+\d+\s+\d+\s+` +
 			regexp.QuoteMeta(a.RaftAddr) + `\s+` + regexp.QuoteMeta(a.NBDAddr) + `\s+` + regexp.QuoteMeta(a.APIAddr) + `\s*$`
 		if !regexp.MustCompile(re).MatchString(table) {
 			t.Errorf("cluster status table has no row for %s matching %s:\n%s", a.Name, re, table)

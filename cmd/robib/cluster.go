@@ -5,6 +5,8 @@ import (
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
+
+	"github.com/robib/robib/cluster"
 )
 
 func newClusterCmd(g *globals) *cobra.Command {
@@ -41,11 +43,15 @@ func newClusterStatusCmd(g *globals) *cobra.Command {
 			if leader == "" {
 				leader = "(none)"
 			}
-			fmt.Fprintf(out, "leader: %s   commit index: %d\n\n", leader, st.CommitIndex)
+			clusterID := st.ClusterID
+			if clusterID == "" {
+				clusterID = "(not yet known)"
+			}
+			fmt.Fprintf(out, "cluster: %s   leader: %s   commit index: %d\n\n", clusterID, leader, st.CommitIndex)
 			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "SITE\tSTATE\tVOTER\tGOSSIP\tAPPLIED\tCOMMIT\tLAG\tRAFT\tNBD\tAPI")
+			fmt.Fprintln(tw, "SITE\tSTATE\tSUFFRAGE\tGOSSIP\tAPPLIED\tCOMMIT\tLAG\tRAFT\tNBD\tAPI")
 			for _, s := range st.Sites {
-				fmt.Fprintf(tw, "%s\t%s\t%v\t%s\t%d\t%d\t%d\t%s\t%s\t%s\n", s.Name, s.State, s.Voter, s.Gossip,
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%d\t%s\t%s\t%s\n", s.Name, s.State, suffrage(s), s.Gossip,
 					s.AppliedIndex, s.CommitIndex, s.Lag, s.RaftAddr, s.NBDAddr, s.APIAddr)
 			}
 			return tw.Flush()
@@ -53,6 +59,24 @@ func newClusterStatusCmd(g *globals) *cobra.Command {
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	return cmd
+}
+
+// suffrage says what a site may do in elections: voter, non-voter (a
+// joining or wiped site catching up; promoted once caught up), or "-" when
+// it is not in the Raft configuration. A fresh site takes no part in
+// elections yet.
+func suffrage(s cluster.SiteStatus) string {
+	out := s.Suffrage
+	switch out {
+	case "":
+		out = "-"
+	case "non-voter":
+		out = "non-voter (catching up)"
+	}
+	if s.Fresh {
+		out += ", fresh"
+	}
+	return out
 }
 
 func newClusterLeaveCmd(g *globals) *cobra.Command {

@@ -44,6 +44,9 @@ type SiteStatus struct {
 	Name              string `json:"name"`
 	State             string `json:"state"`
 	Voter             bool   `json:"voter"`
+	Suffrage          string `json:"suffrage"`
+	ClusterID         string `json:"cluster_id"`
+	Fresh             bool   `json:"fresh"`
 	Gossip            string `json:"gossip"`
 	RaftAddr          string `json:"raft_addr"`
 	APIAddr           string `json:"api_addr"`
@@ -62,6 +65,7 @@ type SiteStatus struct {
 // ClusterStatus is `robib cluster status --json`.
 type ClusterStatus struct {
 	Leader      string       `json:"leader"`
+	ClusterID   string       `json:"cluster_id"`
 	CommitIndex uint64       `json:"commit_index"`
 	Sites       []SiteStatus `json:"sites"`
 }
@@ -223,14 +227,15 @@ func (c *Cluster) MustStatus(a *Agent) ClusterStatus {
 	return st
 }
 
-// WaitReady waits until every running agent reports the same leader and
-// exactly `voters` voting sites, each of them reachable (Leader or
-// Follower). It returns the status seen at the first running agent.
+// WaitReady waits until every running agent reports the same leader, the
+// same cluster ID and exactly `voters` voting sites, each of them
+// reachable (Leader or Follower). It returns the status seen at the first
+// running agent.
 func (c *Cluster) WaitReady(timeout time.Duration, voters int) ClusterStatus {
 	c.t.Helper()
 	var last ClusterStatus
 	WaitFor(c.t, timeout, fmt.Sprintf("a leader and %d reachable voters at every running site", voters), func() (bool, error) {
-		leader := ""
+		leader, clusterID := "", ""
 		for i, a := range c.Running() {
 			st, err := c.Status(a)
 			if err != nil {
@@ -239,6 +244,10 @@ func (c *Cluster) WaitReady(timeout time.Duration, voters int) ClusterStatus {
 			if st.Leader == "" {
 				return false, fmt.Errorf("%s knows no leader", a.Name)
 			}
+			if st.ClusterID == "" || clusterID != "" && st.ClusterID != clusterID {
+				return false, fmt.Errorf("%s has cluster ID %q, another site %q", a.Name, st.ClusterID, clusterID)
+			}
+			clusterID = st.ClusterID
 			if leader != "" && st.Leader != leader {
 				return false, fmt.Errorf("%s says the leader is %s, another site says %s", a.Name, st.Leader, leader)
 			}
