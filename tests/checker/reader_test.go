@@ -4,8 +4,8 @@ import (
 	"context"
 	"strings"
 	"sync"
-	"time"
 	"testing"
+	"time"
 )
 
 // runWithReaders runs c's workload with the given readers reading during
