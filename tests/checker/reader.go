@@ -48,7 +48,7 @@ type ReaderOptions struct {
 	// OpTimeout bounds each dial+handshake and each read. Default: the
 	// checker's OpTimeout.
 	OpTimeout time.Duration
-	// Pause between sessions and after a failure. Default 20ms.
+	// Pause between sessions and after a failure. Default 50ms.
 	Pause time.Duration
 	// MaxProblems kept (all are counted). Default 50.
 	MaxProblems int
@@ -140,7 +140,7 @@ func (c *Checker) NewReader(opts ReaderOptions) *Reader {
 		opts.OpTimeout = c.opts.OpTimeout
 	}
 	if opts.Pause <= 0 {
-		opts.Pause = 20 * time.Millisecond
+		opts.Pause = 50 * time.Millisecond
 	}
 	if opts.MaxProblems <= 0 {
 		opts.MaxProblems = 50
@@ -298,8 +298,9 @@ func (r *Reader) readOne(ctx context.Context, cl *Client, tg ReadTarget, session
 	if len(r.stats.Problems) < r.opts.MaxProblems {
 		r.stats.Problems = append(r.stats.Problems, ReadProblem{Time: time.Now(), Reader: r.opts.Name, Addr: tg.Addr, Export: tg.Export,
 			Session: session, Nth: nth, Block: blk, Floor: floor, Found: found, Class: class, Detail: detail})
+		// Only the kept ones are logged: a stale copy yields thousands.
+		c.logf("checker: %s: bad read: block %d at %s (%s), read %d of session %d: %s: %s", r.opts.Name, blk, tg.Addr, tg.Export, nth, session, class, detail)
 	}
-	c.logf("checker: %s: bad read: block %d at %s (%s), read %d of session %d: %s: %s", r.opts.Name, blk, tg.Addr, tg.Export, nth, session, class, detail)
 	return true
 }
 

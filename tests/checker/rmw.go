@@ -81,8 +81,8 @@ func (c *Checker) readModify(ctx context.Context, s *session, blk uint64, w *Wri
 // addReadProblem keeps the first problems of the writer's own reads.
 // Called with c.mu held.
 func (c *Checker) addReadProblem(p ReadProblem) {
-	c.logf("checker: bad read: %v", p)
 	if len(c.readProblems) < 50 {
+		c.logf("checker: bad read: %v", p)
 		c.readProblems = append(c.readProblems, p)
 	}
 }
