@@ -244,16 +244,37 @@ func TestSoak(t *testing.T) {
 	}
 	kinds := faults
 	if v := os.Getenv("ROBIB_SOAK_FAULTS"); v != "" {
-		kinds = nil
-		for _, name := range strings.Split(v, ",") {
-			i := slices.IndexFunc(faults, func(f fault) bool { return f.name == strings.TrimSpace(name) })
-			if i < 0 {
-				t.Fatalf("ROBIB_SOAK_FAULTS: no fault %q", name)
-			}
-			kinds = append(kinds, faults[i])
-		}
+		kinds = faultsNamed(t, strings.Split(v, ",")...)
 	}
 	t.Logf("soak: %d rounds, seed %d (ROBIB_SOAK_SEED to repeat)", rounds, seed)
+	runSoak(t, rounds, seed, kinds)
+}
+
+// TestSoakIssue11Faults runs each fault kind issue 11 added once, in turn,
+// under the soak's writer and reader: the lease holder cut off while its
+// client writes, a rolling restart, a wiped data directory.
+func TestSoakIssue11Faults(t *testing.T) {
+	kinds := faultsNamed(t, "cut off lease holder", "rolling restart", "wiped data directory")
+	runSoak(t, len(kinds), uint64(time.Now().UnixNano()), kinds)
+}
+
+// faultsNamed returns the soak faults with these names.
+func faultsNamed(t *testing.T, names ...string) []fault {
+	t.Helper()
+	var kinds []fault
+	for _, name := range names {
+		i := slices.IndexFunc(faults, func(f fault) bool { return f.name == strings.TrimSpace(name) })
+		if i < 0 {
+			t.Fatalf("no soak fault %q", name)
+		}
+		kinds = append(kinds, faults[i])
+	}
+	return kinds
+}
+
+// runSoak runs rounds fault rounds drawn from kinds (each in turn when
+// kinds is a subset of all faults), then the final checks and figures.
+func runSoak(t *testing.T, rounds int, seed uint64, kinds []fault) {
 	rng := rand.New(rand.NewPCG(seed, seed^0x5eed))
 
 	e := newEnv(t, "64MiB")
