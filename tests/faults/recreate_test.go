@@ -19,9 +19,10 @@ const recreateVolSize = "16MiB"
 // TestDeleteRecreateUnderKill9 repeatedly deletes the volume, creates it
 // again, attaches it read-write and writes and flushes, while kill -9 hits
 // a random site (the leader included) at a random moment of the cycle:
-// often within a few milliseconds of the delete, so that some kill lands
-// inside it, otherwise anywhere. The killed site is started again and the
-// next cycle goes on. Each cycle's flushed data must read back at every
+// in half the cycles around the time the previous delete took to be
+// acknowledged, so that some kill lands inside the delete as the sites
+// apply it, otherwise anywhere in the first two seconds. The killed site
+// is started again and the next cycle goes on. Each cycle's flushed data must read back at every
 // site; afterwards every site must agree (`volume verify`), and a
 // read-write attach at every site in turn must work, its flushed data read
 // back everywhere. ROBIB_RECREATE_CYCLES sets the number of cycles
@@ -38,26 +39,30 @@ func TestDeleteRecreateUnderKill9(t *testing.T) {
 		addrs = append(addrs, e.nbd(n))
 	}
 	kills := map[string]int{}
+	deleteTook := 50 * time.Millisecond // until measured
 	for cycle := 1; cycle <= cycles; cycle++ {
 		leader := e.c.MustLeader()
 		victim := names[rng.IntN(len(names))]
 		nearDelete := rng.IntN(2) == 0
 		delay := time.Duration(rng.IntN(2000)) * time.Millisecond
 		if nearDelete {
-			delay = time.Duration(rng.IntN(150)) * time.Millisecond
+			// Around when the sites apply the delete: the time the last
+			// uncontested delete took to be acknowledged, give or take.
+			delay = time.Duration(float64(deleteTook) * (0.3 + rng.Float64()))
 		}
 		// The cycle runs in its own goroutine (no t.Fatal there) so that
 		// the kill can land at any moment of it.
 		deleteSent := make(chan struct{})
 		type result struct {
-			ck  *checker.Checker
-			err error
+			ck         *checker.Checker
+			deleteTook time.Duration // from the send to the acknowledgement (first try only)
+			err        error
 		}
 		done := make(chan result, 1)
 		rot := rng.IntN(len(addrs))
 		go func() {
-			ck, err := e.recreateCycle(cycle, append(addrs[rot:], addrs[:rot]...), deleteSent)
-			done <- result{ck, err}
+			ck, took, err := e.recreateCycle(append(addrs[rot:], addrs[:rot]...), deleteSent)
+			done <- result{ck, took, err}
 		}()
 		<-deleteSent
 		time.Sleep(delay)
@@ -73,6 +78,9 @@ func TestDeleteRecreateUnderKill9(t *testing.T) {
 		case res = <-done:
 		case <-time.After(3 * time.Minute):
 			t.Fatalf("cycle %d: delete, create, attach and write did not finish within 3 minutes", cycle)
+		}
+		if res.deleteTook > 0 {
+			deleteTook = res.deleteTook
 		}
 		e.c.Start(victim)
 		e.c.WaitReady(2*time.Minute, len(names))
@@ -115,17 +123,25 @@ func TestDeleteRecreateUnderKill9(t *testing.T) {
 // checker run that ends with a flush, retrying each step at the next site
 // while one is down. It closes deleteSent when the delete is about to be
 // sent.
-func (e *env) recreateCycle(cycle int, addrs []string, deleteSent chan struct{}) (*checker.Checker, error) {
+//
+// It also returns how long the delete took when its first try succeeded
+// (0 otherwise).
+func (e *env) recreateCycle(addrs []string, deleteSent chan struct{}) (*checker.Checker, time.Duration, error) {
 	names := e.c.Names()
 	deadline := time.Now().Add(2 * time.Minute)
+	var firstTook time.Duration
 	step := func(what string, first func(), args ...string) error {
 		for i := 0; ; i++ {
 			site := names[i%len(names)]
 			if i == 0 && first != nil {
 				first()
 			}
+			t0 := time.Now()
 			out, errOut, err := e.c.CLI(site, args...)
 			if err == nil {
+				if i == 0 {
+					firstTook = time.Since(t0)
+				}
 				return nil
 			}
 			if what == "delete" && strings.Contains(errOut+out, "not found") && i > 0 {
@@ -141,25 +157,26 @@ func (e *env) recreateCycle(cycle int, addrs []string, deleteSent chan struct{})
 		}
 	}
 	if err := step("delete", func() { close(deleteSent) }, "volume", "delete", volName); err != nil {
-		return nil, err
+		return nil, 0, err
 	}
+	took := firstTook
 	if err := step("create", nil, "volume", "create", volName, "--size", recreateVolSize); err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	ck, err := checker.New(checker.Options{Addrs: addrs, Export: volName, Blocks: 512, Writes: 600, QueueDepth: 8,
 		FlushEvery: 16, OpTimeout: 3 * flushTimeout, RMWFraction: 0.2})
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Until(deadline)+time.Minute)
 	defer cancel()
 	if err := ck.Run(ctx); err != nil {
-		return nil, fmt.Errorf("writes after the recreate: %w (stats %+v)", err, ck.Snapshot())
+		return nil, 0, fmt.Errorf("writes after the recreate: %w (stats %+v)", err, ck.Snapshot())
 	}
 	if s := ck.Snapshot(); s.FlushesOK == 0 {
-		return nil, errors.New("writes after the recreate: no flush acknowledged")
+		return nil, 0, errors.New("writes after the recreate: no flush acknowledged")
 	}
-	return ck, nil
+	return ck, took, nil
 }
 
 // verifyRecord proves at every site, reading its own copy (VOLUME@ro),
