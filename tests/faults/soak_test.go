@@ -43,6 +43,8 @@ type soak struct {
 	// lease could have expired elsewhere.
 	fencedAcks int64
 	moves      []time.Duration // cut-off lease holder: time until the writer flushed elsewhere
+	// wipedVoters: wiped sites seen voting before they caught up.
+	wipedVoters int
 }
 
 // writerSite is the site the writer is attached at ("" between sessions).
@@ -144,9 +146,9 @@ var faults = []fault{
 }
 
 // wipeDataDir stops a follower, deletes everything in its data directory
-// and starts it again under the same name. It logs how the leader sees the
-// site right after (a voter with an empty log is what issue 11 forbids;
-// the data checks catch what a second fault then loses).
+// and starts it again under the same name. Issue 11: it must not vote
+// before it has caught up (counted in wipedVoters); the data checks catch
+// what a second fault would then lose.
 func wipeDataDir(s *soak, site string, _ time.Duration) {
 	e := s.e
 	leader := e.c.MustLeader()
@@ -156,11 +158,41 @@ func wipeDataDir(s *soak, site string, _ time.Duration) {
 	}
 	e.c.WipeData(site)
 	e.c.Start(site)
-	if st, err := e.c.Status(leader); err == nil {
-		if x, ok := st.Site(site); ok {
-			s.t.Logf("wiped %s is back: the leader %s sees it as voter=%v, state %s, fsm_index %d (commit index before the wipe %d)",
-				site, leader, x.Voter, x.State, x.FSMIndex, before)
+	// Until it has caught up with what was committed before the wipe, the
+	// site must not count as a voter. A leader may need a moment to learn
+	// that the site lost its disk, so one sight is forgiven; two in a row
+	// are not.
+	seen := 0
+	_ = harness.Poll(5*time.Second, func() (bool, error) {
+		l, err := e.c.Leader()
+		if err != nil {
+			return false, err
 		}
+		st, err := e.c.Status(l)
+		if err != nil {
+			return false, err
+		}
+		x, ok := st.Site(site)
+		if !ok {
+			seen = 0
+			return false, nil
+		}
+		if x.FSMIndex >= before {
+			return true, nil // caught up
+		}
+		if x.Voter && x.State == "Follower" {
+			seen++
+			s.t.Logf("wiped %s is back: the leader %s sees it as a voter, state %s, fsm_index %d (commit index before the wipe %d)",
+				site, l, x.State, x.FSMIndex, before)
+		} else {
+			seen = 0
+		}
+		return seen >= 2, nil
+	})
+	if seen >= 2 {
+		s.mu.Lock()
+		s.wipedVoters++
+		s.mu.Unlock()
 	}
 }
 
@@ -345,8 +377,8 @@ func runSoak(t *testing.T, rounds int, seed uint64, kinds []fault) {
 	t.Logf("soak figures: writer: %d writes acknowledged (%d read-modify-writes), %d flushes acknowledged, %d failed, %d sessions; reads during faults: %d in %d sessions (%d checked against an acknowledged flush, %d of them first reads after an attach), %d read errors, %d attach failures",
 		ws.WritesAcked, ws.RMWWrites, ws.FlushesOK, ws.FlushesFailed, ws.Sessions, rs.Reads, rs.Sessions, rs.Checked, rs.FirstChecked, rs.ReadErrors, rs.AttachFailures)
 	stale := rs.Stale + ws.RMWStaleReads
-	t.Logf("soak figures: stale reads %d (reader %d, read-modify-write %d), torn reads %d, foreign reads %d, writes acknowledged by a cut-off lease holder after its lease TTL %d",
-		stale, rs.Stale, ws.RMWStaleReads, rs.Torn, rs.Foreign, s.fencedAcks)
+	t.Logf("soak figures: stale reads %d (reader %d, read-modify-write %d), torn reads %d, foreign reads %d, writes acknowledged by a cut-off lease holder after its lease TTL %d, wiped sites voting before catch-up %d",
+		stale, rs.Stale, ws.RMWStaleReads, rs.Torn, rs.Foreign, s.fencedAcks, s.wipedVoters)
 	if err := rs.Err(); err != nil {
 		t.Errorf("reads during the faults: %v", err)
 	}
@@ -355,6 +387,9 @@ func runSoak(t *testing.T, rounds int, seed uint64, kinds []fault) {
 	}
 	if s.fencedAcks > 0 {
 		t.Errorf("a cut-off lease holder acknowledged %d writes more than the lease TTL (%v) after it was cut off", s.fencedAcks, leaseTTL)
+	}
+	if s.wipedVoters > 0 {
+		t.Errorf("%d times a site whose data directory was wiped was back as a voter before it had caught up", s.wipedVoters)
 	}
 	if rs.Checked == 0 {
 		t.Errorf("the reader checked no read against an acknowledged flush: the read check proves nothing")
