@@ -13,7 +13,7 @@ FUZZTIME  ?= 200000x
 # make soak: randomised fault rounds and leader kills (tests/faults).
 SOAK_ROUNDS    ?= 300
 FAILOVER_KILLS ?= 12
-RECREATE_CYCLES ?= 30
+RECREATE_CYCLES ?= 60
 # package:FuzzTarget pairs run briefly by `make fuzz` (and so by `make test`).
 FUZZ      := ./nbdfront:FuzzHandshake ./nbdfront:FuzzTransmission ./volume:FuzzMeta ./fsm:FuzzDecode ./cmd/internal/config:FuzzParseSize
 

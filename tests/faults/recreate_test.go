@@ -26,9 +26,9 @@ const recreateVolSize = "16MiB"
 // site; afterwards every site must agree (`volume verify`), and a
 // read-write attach at every site in turn must work, its flushed data read
 // back everywhere. ROBIB_RECREATE_CYCLES sets the number of cycles
-// (default 5).
+// (default 15).
 func TestDeleteRecreateUnderKill9(t *testing.T) {
-	cycles := envInt(t, "ROBIB_RECREATE_CYCLES", 5)
+	cycles := envInt(t, "ROBIB_RECREATE_CYCLES", 15)
 	seed := uint64(time.Now().UnixNano())
 	t.Logf("%d cycles, seed %d", cycles, seed)
 	rng := rand.New(rand.NewPCG(seed, seed^0xdead))
@@ -72,7 +72,7 @@ func TestDeleteRecreateUnderKill9(t *testing.T) {
 		}
 		e.c.Kill(victim)
 		kills[role]++
-		t.Logf("cycle %d: kill -9 %s (%s) %v after the delete was sent", cycle, victim, role, delay)
+		t.Logf("cycle %d: kill -9 %s (%s) %v after the delete was sent", cycle, victim, role, delay.Round(time.Millisecond))
 		var res result
 		select {
 		case res = <-done:
