@@ -11,8 +11,9 @@ LDFLAGS   := -s -w -X main.version=$(VERSION)
 # deadline to race. `make fuzz FUZZTIME=5m` still runs by time.
 FUZZTIME  ?= 200000x
 # make soak: randomised fault rounds and leader kills (tests/faults).
-SOAK_ROUNDS    ?= 100
+SOAK_ROUNDS    ?= 300
 FAILOVER_KILLS ?= 12
+RECREATE_CYCLES ?= 60
 # package:FuzzTarget pairs run briefly by `make fuzz` (and so by `make test`).
 FUZZ      := ./nbdfront:FuzzHandshake ./nbdfront:FuzzTransmission ./volume:FuzzMeta ./fsm:FuzzDecode ./cmd/internal/config:FuzzParseSize
 
@@ -55,9 +56,9 @@ lint:
 # tests/faults/results/report.jsonl. `make test` runs a short version.
 soak: tools
 	mkdir -p tests/faults/results
-	ROBIB_REQUIRE_TOOLS=1 ROBIB_SOAK_ROUNDS=$(SOAK_ROUNDS) ROBIB_FAILOVER_KILLS=$(FAILOVER_KILLS) \
+	ROBIB_REQUIRE_TOOLS=1 ROBIB_SOAK_ROUNDS=$(SOAK_ROUNDS) ROBIB_FAILOVER_KILLS=$(FAILOVER_KILLS) ROBIB_RECREATE_CYCLES=$(RECREATE_CYCLES) \
 	ROBIB_FAULT_REPORT=$(CURDIR)/tests/faults/results/report.jsonl ROBIB_FAULT_RECORDS=$(CURDIR)/tests/faults/results \
-		$(GO) test -count=1 -v -timeout 240m -run '^(TestSoak|TestFailoverTime)$$' ./tests/faults/ 2>&1 | tee tests/faults/results/soak.log | grep -E 'REPORT|FAILOVER|soak|leader kills|^(---|ok|FAIL|PASS)'
+		$(GO) test -count=1 -v -timeout 240m -run '^(TestSoak|TestFailoverTime|TestDeleteRecreateUnderKill9)$$' ./tests/faults/ 2>&1 | tee tests/faults/results/soak.log | grep -E 'REPORT|FAILOVER|soak|leader kills|lease holder|kills:|^(---|ok|FAIL|PASS)'
 
 bench: build tools
 	$(GO) test -run='^$$' -bench=. -benchmem ./volume ./nbdfront ./dcd ./fsm ./cluster

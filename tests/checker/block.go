@@ -28,6 +28,13 @@ const (
 	offFlags     = 52
 
 	headerFlagFUA = 1 << 0
+	headerFlagRMW = 1 << 1
+
+	// RMWSegments is the number of segments the payload of a
+	// read-modify-write block is divided into (see the package
+	// documentation).
+	RMWSegments = 8
+	segTagSize  = 8
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
@@ -42,6 +49,7 @@ type Header struct {
 	Session    uint32 `json:"session"`
 	BlockSize  uint32 `json:"block_size"`
 	FUA        bool   `json:"fua,omitempty"`
+	RMW        bool   `json:"rmw,omitempty"`
 	ChecksumOK bool   `json:"checksum_ok"`
 }
 
@@ -71,6 +79,7 @@ func ParseHeader(data []byte) (h Header, ok bool) {
 		Session:   binary.BigEndian.Uint32(data[offSession:]),
 		BlockSize: binary.BigEndian.Uint32(data[offBlockSize:]),
 		FUA:       binary.BigEndian.Uint32(data[offFlags:])&headerFlagFUA != 0,
+		RMW:       binary.BigEndian.Uint32(data[offFlags:])&headerFlagRMW != 0,
 	}
 	n := len(data)
 	h.ChecksumOK = crc32.Checksum(data[:n-4], castagnoli) == binary.BigEndian.Uint32(data[n-4:])
@@ -93,9 +102,92 @@ func encodeBlock(dst []byte, run, blk uint64, w *WriteRecord) {
 	if w.FUA {
 		flags |= headerFlagFUA
 	}
+	if w.Segs != nil {
+		flags |= headerFlagRMW
+	}
 	binary.BigEndian.PutUint32(dst[offFlags:], flags)
-	fillPayload(dst[HeaderSize:n-4], run, blk, w.Seq)
+	if w.Segs == nil {
+		fillPayload(dst[HeaderSize:n-4], run, blk, w.Seq)
+	} else {
+		fillSegments(dst[HeaderSize:n-4], run, blk, w.Segs)
+	}
 	binary.BigEndian.PutUint32(dst[n-4:], crc32.Checksum(dst[:n-4], castagnoli))
+}
+
+// segmentBounds returns the start of each of the RMWSegments segments of a
+// payload of n bytes, and n.
+func segmentBounds(n int) [RMWSegments + 1]int {
+	var b [RMWSegments + 1]int
+	for i := range b {
+		b[i] = i * n / RMWSegments
+	}
+	return b
+}
+
+// fillSegments writes a read-modify-write payload: segment i holds the
+// 8-byte tag segs[i] (the seq of the write that last wrote it) followed by
+// the bytes of that write's payload stream at the same positions; a
+// segment with tag 0 (never written) is all zeros.
+func fillSegments(dst []byte, run, blk uint64, segs []uint64) {
+	full := map[uint64][]byte{}
+	bounds := segmentBounds(len(dst))
+	for i := 0; i < RMWSegments; i++ {
+		seg := dst[bounds[i]:bounds[i+1]]
+		tag := segs[i]
+		if tag == 0 {
+			clear(seg)
+			continue
+		}
+		p, ok := full[tag]
+		if !ok {
+			p = make([]byte, len(dst))
+			fillPayload(p, run, blk, tag)
+			full[tag] = p
+		}
+		copy(seg, p[bounds[i]:bounds[i+1]])
+		var tb [segTagSize]byte
+		binary.BigEndian.PutUint64(tb[:], tag)
+		copy(seg, tb[:])
+	}
+}
+
+// segmentMap tells which write each payload segment of a valid block of
+// this run and block came from: for a plain write every segment is its
+// own seq; for a read-modify-write block the tags, provided every segment
+// matches its tag. ok is false for content that is not such a block
+// (torn, foreign, another run) or whose segments do not match their tags.
+func segmentMap(data []byte, run, blk uint64) (segs []uint64, seq uint64, ok bool) {
+	segs = make([]uint64, RMWSegments)
+	if allZero(data) {
+		return segs, 0, true
+	}
+	h, magic := ParseHeader(data)
+	if !magic || !h.ChecksumOK || h.Run != run || h.Block != blk || h.BlockSize != uint32(len(data)) {
+		return nil, 0, false
+	}
+	if !h.RMW {
+		for i := range segs {
+			segs[i] = h.Seq
+		}
+		return segs, h.Seq, true
+	}
+	payload := data[HeaderSize : len(data)-4]
+	bounds := segmentBounds(len(payload))
+	for i := range segs {
+		seg := payload[bounds[i]:bounds[i+1]]
+		if len(seg) >= segTagSize {
+			segs[i] = binary.BigEndian.Uint64(seg)
+		}
+		if segs[i] > h.Seq {
+			return nil, 0, false
+		}
+	}
+	exp := make([]byte, len(payload))
+	fillSegments(exp, run, blk, segs)
+	if string(exp) != string(payload) {
+		return nil, 0, false
+	}
+	return segs, h.Seq, true
 }
 
 // splitmix64 is a bijective 64-bit mixer (Steele, Lea and Flood's

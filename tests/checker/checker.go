@@ -40,6 +40,12 @@ type Options struct {
 	// FUAFraction of the writes carry NBD_CMD_FLAG_FUA (when the server
 	// offers it). 0..1.
 	FUAFraction float64 `json:"fua_fraction"`
+	// RMWFraction of the writes are read-modify-writes, as a file system
+	// updating part of a block does: the block is read first (on the
+	// writing connection) and only one of its RMWSegments payload segments
+	// is replaced, the others are written back as read. A stale read so
+	// becomes stale data on every site, which Verify detects. 0..1.
+	RMWFraction float64 `json:"rmw_fraction,omitempty"`
 	// Seed seeds the workload's choices (block, FUA); 0 picks one at
 	// random. The run ID is random regardless.
 	Seed uint64 `json:"seed"`
@@ -105,6 +111,12 @@ func (o *Options) normalise() error {
 	if o.FUAFraction < 0 || o.FUAFraction > 1 {
 		return fmt.Errorf("checker: FUAFraction %v outside 0..1", o.FUAFraction)
 	}
+	if o.RMWFraction < 0 || o.RMWFraction > 1 {
+		return fmt.Errorf("checker: RMWFraction %v outside 0..1", o.RMWFraction)
+	}
+	if o.RMWFraction > 0 && o.BlockSize-HeaderSize-4 < RMWSegments*segTagSize {
+		return fmt.Errorf("checker: BlockSize %d too small for read-modify-write segments", o.BlockSize)
+	}
 	if o.Seed == 0 {
 		o.Seed = randomUint64()
 	}
@@ -159,6 +171,29 @@ type WriteRecord struct {
 	FUA     bool       `json:"fua,omitempty"`
 	State   WriteState `json:"state"`
 	Err     string     `json:"err,omitempty"`
+	// A read-modify-write: Segs is the seq each payload segment carries
+	// (what the read returned, one segment replaced by this write's seq);
+	// Base the seq the read returned (0: zeros); Must, per segment, the
+	// oldest seq a correct read could have supplied: the segments of the
+	// write that was durable when the read began, and what the base write
+	// itself had to carry. A segment below Must is data a stale read
+	// brought back.
+	Segs []uint64 `json:"segs,omitempty"`
+	Base uint64   `json:"base,omitempty"`
+	Must []uint64 `json:"must,omitempty"`
+}
+
+// segsOf is the segment map of write w: its Segs, or every segment its
+// own seq for a plain write.
+func segsOf(w *WriteRecord) []uint64 {
+	if w.Segs != nil {
+		return w.Segs
+	}
+	m := make([]uint64, RMWSegments)
+	for i := range m {
+		m[i] = w.Seq
+	}
+	return m
 }
 
 // BlockRecord is everything the checker knows of one block.
@@ -215,16 +250,24 @@ type Stats struct {
 	WritesUnanswered int64         `json:"writes_unanswered"` // no reply
 	WritesInFlight   int64         `json:"writes_in_flight"`
 	FUAWrites        int64         `json:"fua_writes"`
-	Flushes          int64         `json:"flushes"`
-	FlushesOK        int64         `json:"flushes_ok"`
-	FlushesFailed    int64         `json:"flushes_failed"`
-	Sessions         int64         `json:"sessions"`   // successful attaches
-	Reconnects       int64         `json:"reconnects"` // Sessions - 1
-	AttachFailures   int64         `json:"attach_failures"`
-	BlocksWritten    int64         `json:"blocks_written"` // blocks with at least one write issued
-	BlocksDurable    int64         `json:"blocks_durable"` // blocks with a durable write
-	FirstFlushAck    time.Time     `json:"first_flush_ack,omitzero"`
-	LastFlushAck     time.Time     `json:"last_flush_ack,omitzero"`
+	// RMWWrites were read-modify-writes; RMWStaleReads of their reads
+	// returned something older than a write whose flush had been
+	// acknowledged before the read began (a violation); RMWBadReads
+	// returned content that is not one write of the block (torn or
+	// foreign; the write was then a plain one).
+	RMWWrites      int64     `json:"rmw_writes,omitempty"`
+	RMWStaleReads  int64     `json:"rmw_stale_reads,omitempty"`
+	RMWBadReads    int64     `json:"rmw_bad_reads,omitempty"`
+	Flushes        int64     `json:"flushes"`
+	FlushesOK      int64     `json:"flushes_ok"`
+	FlushesFailed  int64     `json:"flushes_failed"`
+	Sessions       int64     `json:"sessions"`   // successful attaches
+	Reconnects     int64     `json:"reconnects"` // Sessions - 1
+	AttachFailures int64     `json:"attach_failures"`
+	BlocksWritten  int64     `json:"blocks_written"` // blocks with at least one write issued
+	BlocksDurable  int64     `json:"blocks_durable"` // blocks with a durable write
+	FirstFlushAck  time.Time `json:"first_flush_ack,omitzero"`
+	LastFlushAck   time.Time `json:"last_flush_ack,omitzero"`
 	// LongestStall is the longest interval between two consecutive
 	// successful flush acknowledgements, from LongestStallFrom to
 	// LongestStallTo.
@@ -274,10 +317,12 @@ type Checker struct {
 	sessions []SessionRecord
 	attempts []AttemptRecord
 	stats    Stats
-	ended    time.Time
-	running  bool
-	stopRun  context.CancelFunc
-	runLimit int64 // WritesIssued at which the current Run stops
+	// readProblems: the first stale or bad reads of read-modify-writes.
+	readProblems []ReadProblem
+	ended        time.Time
+	running      bool
+	stopRun      context.CancelFunc
+	runLimit     int64 // WritesIssued at which the current Run stops
 }
 
 // New validates opts and returns a Checker with a fresh random run ID.
@@ -545,9 +590,12 @@ func (c *Checker) broadcast() {
 func (c *Checker) writer(ctx, stop context.Context, s *session, slot uint32) {
 	buf := make([]byte, c.opts.BlockSize)
 	for {
-		blk, w, ok := c.issue(stop, s, slot)
+		blk, w, rmw, ok := c.issue(stop, s, slot)
 		if !ok {
 			return
+		}
+		if rmw != nil {
+			c.readModify(ctx, s, blk, &w, rmw, buf)
 		}
 		encodeBlock(buf, c.runID, blk, &w)
 		opCtx, cancel := context.WithTimeout(ctx, c.opts.OpTimeout)
@@ -562,17 +610,17 @@ func (c *Checker) writer(ctx, stop context.Context, s *session, slot uint32) {
 // issue picks a block with no write in flight, allocates the next write to
 // it and records it as pending. It waits while every block is busy, and
 // reports false once the run stops or the session ends.
-func (c *Checker) issue(stop context.Context, s *session, slot uint32) (uint64, WriteRecord, bool) {
+func (c *Checker) issue(stop context.Context, s *session, slot uint32) (uint64, WriteRecord, *rmwPlan, bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	var blk uint64
 	for {
 		if stop.Err() != nil || s.ended() {
-			return 0, WriteRecord{}, false
+			return 0, WriteRecord{}, nil, false
 		}
 		if c.runLimit > 0 && c.stats.WritesIssued >= c.runLimit {
 			c.stopRun()
-			return 0, WriteRecord{}, false
+			return 0, WriteRecord{}, nil, false
 		}
 		if b, ok := c.pickFree(); ok {
 			blk = b
@@ -581,6 +629,10 @@ func (c *Checker) issue(stop context.Context, s *session, slot uint32) (uint64, 
 		c.cond.Wait()
 	}
 	b := &c.blocks[blk]
+	var plan *rmwPlan
+	if c.opts.RMWFraction > 0 && c.rng.Float64() < c.opts.RMWFraction {
+		plan = c.planRMW(b)
+	}
 	b.inflight = true
 	b.lastSeq++
 	if b.lastSeq == 1 {
@@ -603,7 +655,7 @@ func (c *Checker) issue(stop context.Context, s *session, slot uint32) (uint64, 
 	}
 	s.sinceFlush++
 	c.maybeRequestFlush(s)
-	return blk, w, true
+	return blk, w, plan, true
 }
 
 func (c *Checker) maybeRequestFlush(s *session) {

@@ -40,6 +40,16 @@
 //	56      n-60  payload: a pseudo-random stream determined by (run, block, seq)
 //	n-4     4     CRC-32C (Castagnoli) of bytes 0..n-4
 //
+// Flags bit 1 marks a read-modify-write block (Options.RMWFraction): its
+// payload is divided into RMWSegments equal segments, each starting with
+// an 8-byte tag, the seq of the write that last wrote that segment,
+// followed by that write's payload stream at the same positions (a tag of
+// 0: the segment is all zeros). Such a write reads the block first, on the
+// writing connection, and replaces one segment (number write ID mod
+// RMWSegments) with its own seq, writing the others back as read, like a
+// file system updating a few bytes. A stale read so turns into stale data
+// on every site.
+//
 // A block mixing sectors of two writes (or of a write and zeros) fails the
 // checksum, and since every sector's payload depends on (run, block, seq),
 // Verify can also say which write each 512-byte sector came from.
@@ -106,6 +116,34 @@
 //   - CORRUPT: unrecognisable content where no write is durable, or a
 //     valid header and checksum over a payload the write did not carry.
 //   - UNREADABLE: the read failed.
+//
+// Read-modify-writes add a rule: no segment of the block may carry a seq
+// older than what the durable write carried there, nor older than what a
+// correct read could have supplied to the write found (per segment: the
+// segments of the write that was durable when its read began, and what the
+// write it read had to carry itself, transitively). Otherwise the block is
+// STALE ("built on stale data"). The read of a read-modify-write is also
+// judged at once: one returning a seq below the block's durable seq when
+// the read began counts in Stats.RMWStaleReads (see ReadProblems).
+//
+// # Reads while things break
+//
+// A Reader (NewReader, reader.go) is a second client of the same run that
+// reads during the run, while faults happen: it attaches again and again
+// at the targets a callback names (typically the writer's current site
+// read-write, and the other sites' VOLUME@ro), reads random written blocks
+// immediately after each attach (no catch-up wait), and judges each read
+// against the record at once. A read must return the block's durable write
+// as of the moment the read began, or a newer write (acknowledged, maybe or
+// in flight); an acknowledged write that was never flushed sets no floor
+// (it may be lost with its site). A ReadTarget with FloorAtAttach (a
+// read-only attach, which promises what was committed when the attach
+// began) uses the durable seqs at the start of the attach instead. Reads
+// older than the floor are STALE, content that is no write of the block
+// TORN (allowed only while a write to the block was in flight), a block of
+// another block or run FOREIGN; ReadStats counts them, and Checked /
+// FirstChecked say how many reads had a durable floor at all (and were
+// among the first of their session), so a test can refuse a vacuous pass.
 //
 // A never-written block must read as zeros. The checker assumes the
 // working set read as zeros before the run (a fresh volume), and that a

@@ -27,6 +27,9 @@ type fakeStore struct {
 	readHook func(off uint64) uint64
 	// lieFlush: FLUSH succeeds without making anything durable.
 	lieFlush bool
+	// staleFrom, if set, is what reads return instead of visible (a copy
+	// serving old data).
+	staleFrom []byte
 }
 
 func newFakeStore(size int) *fakeStore {
@@ -77,6 +80,9 @@ type fakeServer struct {
 	replyDelay time.Duration
 	// partialFlushes counts flushes that left an unanswered write volatile.
 	partialFlushes int
+	// snapshotReads: every connection reads the content visible when it
+	// attached (a read-only copy as of the attach).
+	snapshotReads bool
 
 	ln       net.Listener
 	mu       sync.Mutex
@@ -302,6 +308,12 @@ func (s *fakeServer) transmit(nc net.Conn) {
 	first := true
 	pendingWrites := map[uint64]unanswered{} // under st.mu
 	ackedVolatile := 0                       // under st.mu: writes answered since the last flush that did not cover them
+	var snap []byte
+	if s.snapshotReads {
+		st.mu.Lock()
+		snap = append([]byte(nil), st.visible...)
+		st.mu.Unlock()
+	}
 	var replies chan delayedReply
 	if s.replyDelay > 0 {
 		replies = make(chan delayedReply, 1024)
@@ -372,7 +384,14 @@ func (s *fakeServer) transmit(nc net.Conn) {
 				if st.readHook != nil {
 					src = st.readHook(off)
 				}
-				data = append([]byte(nil), st.visible[src:src+uint64(n)]...)
+				from := st.visible
+				switch {
+				case snap != nil:
+					from = snap
+				case st.staleFrom != nil:
+					from = st.staleFrom
+				}
+				data = append([]byte(nil), from[src:src+uint64(n)]...)
 				st.mu.Unlock()
 			case cmdWrite:
 				if s.flags&FlagReadOnly != 0 {

@@ -308,9 +308,9 @@ func (c *Checker) classify(v *blockView, data []byte, floor uint64) (Class, *Pro
 			return problem(Foreign, hp, "holds seq %d (write id %d), which was never issued for this block", h.Seq, h.WriteID)
 		}
 		w := v.find(h.Seq)
-		if w != nil && (w.ID != h.WriteID || w.Writer != h.Writer || w.Session != h.Session || w.FUA != h.FUA) {
-			return problem(Foreign, hp, "header of seq %d does not match the write issued with that seq (write id %d, writer %d, session %d, fua %v)",
-				h.Seq, w.ID, w.Writer, w.Session, w.FUA)
+		if w != nil && (w.ID != h.WriteID || w.Writer != h.Writer || w.Session != h.Session || w.FUA != h.FUA || (w.Segs != nil) != h.RMW) {
+			return problem(Foreign, hp, "header of seq %d does not match the write issued with that seq (write id %d, writer %d, session %d, fua %v, read-modify-write %v)",
+				h.Seq, w.ID, w.Writer, w.Session, w.FUA, w.Segs != nil)
 		}
 		if h.Seq < floor {
 			return problem(Stale, hp, "holds seq %d (write id %d), older than durable seq %d%s", h.Seq, h.WriteID, floor, c.describeWrite(v, floor))
@@ -323,6 +323,25 @@ func (c *Checker) classify(v *blockView, data []byte, floor uint64) (Class, *Pro
 		encodeBlock(exp, c.runID, v.blk, w)
 		if string(exp) != string(data) {
 			return problem(Corrupt, hp, "header and checksum valid for seq %d but the payload differs from what that write carried", h.Seq)
+		}
+		// Read-modify-writes: no segment may be older than what the
+		// durable write carried, nor than what a correct read could have
+		// given the write found here (or any write it descends from).
+		have := segsOf(w)
+		if fw := v.find(floor); fw != nil && floor > 0 {
+			need := needOf(fw)
+			for i := range have {
+				if have[i] < need[i] {
+					return problem(Stale, hp, "holds seq %d whose segment %d carries seq %d, older than seq %d that durable seq %d requires there (a read-modify-write built on stale data)",
+						h.Seq, i, have[i], need[i], floor)
+				}
+			}
+		}
+		for i := range w.Must {
+			if have[i] < w.Must[i] {
+				return problem(Stale, hp, "holds read-modify-write seq %d built on seq %d: its segment %d carries seq %d, but seq %d was required there (durable when the read began): a stale read became stale data",
+					h.Seq, w.Base, i, have[i], w.Must[i])
+			}
 		}
 		return OK, nil
 	}

@@ -866,6 +866,30 @@ func (c *Cluster) Restart(name string) {
 	c.Start(name)
 }
 
+// WipeData empties a stopped site's data directory (the host directory
+// bind-mounted at /data), as if its disk had been replaced: Start then
+// runs the site under its old name with nothing it had stored.
+func (c *Cluster) WipeData(name string) {
+	c.t.Helper()
+	s := c.Site(name)
+	st, err := c.State(name)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	if st.Running {
+		c.t.Fatalf("dockerh: wiping the data directory of site %s while it runs", name)
+	}
+	entries, err := os.ReadDir(s.DataDir)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	for _, e := range entries {
+		if err := os.RemoveAll(filepath.Join(s.DataDir, e.Name())); err != nil {
+			c.t.Fatalf("wiping %s's data directory: %v", name, err)
+		}
+	}
+}
+
 // Pause freezes every process of the site (docker pause: the cgroup
 // freezer, which the agent cannot notice or handle, like SIGSTOP).
 func (c *Cluster) Pause(name string) {

@@ -166,7 +166,10 @@ func (r *run) stallAfter(t0 time.Time, timeout time.Duration) time.Duration {
 // then proves at each site, reading its own copy (VOLUME@ro), that no
 // acknowledged-flushed block of any run is missing, stale or torn, and
 // that `volume verify` finds all copies identical.
-func (e *env) verifyEverywhere(runs ...*run) {
+//
+// It returns the number of (site, block) checks of blocks with a durable
+// write, i.e. acknowledged flushes verified at every site.
+func (e *env) verifyEverywhere(runs ...*run) int {
 	e.t.Helper()
 	for _, r := range runs {
 		r.stop()
@@ -205,6 +208,7 @@ func (e *env) verifyEverywhere(runs ...*run) {
 	}
 	out := e.c.MustCLI(e.c.MustLeader(), "volume", "verify", volName)
 	e.t.Logf("volume verify: %s", strings.TrimSpace(out))
+	return durable
 }
 
 // saveRecord keeps a failed run's record for inspection.
