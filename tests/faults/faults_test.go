@@ -203,6 +203,9 @@ func TestTwoSitesCannotBothWrite(t *testing.T) {
 	e.verifyEverywhere(w1, w2)
 
 	// Fencing: none of A's writes issued after the cut landed anywhere.
+	// (A fresh context: the first one was spent before the partition.)
+	ctx, cancel = context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
 	for _, site := range e.c.Names() {
 		cl, err := checker.Dial(ctx, nil, e.nbd(site), volName+"@ro")
 		if err != nil {
