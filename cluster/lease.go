@@ -125,11 +125,14 @@ func (n *Node) AcquireLease(ctx context.Context, volume string, created int64) (
 	return g, err
 }
 
-// ReadIndex returns a log index that covers every entry committed before the
-// call: the leader's last log index, read after the leader confirmed with a
-// majority that it still leads. A site that has applied it reads nothing
-// older than what was acknowledged before the call. It fails (retryably)
-// when no leader can be reached; it makes one attempt per leader.
+// ReadIndex returns a log index that covers every command committed before
+// the call: the leader's FSM applied index, read after a Raft barrier (an
+// entry that commits only with a majority behind this leader, and returns
+// once every entry before it is applied here). A site whose FSM has applied
+// it reads nothing older than what was acknowledged before the call. The
+// index is a command's (or 0), so every site's FSM reaches it: the leader's
+// last log index may be a no-op or barrier entry, which FSMs never see.
+// It fails (retryably) when no leader can be reached.
 func (n *Node) ReadIndex(ctx context.Context) (uint64, error) {
 	var idx uint64
 	err := n.onLeaderCall(ctx, func(time.Time) error {
@@ -140,19 +143,18 @@ func (n *Node) ReadIndex(ctx context.Context) (uint64, error) {
 	return idx, err
 }
 
+// readIndexTimeout bounds the barrier of a read index.
+const readIndexTimeout = 5 * time.Second
+
 // readIndexLocal is ReadIndex on the leader.
 func (n *Node) readIndexLocal() (uint64, error) {
 	if !n.IsLeader() {
 		return 0, ErrNotLeader
 	}
-	// LastIndex is read before the check: every entry committed before the
-	// call is in this leader's log at or below it, and the check proves
-	// that no other leader could have committed anything past it first.
-	idx := n.raft.LastIndex()
-	if err := n.raft.VerifyLeader().Error(); err != nil {
+	if err := n.raft.Barrier(readIndexTimeout).Error(); err != nil {
 		return 0, raftErr(err)
 	}
-	return idx, nil
+	return n.fsm.AppliedIndex(), nil
 }
 
 // RenewLease tells the leader this site still holds volume's lease at

@@ -220,3 +220,29 @@ func TestBlockStatusNeverReportsAHoleOverWrittenData(t *testing.T) {
 		t.Fatalf("in %d tries the write was never caught unapplied: the test proved nothing", blocks)
 	}
 }
+
+// TestReadOnlyAttachAfterAnIdleLeaderChange: a new leader appends a no-op
+// that no FSM ever applies; on an idle cluster a read-only attach must
+// still be served at once (its read index is a command's index), not wait
+// for the next write.
+func TestReadOnlyAttachAfterAnIdleLeaderChange(t *testing.T) {
+	sites := startCluster(t, 3, nil)
+	createVolume(t, sites[0], "idle", 1<<20)
+	waitCaughtUp(t, sites)
+	old, followers := leaderOf(t, sites)
+	old.stop(t)
+	waitFor(t, 30*time.Second, "a new leader", func() (bool, error) {
+		return followers[0].a.Node().Leader() != "" && followers[0].a.Node().Leader() != old.cfg.Name, nil
+	})
+	for _, s := range followers {
+		start := time.Now()
+		e, err := s.a.backend.Open("idle@ro")
+		if err != nil {
+			t.Fatalf("read-only attach at %s after an idle leader change: %v", s.cfg.Name, err)
+		}
+		e.Close()
+		if d := time.Since(start); d > readIndexTimeout {
+			t.Errorf("read-only attach at %s took %v", s.cfg.Name, d)
+		}
+	}
+}
