@@ -83,7 +83,7 @@ type Config struct {
 	LeaderLeaseTimeout time.Duration
 	CommitTimeout      time.Duration
 	// LeaseTTL is how long a volume lease survives without renewal (the
-	// holder renews every LeaseTTL/4). Every site should use the same.
+	// holder renews every LeaseTTL/8). Every site should use the same.
 	LeaseTTL time.Duration
 	// LeaderFollowsWrites lets the leader hand leadership to the site that
 	// sends it (nearly) all write batches, so that site's commits skip the
@@ -96,6 +96,10 @@ type Config struct {
 	RaftListener net.Listener
 	Dial         func(ctx context.Context, addr string) (net.Conn, error)
 	HTTPClient   *http.Client
+
+	// Stages, if set, records where a write's time goes at this site
+	// (see stages.go); nil records nothing.
+	Stages *Stages
 
 	Logger *slog.Logger
 }
@@ -266,6 +270,13 @@ func (n *Node) openRaft() error {
 	// store (with raft-boltdb: a msgpack decode and copy of up to 512 KiB,
 	// 15% of the leader's CPU in a sequential write). The cache holds the
 	// newest entries: logCacheEntries × 512 KiB at most.
+	var running atomic.Pointer[raft.Raft] // set once Raft runs
+	logs = &timedLogStore{LogStore: logs, stages: n.cfg.Stages, state: func() raft.RaftState {
+		if r := running.Load(); r != nil {
+			return r.State()
+		}
+		return raft.Follower
+	}}
 	if logs, err = raft.NewLogCache(logCacheEntries, logs); err != nil {
 		store.Close()
 		return fmt.Errorf("raft log cache: %w", err)
@@ -331,19 +342,24 @@ func (n *Node) openRaft() error {
 	case n.fresh.Load():
 		n.log.Warn("fresh site: no raft history; joining as a non-voter and voting only once caught up", "site", n.cfg.Name)
 	}
-	n.trans = newVoteGuard(raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
+	n.trans = newVoteGuard(&timedTransport{stages: n.cfg.Stages, guardedTransport: raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
 		Stream:  &streamLayer{Listener: n.cfg.RaftListener, dial: n.cfg.Dial, advertise: n.cfg.RaftAddr},
 		MaxPool: 4,
 		Timeout: 10 * time.Second,
 		Logger:  hlog,
-	}), &n.fresh, func(id string) bool { return foreign(n.fsm.ClusterID(), n.refused.clusterOf(id)) }, n.log)
-	r, err := raft.NewRaft(rc, n.fsm, logs, stable, snaps, n.trans)
+	})}, &n.fresh, func(id string) bool { return foreign(n.fsm.ClusterID(), n.refused.clusterOf(id)) }, n.log)
+	var machine raft.FSM = n.fsm
+	if n.cfg.Stages != nil {
+		machine = timedFSM{FSM: n.fsm, stages: n.cfg.Stages}
+	}
+	r, err := raft.NewRaft(rc, machine, logs, stable, snaps, n.trans)
 	if err != nil {
 		n.trans.Close()
 		store.Close()
 		return fmt.Errorf("starting raft: %w", err)
 	}
 	n.raft, n.store = r, store
+	running.Store(r)
 	if oneSite {
 		n.log.Info("bootstrapping a new one-site cluster", "site", n.cfg.Name)
 		if err := n.clearFresh("founding a one-site cluster"); err != nil { // a marker left behind

@@ -109,9 +109,15 @@ func (n *Node) propose(ctx context.Context, cmd fsm.Command, data []byte) (*fsm.
 		case <-fctx.Done():
 		}
 	}()
-	res, err := n.rpc.apply(fctx, meta.API, n.cfg.Name, data)
+	start := time.Now()
+	res, leaderTook, err := n.rpc.apply(fctx, meta.API, n.cfg.Name, data)
 	if err != nil && ctx.Err() == nil && fctx.Err() != nil {
 		return nil, fmt.Errorf("%w: leader %s replaced while a request to it was in flight", ErrNotLeader, leader)
+	}
+	if err == nil && leaderTook > 0 {
+		if _, ok := cmd.(*fsm.WriteBatch); ok {
+			n.cfg.Stages.Record("forward", max(time.Since(start)-leaderTook, 0))
+		}
 	}
 	return res, err
 }
@@ -128,6 +134,7 @@ func (n *Node) applyLocal(ctx context.Context, cmd fsm.Command, data []byte, ori
 			return nil, context.DeadlineExceeded
 		}
 	}
+	proposed := time.Now()
 	var fut raft.ApplyFuture
 	switch c := cmd.(type) {
 	case *fsm.WriteBatch:
@@ -167,6 +174,9 @@ func (n *Node) applyLocal(ctx context.Context, cmd fsm.Command, data []byte, ori
 	res, ok := fut.Response().(*fsm.Result)
 	if !ok {
 		return nil, fmt.Errorf("unexpected FSM response %T", fut.Response())
+	}
+	if _, ok := cmd.(*fsm.WriteBatch); ok {
+		n.cfg.Stages.Record("leader.propose", time.Since(proposed))
 	}
 	if errors.Is(res.Err, fsm.ErrFailed) {
 		n.stepDownOnce.Do(func() {

@@ -39,6 +39,9 @@ type applyReply struct {
 	Code      string `json:"code,omitempty"`  // fsm.ErrorCode of the FSM's verdict
 	Error     string `json:"error,omitempty"` // its message
 	Retry     bool   `json:"retry,omitempty"` // the receiver was not the leader etc.
+	// LeaderNanos is how long the leader took (leader.propose), so the
+	// sender can tell its forward's own cost (stages.go).
+	LeaderNanos int64 `json:"leader_ns,omitempty"`
 }
 
 // Handler serves the internal endpoints. Mount it at /internal/.
@@ -72,12 +75,13 @@ func (n *Node) handleApply(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, applyReply{Code: fsm.ErrorCode(err), Error: err.Error()})
 		return
 	}
+	start := time.Now()
 	res, err := n.applyLocal(r.Context(), cmd, data, r.Header.Get(headerOrigin))
 	if err != nil {
 		writeJSON(w, http.StatusOK, applyReply{Retry: IsRetryable(err) || errors.Is(err, ErrClosed), Error: err.Error()})
 		return
 	}
-	rep := applyReply{Index: res.Index, Duplicate: res.Duplicate}
+	rep := applyReply{Index: res.Index, Duplicate: res.Duplicate, LeaderNanos: int64(time.Since(start))}
 	if res.Err != nil {
 		rep.Code, rep.Error = fsm.ErrorCode(res.Err), res.Err.Error()
 	}
@@ -173,33 +177,34 @@ type rpcClient struct {
 func (c *rpcClient) url(addr, path string) string { return "http://" + addr + path }
 
 // apply forwards an encoded command from site origin to the leader's API.
-func (c *rpcClient) apply(ctx context.Context, addr, origin string, data []byte) (*fsm.Result, error) {
+// The duration is the leader's own time for it (0 if it did not say).
+func (c *rpcClient) apply(ctx context.Context, addr, origin string, data []byte) (*fsm.Result, time.Duration, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.url(addr, pathApply), bytes.NewReader(data))
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	req.Header.Set("Content-Type", "application/octet-stream")
 	req.Header.Set(headerOrigin, origin)
 	resp, err := c.http.Do(req)
 	if err != nil {
 		if ctx.Err() != nil {
-			return nil, ctx.Err()
+			return nil, 0, ctx.Err()
 		}
-		return nil, fmt.Errorf("%w: %v", ErrUnreachable, err)
+		return nil, 0, fmt.Errorf("%w: %v", ErrUnreachable, err)
 	}
 	defer resp.Body.Close()
 	var rep applyReply
 	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&rep); err != nil {
-		return nil, fmt.Errorf("%w: bad answer from %s (%s): %v", ErrUnreachable, addr, resp.Status, err)
+		return nil, 0, fmt.Errorf("%w: bad answer from %s (%s): %v", ErrUnreachable, addr, resp.Status, err)
 	}
 	if rep.Retry {
-		return nil, fmt.Errorf("%w: %s: %s", ErrNotLeader, addr, rep.Error)
+		return nil, 0, fmt.Errorf("%w: %s: %s", ErrNotLeader, addr, rep.Error)
 	}
 	res := &fsm.Result{Index: rep.Index, Duplicate: rep.Duplicate}
 	if rep.Code != "" || rep.Error != "" {
 		res.Err = fsm.ErrorFromCode(rep.Code, rep.Error)
 	}
-	return res, nil
+	return res, time.Duration(rep.LeaderNanos), nil
 }
 
 // getJSON fetches a site's internal endpoint into out.

@@ -40,6 +40,8 @@ type SiteStatus struct {
 	Lag               uint64 `json:"lag"` // entries behind the leader's commit index
 	Leader            string `json:"leader,omitempty"`
 	Error             string `json:"error,omitempty"`
+	// Stages: where writes spend their time at this site (stages.go).
+	Stages []StageLatency `json:"stages,omitempty"`
 }
 
 // Status is the cluster as seen from the site that answered.
@@ -70,6 +72,7 @@ func (n *Node) LocalStatus() SiteStatus {
 		Gossip:            "alive",
 		ClusterID:         n.fsm.ClusterID(),
 		Fresh:             n.fresh.Load(),
+		Stages:            n.cfg.Stages.Snapshot(),
 	}
 }
 

@@ -119,6 +119,19 @@ type Config struct {
 	// DefaultErrorCode. It must be safe for concurrent use. A result of 0
 	// for a non-nil error is replaced by EIO.
 	ErrorCode func(error) uint32
+	// Observe, if set, is told where each served request's time went,
+	// once its reply is written (on the worker's goroutine; it must be
+	// cheap and safe for concurrent use). Rejected requests are not
+	// observed.
+	Observe func(cmd string, t Timing)
+}
+
+// Timing is where one request's time went at the server: Recv reading its
+// payload after the header, Queue waiting for a worker, Device in the
+// Device call (with FUA, the write and its flush), Reply writing the reply
+// (with the replies group-written before it).
+type Timing struct {
+	Recv, Queue, Device, Reply time.Duration
 }
 
 // Default configuration values.

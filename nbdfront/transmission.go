@@ -29,6 +29,7 @@ import (
 	"net"
 	"runtime/debug"
 	"sync"
+	"time"
 )
 
 const (
@@ -233,6 +234,10 @@ func (t *transmission) readLoop() (err error) {
 			}
 			return fmt.Errorf("read request header: %w", err)
 		}
+		var at time.Time
+		if t.s.cfg.Observe != nil {
+			at = time.Now()
+		}
 		req, err := parseRequestHeader(t.hdr[:])
 		if err != nil {
 			return err
@@ -240,7 +245,7 @@ func (t *transmission) readLoop() (err error) {
 		if req.Type == cmdDisc {
 			return nil
 		}
-		if err := t.dispatch(req); err != nil {
+		if err := t.dispatch(req, at); err != nil {
 			return err
 		}
 	}
@@ -248,7 +253,8 @@ func (t *transmission) readLoop() (err error) {
 
 // dispatch answers an invalid request or starts a worker for a valid one.
 // An error ends the connection.
-func (t *transmission) dispatch(req request) error {
+// headerAt is when its header was read (zero unless observed).
+func (t *transmission) dispatch(req request, headerAt time.Time) error {
 	if code, msg := t.check(req); code != 0 {
 		return t.reject(req, code, msg)
 	}
@@ -281,6 +287,9 @@ func (t *transmission) dispatch(req request) error {
 		}
 	}
 	j.started = true
+	if !headerAt.IsZero() {
+		j.tHeader, j.tQueued = headerAt, time.Now()
+	}
 	t.inflight.Add(1)
 	t.handOff(j)
 	return nil
@@ -349,9 +358,12 @@ func (t *transmission) work(j *job) {
 				t.fail(fmt.Errorf("%w while replying: %v", errPanic, r))
 			}
 		}
+		t.observe(j)
 		t.release(j)
 	}()
-
+	if !j.tHeader.IsZero() {
+		j.tStart = time.Now()
+	}
 	req := j.req
 	off, length := int64(req.Offset), int64(req.Length)
 	var err error
@@ -394,6 +406,19 @@ func (t *transmission) work(j *job) {
 		return
 	}
 	t.sendOK(j)
+}
+
+// observe reports a served request's timing to Config.Observe.
+func (t *transmission) observe(j *job) {
+	if j.tHeader.IsZero() || j.tStart.IsZero() || j.tDevice.IsZero() {
+		return
+	}
+	t.s.cfg.Observe(cmdName(j.req.Type), Timing{
+		Recv:   j.tQueued.Sub(j.tHeader),
+		Queue:  j.tStart.Sub(j.tQueued),
+		Device: j.tDevice.Sub(j.tStart),
+		Reply:  time.Since(j.tDevice),
+	})
 }
 
 // release returns a job's slot, budget and buffer.
@@ -570,6 +595,9 @@ func (t *transmission) sendBlockStatus(j *job, n int) error {
 // reply, as before; under load it saves a system call (and a packet for
 // the client to take in) per reply.
 func (t *transmission) send(j *job, hdr, data []byte) error {
+	if !j.tHeader.IsZero() && j.tDevice.IsZero() {
+		j.tDevice = time.Now()
+	}
 	j.replied = true
 	t.wmu.Lock()
 	if t.werr == nil {
@@ -652,6 +680,10 @@ type job struct {
 	charge  int64   // bytes charged to the connection budget
 	started bool    // counted in inflight
 	replied bool    // a reply was (at least partly) sent
+
+	// Timestamps for Config.Observe (zero when it is nil): header read,
+	// payload read (handed to a worker), worker started, device returned.
+	tHeader, tQueued, tStart, tDevice time.Time
 
 	hdr [32]byte // reply header scratch
 }

@@ -170,6 +170,18 @@ func newVolumeStatsCmd(g *globals) *cobra.Command {
 			fmt.Fprintf(tw, "in flight / buffered\t%d batches / %s\n", st.Inflight, config.FormatSize(st.BufferedBytes))
 			fmt.Fprintf(tw, "commit latency\tp50 %dµs, p99 %dµs (newest %d commits), mean %dµs\n",
 				st.CommitP50US, st.CommitP99US, min(st.Commits, 1024), st.CommitMeanUS)
+			if err := tw.Flush(); err != nil {
+				return err
+			}
+			if len(st.Breakdown) == 0 {
+				return nil
+			}
+			fmt.Fprintf(out, "\nwhere writes spend their time (newest 1024 of each stage):\n")
+			tw = tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+			fmt.Fprintf(tw, "SITE\tSTAGE\tP50\tP99\tCOUNT\n")
+			for _, x := range st.Breakdown {
+				fmt.Fprintf(tw, "%s\t%s\t%dµs\t%dµs\t%d\n", x.Site, x.Stage, x.P50US, x.P99US, x.Count)
+			}
 			return tw.Flush()
 		},
 	}

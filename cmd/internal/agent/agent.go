@@ -41,6 +41,17 @@ type Agent struct {
 	apiLn   net.Listener
 	wg      sync.WaitGroup
 	closed  sync.Once
+	stages  *cluster.Stages // where writes spend their time at this site
+}
+
+// observeNBD records an NBD request's stages (nbdfront.Config.Observe).
+func (a *Agent) observeNBD(cmd string, t nbdfront.Timing) {
+	if cmd == "write" {
+		a.stages.Record("nbd.recv", t.Recv)
+	}
+	a.stages.Record("nbd.queue", t.Queue)
+	a.stages.Record("nbd."+cmd, t.Device)
+	a.stages.Record("nbd.reply", t.Reply)
 }
 
 // New opens the site's state and joins (or bootstraps) the cluster. The
@@ -98,6 +109,7 @@ func (a *Agent) open() error {
 			IdleConnTimeout:     90 * time.Second,
 		},
 	}
+	a.stages = cluster.NewStages()
 	a.node, err = cluster.Open(cluster.Config{
 		Name:                cfg.Name,
 		DataDir:             cfg.DataDir,
@@ -121,6 +133,7 @@ func (a *Agent) open() error {
 			return network.DialContext(ctx, netx.LinkRaft, addr)
 		},
 		HTTPClient: httpClient,
+		Stages:     a.stages,
 		Logger:     log.With("component", "cluster"),
 	}, a.fsm)
 	if err != nil {
@@ -144,6 +157,7 @@ func (a *Agent) open() error {
 		Backend:   a.backend,
 		Logger:    log.With("component", "nbd"),
 		ErrorCode: nbdErrorCode,
+		Observe:   a.observeNBD,
 	}); err != nil {
 		return err
 	}

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"strings"
@@ -210,5 +211,51 @@ func TestLeaseTakenOverFencesOldHolder(t *testing.T) {
 	}
 	if err := ea.Flush(); err != nil {
 		t.Fatalf("flush at the former holder after it took the lease back: %v", err)
+	}
+}
+
+// TestWriteStageShowsWhereWritesSpendTheirTime: after writes and flushes
+// at a follower, `volume stats` lists the stages of the write path with
+// counts at the sites where they happen: the forward at the writer, the
+// leader's proposal, store and replication, the followers' store, and the
+// state machine everywhere.
+func TestWriteStageShowsWhereWritesSpendTheirTime(t *testing.T) {
+	sites := startCluster(t, 3, nil)
+	createVolume(t, sites[0], "where", 1<<20)
+	waitCaughtUp(t, sites)
+	leader, followers := leaderOf(t, sites)
+	w := followers[0]
+	e := openExport(t, w, "where")
+	defer e.Close()
+	for i := 0; i < 20; i++ {
+		if _, err := e.WriteAt(bytes.Repeat([]byte{byte(i)}, 4096), int64(i)*4096); err != nil {
+			t.Fatal(err)
+		}
+		if err := e.Flush(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitCaughtUp(t, sites)
+	st, err := (&clusterService{node: w.a.node, store: w.a.store, stage: w.a.backend.stageStats}).WriteStage(context.Background(), "where")
+	if err != nil {
+		t.Fatal(err)
+	}
+	have := map[string]uint64{}
+	for _, x := range st.Breakdown {
+		have[x.Site+" "+x.Stage] = x.Count
+		if x.P50US < 0 || x.P99US < x.P50US {
+			t.Errorf("%s %s: p50 %dµs p99 %dµs", x.Site, x.Stage, x.P50US, x.P99US)
+		}
+	}
+	for _, want := range []string{
+		w.cfg.Name + " forward", leader.cfg.Name + " leader.propose", leader.cfg.Name + " leader.store",
+		leader.cfg.Name + " replicate", w.cfg.Name + " follower.store", w.cfg.Name + " fsm.apply", leader.cfg.Name + " fsm.apply",
+	} {
+		if have[want] == 0 {
+			t.Errorf("no %q in the breakdown %v", want, have)
+		}
+	}
+	if have[w.cfg.Name+" forward"] < 20 {
+		t.Errorf("%d forwards recorded for 20 flushed writes", have[w.cfg.Name+" forward"])
 	}
 }

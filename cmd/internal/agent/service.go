@@ -185,5 +185,13 @@ func (s *clusterService) WriteStage(ctx context.Context, name string) (api.Write
 		out.CommitMeanUS = (st.CommitLatency / time.Duration(st.CommitCount)).Microseconds()
 	}
 	out.CommitP50US, out.CommitP99US = st.CommitP50.Microseconds(), st.CommitP99.Microseconds()
+	if cs, err := s.node.Status(ctx); err == nil {
+		for _, site := range cs.Sites {
+			for _, x := range site.Stages {
+				out.Breakdown = append(out.Breakdown, api.StageTime{Site: site.Name, Stage: x.Stage, Count: x.Count,
+					P50US: x.P50.Microseconds(), P99US: x.P99.Microseconds()})
+			}
+		}
+	}
 	return out, nil
 }

@@ -50,6 +50,19 @@ type WriteStage struct {
 	CommitMeanUS int64 `json:"commit_mean_us"` // over all commits
 	CommitP50US  int64 `json:"commit_p50_us"`
 	CommitP99US  int64 `json:"commit_p99_us"`
+	// Breakdown: where writes spend their time, stage by stage, at every
+	// site that answered (the newest 1024 of each stage; see
+	// cluster/stages.go for the stages).
+	Breakdown []StageTime `json:"breakdown,omitempty"`
+}
+
+// StageTime is one stage of the write path at one site.
+type StageTime struct {
+	Site  string `json:"site"`
+	Stage string `json:"stage"`
+	Count uint64 `json:"count"` // durations recorded since the site started
+	P50US int64  `json:"p50_us"`
+	P99US int64  `json:"p99_us"`
 }
 
 // CreateVolumeRequest is the body of POST /v1/volumes.
