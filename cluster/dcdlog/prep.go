@@ -1,0 +1,196 @@
+package dcdlog
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"golang.org/x/sys/unix"
+)
+
+// spare is a segment file ready to be written from offset 0: every block up
+// to size is written (zeros, or records of an earlier generation) and
+// synced, its directory entry is durable, and its header is not valid.
+type spare struct {
+	f    *os.File
+	name string
+	size int64
+}
+
+// preparer keeps spares ready in the background so that StoreLogs never
+// waits for a file to be zeroed: it zeroes fresh files and invalidates
+// recycled ones (files of deleted segments).
+type preparer struct {
+	dir       string
+	dirF      *os.File
+	size      int64 // capacity of a fresh spare
+	maxSpares int   // ready spares kept; more recycled files are removed
+
+	mu      sync.Mutex
+	cond    *sync.Cond
+	ready   []*spare
+	recycle []*spare // dead segment files still to invalidate
+	closed  bool
+	err     error // last failure to prepare; returned once by take
+	nextID  uint64
+	done    chan struct{}
+}
+
+func newPreparer(dir string, dirF *os.File, size int64, maxSpares int, nextID uint64, ready, recycle []*spare) *preparer {
+	p := &preparer{dir: dir, dirF: dirF, size: size, maxSpares: maxSpares, nextID: nextID,
+		ready: ready, recycle: recycle, done: make(chan struct{})}
+	p.cond = sync.NewCond(&p.mu)
+	go p.run()
+	return p
+}
+
+func (p *preparer) run() {
+	defer close(p.done)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for {
+		for !p.closed && len(p.recycle) == 0 && (len(p.ready) > 0 || p.err != nil) {
+			p.cond.Wait()
+		}
+		if p.closed {
+			return
+		}
+		if n := len(p.recycle); n > 0 {
+			sp := p.recycle[n-1]
+			p.recycle = p.recycle[:n-1]
+			keep := len(p.ready) < p.maxSpares
+			p.mu.Unlock()
+			err := p.invalidate(sp, keep)
+			p.mu.Lock()
+			if err == nil && keep {
+				p.ready = append(p.ready, sp)
+				p.cond.Broadcast()
+			}
+			continue
+		}
+		id := p.nextID
+		p.nextID++
+		p.mu.Unlock()
+		sp, err := p.zeroed(id)
+		p.mu.Lock()
+		if err != nil {
+			p.err = err
+		} else {
+			p.ready = append(p.ready, sp)
+		}
+		p.cond.Broadcast()
+	}
+}
+
+// invalidate makes a dead segment file a spare: its header is zeroed and
+// synced, so it can never again be read as a segment; its old records
+// carry the old generation, which no later header has. A file not kept is
+// removed instead.
+func (p *preparer) invalidate(sp *spare, keep bool) error {
+	if !keep {
+		sp.f.Close()
+		return os.Remove(filepath.Join(p.dir, sp.name))
+	}
+	var zero [segHdrSize]byte
+	if _, err := sp.f.WriteAt(zero[:], 0); err != nil {
+		sp.f.Close()
+		return err
+	}
+	if err := unix.Fdatasync(int(sp.f.Fd())); err != nil {
+		sp.f.Close()
+		return err
+	}
+	return nil
+}
+
+// zeroed creates a fresh spare: written with zeros and synced under a
+// temporary name, then renamed and the directory synced.
+func (p *preparer) zeroed(id uint64) (*spare, error) {
+	name := segName(id)
+	tmp := filepath.Join(p.dir, name+".tmp")
+	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("dcdlog: creating a segment: %w", err)
+	}
+	fail := func(err error) (*spare, error) {
+		f.Close()
+		os.Remove(tmp)
+		return nil, fmt.Errorf("dcdlog: preparing segment %s: %w", name, err)
+	}
+	buf := make([]byte, 1<<20)
+	for off := int64(0); off < p.size; off += int64(len(buf)) {
+		n := min(int64(len(buf)), p.size-off)
+		if _, err := f.WriteAt(buf[:n], off); err != nil {
+			return fail(err)
+		}
+		p.mu.Lock()
+		closed := p.closed
+		p.mu.Unlock()
+		if closed {
+			return fail(ErrClosed)
+		}
+	}
+	if err := unix.Fdatasync(int(f.Fd())); err != nil {
+		return fail(err)
+	}
+	if err := os.Rename(tmp, filepath.Join(p.dir, name)); err != nil {
+		return fail(err)
+	}
+	if err := p.dirF.Sync(); err != nil {
+		return fail(err)
+	}
+	return &spare{f: f, name: name, size: p.size}, nil
+}
+
+// take returns a ready spare, waiting for one to be prepared if needed.
+func (p *preparer) take() (*spare, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for len(p.ready) == 0 && p.err == nil && !p.closed {
+		p.cond.Wait()
+	}
+	if p.closed {
+		return nil, ErrClosed
+	}
+	if len(p.ready) == 0 {
+		err := p.err
+		p.err = nil // the next take tries again
+		p.cond.Broadcast()
+		return nil, err
+	}
+	// Prefer the most recently added: recycled files go last, and
+	// reusing them saves zeroing a fresh one.
+	sp := p.ready[len(p.ready)-1]
+	p.ready = p.ready[:len(p.ready)-1]
+	p.cond.Broadcast()
+	return sp, nil
+}
+
+// give hands dead segment files over to be invalidated and reused.
+func (p *preparer) give(sps ...*spare) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.recycle = append(p.recycle, sps...)
+	p.cond.Broadcast()
+}
+
+// close stops the goroutine and closes the files it holds. Spares stay on
+// disk for the next open; dead files not yet invalidated are recognized as
+// dead again on open.
+func (p *preparer) close() {
+	p.mu.Lock()
+	p.closed = true
+	p.cond.Broadcast()
+	p.mu.Unlock()
+	<-p.done
+	for _, sp := range p.ready {
+		sp.f.Close()
+	}
+	for _, sp := range p.recycle {
+		sp.f.Close()
+	}
+	p.ready, p.recycle = nil, nil
+}
+
+func segName(id uint64) string { return fmt.Sprintf("seg-%016x", id) }
