@@ -1,9 +1,12 @@
 package dcdlog
 
 import (
+	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"hash/crc32"
+	"io"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -171,11 +174,45 @@ type scanned struct {
 	offs []int64 // offs[i]: offset of the record of index hdr.Base+i; offs[len-1] is the end
 }
 
-// parseSegment reads a segment image: its header, then records of
-// consecutive indexes from hdr.Base, stopping at the first record that is
-// not valid (torn or stale bytes, zeros). ok=false: no valid header. With
-// visit non-nil, each valid record is passed to it (its slices alias b).
-func parseSegment(b []byte, visit func(*raft.Log)) (s scanned, ok bool, err error) {
+// parseSegment scans a segment image in memory (see scanSegment).
+func parseSegment(b []byte, visit func(*raft.Log)) (scanned, bool, error) {
+	return scanSegment(bytes.NewReader(b), int64(len(b)), visit)
+}
+
+const scanChunk = 1 << 20
+
+// scanSegment reads a segment of size bytes from r: its header, then
+// records of consecutive indexes from the header's base, stopping at the
+// first record that is not valid (torn or stale bytes, zeros). ok=false:
+// no valid header. With visit non-nil, each valid record is passed to it
+// (its slices alias a buffer reused for the next records). It reads about
+// as far as the valid records go, not the whole file.
+func scanSegment(r io.ReaderAt, size int64, visit func(*raft.Log)) (s scanned, ok bool, err error) {
+	var win []byte // file bytes [at, at+len(win))
+	var at int64
+	// get returns n bytes at off, or nil past size or on a read error.
+	get := func(off, n int64) ([]byte, error) {
+		if n < 0 || off+n > size {
+			return nil, nil
+		}
+		if off >= at && off+n <= at+int64(len(win)) {
+			return win[off-at : off-at+n], nil
+		}
+		m := min(max(n, scanChunk), size-off)
+		if int64(cap(win)) < m {
+			win = make([]byte, m)
+		}
+		win = win[:m]
+		if _, err := r.ReadAt(win, off); err != nil && !errors.Is(err, io.EOF) {
+			return nil, err
+		}
+		at = off
+		return win[:n], nil
+	}
+	b, err := get(0, segHdrSize)
+	if b == nil || err != nil {
+		return s, false, err
+	}
 	h, ok, err := decodeSegHeader(b)
 	if !ok || err != nil {
 		return s, false, err
@@ -187,8 +224,22 @@ func parseSegment(b []byte, visit func(*raft.Log)) (s scanned, ok bool, err erro
 	want := h.Base
 	var l raft.Log
 	for {
-		n, ok := decodeRecord(b[off:], seed, want, &l)
-		if !ok {
+		hb, err := get(off, recHdrSize)
+		if err != nil {
+			return s, false, err
+		}
+		if hb == nil {
+			break
+		}
+		n := padded(recHdrSize + int64(binary.LittleEndian.Uint32(hb[4:])) + int64(binary.LittleEndian.Uint32(hb[8:])))
+		rb, err := get(off, n)
+		if err != nil {
+			return s, false, err
+		}
+		if rb == nil {
+			break
+		}
+		if _, ok := decodeRecord(rb, seed, want, &l); !ok {
 			break
 		}
 		if visit != nil {

@@ -144,12 +144,11 @@ func (s *Store) recover() error {
 		return fmt.Errorf("dcdlog: %w", err)
 	}
 	var (
-		cands   []*segment
-		ready   []*spare
-		dead    []*spare
-		maxID   uint64
-		maxSeq  uint64
-		scratch []byte
+		cands  []*segment
+		ready  []*spare
+		dead   []*spare
+		maxID  uint64
+		maxSeq uint64
 	)
 	for _, e := range ents {
 		name := e.Name()
@@ -175,15 +174,7 @@ func (s *Store) recover() error {
 			return fmt.Errorf("dcdlog: %w", err)
 		}
 		size := st.Size()
-		if int64(cap(scratch)) < size {
-			scratch = make([]byte, size)
-		}
-		b := scratch[:size]
-		if _, err := f.ReadAt(b, 0); err != nil && !errors.Is(err, io.EOF) {
-			f.Close()
-			return fmt.Errorf("dcdlog: reading %s: %w", name, err)
-		}
-		sc, valid, err := parseSegment(b, nil)
+		sc, valid, err := scanSegment(f, size, nil)
 		if err != nil {
 			f.Close()
 			return fmt.Errorf("%s: %w", name, err)
