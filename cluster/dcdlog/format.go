@@ -140,7 +140,9 @@ func decodeRecord(b []byte, seed uint32, want uint64, l *raft.Log) (n int64, ok 
 	el := int64(binary.LittleEndian.Uint32(b[8:]))
 	flags := b[13]
 	idx := binary.LittleEndian.Uint64(b[16:])
-	if flags&^knownFlags != 0 || b[14] != 0 || b[15] != 0 || idx == 0 || (want != 0 && idx != want) {
+	at := binary.LittleEndian.Uint64(b[32:])
+	if flags&^knownFlags != 0 || b[14] != 0 || b[15] != 0 || idx == 0 || (want != 0 && idx != want) ||
+		(flags&flagAppendedAt == 0 && at != 0) {
 		return 0, false
 	}
 	n = padded(recHdrSize + dl + el)
@@ -163,7 +165,7 @@ func decodeRecord(b []byte, seed uint32, want uint64, l *raft.Log) (n int64, ok 
 	}
 	l.AppendedAt = time.Time{}
 	if flags&flagAppendedAt != 0 {
-		l.AppendedAt = time.Unix(0, int64(binary.LittleEndian.Uint64(b[32:])))
+		l.AppendedAt = time.Unix(0, int64(at))
 	}
 	return n, true
 }
