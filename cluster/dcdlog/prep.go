@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -32,9 +33,17 @@ type preparer struct {
 	ready   []*spare
 	recycle []*spare // dead segment files still to invalidate
 	closed  bool
-	err     error // last failure to prepare; returned once by take
+	err     error // last failure to zero a fresh file; retried after the next take
 	nextID  uint64
 	done    chan struct{}
+
+	stats prepStats // guarded by mu
+}
+
+// prepStats count what the preparer did (benchmarks report them).
+type prepStats struct {
+	zeroed, reused, removed, grown int
+	waited                  time.Duration // StoreLogs waiting for a spare
 }
 
 func newPreparer(dir string, dirF *os.File, size int64, maxSpares int, nextID uint64, ready, recycle []*spare) *preparer {
@@ -51,6 +60,8 @@ func (p *preparer) run() {
 	defer p.mu.Unlock()
 	for {
 		for !p.closed && len(p.recycle) == 0 && (len(p.ready) > 0 || p.err != nil) {
+			// A failure to zero (disk full?) is retried only once a
+			// segment is taken, and take does not depend on it.
 			p.cond.Wait()
 		}
 		if p.closed {
@@ -65,7 +76,10 @@ func (p *preparer) run() {
 			p.mu.Lock()
 			if err == nil && keep {
 				p.ready = append(p.ready, sp)
+				p.stats.reused++
 				p.cond.Broadcast()
+			} else {
+				p.stats.removed++
 			}
 			continue
 		}
@@ -78,6 +92,7 @@ func (p *preparer) run() {
 			p.err = err
 		} else {
 			p.ready = append(p.ready, sp)
+			p.stats.zeroed++
 		}
 		p.cond.Broadcast()
 	}
@@ -143,28 +158,49 @@ func (p *preparer) zeroed(id uint64) (*spare, error) {
 	return &spare{f: f, name: name, size: p.size}, nil
 }
 
-// take returns a ready spare, waiting for one to be prepared if needed.
+// take returns a ready spare, or, if none is ready, a new empty file
+// that grows as it is written: StoreLogs never waits for zeroing. Such a
+// segment is as safe (nothing stale can be in it, and a torn tail fails
+// its checksum); its appends cost more, since each fdatasync also writes
+// the file's new size.
 func (p *preparer) take() (*spare, error) {
 	p.mu.Lock()
-	defer p.mu.Unlock()
-	for len(p.ready) == 0 && p.err == nil && !p.closed {
-		p.cond.Wait()
-	}
 	if p.closed {
+		p.mu.Unlock()
 		return nil, ErrClosed
 	}
-	if len(p.ready) == 0 {
-		err := p.err
-		p.err = nil // the next take tries again
+	if n := len(p.ready); n > 0 {
+		// The most recently added first: recycled files go last, and
+		// reusing them saves zeroing a fresh one.
+		sp := p.ready[n-1]
+		p.ready = p.ready[:n-1]
 		p.cond.Broadcast()
-		return nil, err
+		p.mu.Unlock()
+		return sp, nil
 	}
-	// Prefer the most recently added: recycled files go last, and
-	// reusing them saves zeroing a fresh one.
-	sp := p.ready[len(p.ready)-1]
-	p.ready = p.ready[:len(p.ready)-1]
+	id := p.nextID
+	p.nextID++
+	p.stats.grown++
+	p.err = nil // let the preparer try again
 	p.cond.Broadcast()
-	return sp, nil
+	p.mu.Unlock()
+	t0 := time.Now()
+	defer func() {
+		p.mu.Lock()
+		p.stats.waited += time.Since(t0)
+		p.mu.Unlock()
+	}()
+	name := segName(id)
+	f, err := os.OpenFile(filepath.Join(p.dir, name), os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("dcdlog: creating a segment: %w", err)
+	}
+	if err := p.dirF.Sync(); err != nil {
+		f.Close()
+		os.Remove(filepath.Join(p.dir, name))
+		return nil, fmt.Errorf("dcdlog: creating a segment: %w", err)
+	}
+	return &spare{f: f, name: name}, nil
 }
 
 // give hands dead segment files over to be invalidated and reused.
@@ -194,3 +230,9 @@ func (p *preparer) close() {
 }
 
 func segName(id uint64) string { return fmt.Sprintf("seg-%016x", id) }
+
+func (p *preparer) statsNow() prepStats {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.stats
+}

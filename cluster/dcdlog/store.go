@@ -30,7 +30,7 @@ var (
 
 const (
 	DefaultSegmentSize = 64 << 20
-	defaultSpares      = 2
+	defaultSpares      = 3
 	seqReserve         = 1024 // generations reserved in meta at a time
 	maxRecord          = 1<<32 - 1
 	iovMax             = 1024
@@ -239,6 +239,17 @@ func (s *Store) recover() error {
 	}
 	s.segs, s.first, s.last = live, first, last
 	s.nextSeq = max(s.meta.SeqLimit, maxSeq+1, 1)
+	if len(ready) == 0 && len(dead) == 0 {
+		// The first segment of a new (or spare-less) directory is
+		// prepared here, so that appends start at the disk's floor.
+		p := &preparer{dir: s.dir, dirF: s.dirF, size: s.opts.SegmentSize}
+		sp, err := p.zeroed(maxID + 1)
+		if err != nil {
+			return err
+		}
+		maxID++
+		ready = append(ready, sp)
+	}
 	s.prep = newPreparer(s.dir, s.dirF, s.opts.SegmentSize, s.opts.Spares, maxID+1, ready, dead)
 	// s.active stays nil: the last segment's tail past its last valid
 	// record is unknown bytes, so nothing is ever appended to it.
@@ -335,7 +346,7 @@ func (s *Store) newSegment(base uint64, empty bool) (*segment, error) {
 	}
 	s.nextSeq++
 	return &segment{f: sp.f, name: sp.name, seq: seq, seed: genSeed(seq), base: base,
-		size: sp.size, offs: []int64{segHdrSize}}, nil
+		size: max(sp.size, s.opts.SegmentSize), offs: []int64{segHdrSize}}, nil
 }
 
 // FirstIndex returns the first index in the log, 0 if empty.
