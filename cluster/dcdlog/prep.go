@@ -43,7 +43,7 @@ type preparer struct {
 // prepStats count what the preparer did (benchmarks report them).
 type prepStats struct {
 	zeroed, reused, removed, grown int
-	waited                  time.Duration // StoreLogs waiting for a spare
+	waited                         time.Duration // StoreLogs waiting for a spare
 }
 
 func newPreparer(dir string, dirF *os.File, size int64, maxSpares int, nextID uint64, ready, recycle []*spare) *preparer {
