@@ -271,3 +271,46 @@ func TestConcurrentReaders(t *testing.T) {
 		t.Fatalf("no read found an entry (%d reads)", reads.Load())
 	}
 }
+
+// Damage to synced data inside the log (not at its tail) is a clear error
+// on open, never a silently shorter log.
+func TestHoleInTheLogIsCorruption(t *testing.T) {
+	dir := t.TempDir()
+	opts := Options{SegmentSize: 16 << 10}
+	s := mustOpen(t, dir, opts)
+	for i := uint64(1); i <= 40; i++ {
+		mustStore(t, s, entry(i, 1, 2000))
+	}
+	path, off, _ := where(t, s, 3) // in the first segment, which later ones follow
+	s.Close()
+	writeAt(t, path, []byte{0x5a}, off+recHdrSize+1)
+	if _, err := Open(dir, opts); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("open with a damaged sealed segment: %v, want ErrCorrupt", err)
+	}
+}
+
+func TestBadRequestsRefused(t *testing.T) {
+	s := mustOpen(t, t.TempDir(), Options{SegmentSize: 16 << 10})
+	defer s.Close()
+	if err := s.StoreLogs([]*raft.Log{{Index: 0, Term: 1}}); !errors.Is(err, ErrNotMonotonic) {
+		t.Fatalf("index 0: %v", err)
+	}
+	mustStore(t, s, batch(1, 30, 1, 1000)...)
+	if err := s.DeleteRange(10, 20); !errors.Is(err, ErrRange) {
+		t.Fatalf("a hole in the middle: %v", err)
+	}
+	if err := s.StoreLogs([]*raft.Log{entry(30, 2, 10)}); !errors.Is(err, ErrNotMonotonic) {
+		t.Fatalf("overwriting the last index: %v", err)
+	}
+	wantRange(t, s, 1, 30)
+	for _, l := range batch(1, 30, 1, 1000) {
+		wantLog(t, s, l)
+	}
+	// Ranges outside the log and empty ranges change nothing.
+	for _, r := range [][2]uint64{{31, 40}, {0, 0}, {20, 10}} {
+		if err := s.DeleteRange(r[0], r[1]); err != nil {
+			t.Fatalf("DeleteRange(%d, %d): %v", r[0], r[1], err)
+		}
+	}
+	wantRange(t, s, 1, 30)
+}
