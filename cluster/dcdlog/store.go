@@ -143,6 +143,16 @@ func (s *Store) recover() error {
 	if err != nil {
 		return fmt.Errorf("dcdlog: %w", err)
 	}
+	// Files opened here are closed again if recovery fails.
+	var opened []*os.File
+	ok := false
+	defer func() {
+		if !ok {
+			for _, f := range opened {
+				f.Close()
+			}
+		}
+	}()
 	var (
 		cands  []*segment
 		ready  []*spare
@@ -168,6 +178,7 @@ func (s *Store) recover() error {
 		if err != nil {
 			return fmt.Errorf("dcdlog: %w", err)
 		}
+		opened = append(opened, f)
 		st, err := f.Stat()
 		if err != nil {
 			f.Close()
@@ -251,6 +262,7 @@ func (s *Store) recover() error {
 		ready = append(ready, sp)
 	}
 	s.prep = newPreparer(s.dir, s.dirF, s.opts.SegmentSize, s.opts.Spares, maxID+1, ready, dead)
+	ok = true
 	// s.active stays nil: the last segment's tail past its last valid
 	// record is unknown bytes, so nothing is ever appended to it.
 	return nil
