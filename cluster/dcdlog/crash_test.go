@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -66,6 +67,7 @@ func TestCrashChild(t *testing.T) {
 	rng := rand.New(rand.NewPCG(term, 7))
 	first, _ := s.FirstIndex()
 	last, _ := s.LastIndex()
+	next := uint64(1) // the first index when the log is empty
 	for {
 		switch r := rng.IntN(100); {
 		case r < 8 && last > 0 && last-first > 200:
@@ -85,10 +87,20 @@ func TestCrashChild(t *testing.T) {
 			}
 			out("T")
 			last = lo - 1
+		case r < 15 && last > 0:
+			// Everything goes, as after a snapshot restore; the log
+			// restarts further on.
+			out("d")
+			if err := s.DeleteRange(first, last); err != nil {
+				fail(err)
+			}
+			out("D")
+			next = last + 1 + uint64(rng.IntN(100))
+			first, last = 0, 0
 		default:
 			lo := last + 1
 			if last == 0 {
-				lo = 1
+				lo = next
 			}
 			n := 1 + rng.IntN(8)
 			logs := make([]*raft.Log, n)
@@ -115,7 +127,7 @@ type crashModel struct {
 }
 
 type crashOp struct {
-	kind         byte // 'a', 't', 'h'
+	kind         byte // 'a', 't', 'h', 'd'
 	lo, hi, term uint64
 }
 
@@ -177,13 +189,19 @@ func TestCrashRecovery(t *testing.T) {
 			case "R":
 				opened++
 			case "E":
-				t.Fatalf("run %d: child failed: %s", runs, l)
+				dumpDir(t, dir)
+				t.Fatalf("run %d: child failed: %s; lines %q", runs, l, got[max(0, len(got)-8):])
 			case "a":
 				pending = &crashOp{kind: 'a', lo: num(1), hi: num(2), term: num(3)}
 			case "t":
 				pending = &crashOp{kind: 't', lo: num(1)}
 			case "h":
 				pending = &crashOp{kind: 'h', hi: num(1)}
+			case "d":
+				pending = &crashOp{kind: 'd'}
+			case "D":
+				clear(m.terms)
+				m.first, m.last, pending = 0, 0, nil
 			case "A":
 				for i := pending.lo; i <= pending.hi; i++ {
 					m.terms[i] = pending.term
@@ -228,6 +246,7 @@ func crashCheck(t *testing.T, run int, dir string, m *crashModel, p *crashOp) in
 	t.Helper()
 	s, err := Open(dir, Options{SegmentSize: crashSegSize})
 	if err != nil {
+		dumpDir(t, dir)
 		t.Fatalf("run %d: reopen: %v", run, err)
 	}
 	defer s.Close()
@@ -239,13 +258,15 @@ func crashCheck(t *testing.T, run int, dir string, m *crashModel, p *crashOp) in
 	}
 	okFirst := sf == m.first ||
 		(p != nil && p.kind == 'h' && sf == p.hi+1) ||
-		(p != nil && p.kind == 'a' && m.first == 0 && sf == p.lo && sl >= p.lo)
+		(p != nil && p.kind == 'a' && m.first == 0 && sf == p.lo && sl >= p.lo) ||
+		(p != nil && p.kind == 'd' && sf == 0 && sl == 0)
 	if !okFirst {
 		bad("first index %d", sf)
 	}
 	okLast := sl == m.last ||
 		(p != nil && p.kind == 'a' && sl >= p.lo && sl <= p.hi) ||
-		(p != nil && p.kind == 't' && sl == p.lo-1)
+		(p != nil && p.kind == 't' && sl == p.lo-1) ||
+		(p != nil && p.kind == 'd' && sf == 0 && sl == 0)
 	if !okLast {
 		bad("last index %d", sl)
 	}
@@ -292,6 +313,29 @@ func crashCheck(t *testing.T, run int, dir string, m *crashModel, p *crashOp) in
 	for i := m.first; i < sf; i++ {
 		delete(m.terms, i)
 	}
+	if sl == 0 {
+		clear(m.terms)
+	}
 	m.first, m.last = sf, sl
 	return res
+}
+
+// dumpDir logs what each file of a store directory holds (on failure).
+func dumpDir(t *testing.T, dir string) {
+	t.Helper()
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		b, _ := os.ReadFile(filepath.Join(dir, e.Name()))
+		if e.Name() == "meta" {
+			for i := 0; i < 2; i++ {
+				if len(b) >= i*metaSlotGap+metaSlotSize {
+					m, ok, _ := decodeMeta(b[i*metaSlotGap:])
+					t.Logf("meta slot %d: %+v ok=%v", i, m, ok)
+				}
+			}
+			continue
+		}
+		sc, ok, err := parseSegment(b, nil)
+		t.Logf("%s size %d: ok=%v err=%v hdr=%+v n=%d", e.Name(), len(b), ok, err, sc.hdr, len(sc.offs)-1)
+	}
 }

@@ -314,3 +314,50 @@ func TestBadRequestsRefused(t *testing.T) {
 	}
 	wantRange(t, s, 1, 30)
 }
+
+// A tail truncation makes its superseding segment durable and only then
+// hands the superseded files over to be invalidated; a crash in between
+// can leave any of them with a valid header, in any combination. Open must
+// apply every later segment before judging the log to have a hole (found
+// by the crash test: a file superseded by a truncation survived while an
+// earlier one was already invalidated, and open reported a hole).
+func TestTruncationSupersedesUnrecycledSegments(t *testing.T) {
+	dir := t.TempDir()
+	opts := Options{SegmentSize: 16 << 10}
+	s := mustOpen(t, dir, opts)
+	for i := uint64(1); i <= 12; i++ {
+		mustStore(t, s, entry(i, 1, 5000))
+	}
+	s.mu.RLock()
+	if len(s.segs) < 4 {
+		s.mu.RUnlock()
+		t.Fatalf("%d segments, the test needs 4", len(s.segs))
+	}
+	lo := s.segs[2].base // B: truncated from its first entry, C after it
+	pathB, pathC := filepath.Join(dir, s.segs[2].name), filepath.Join(dir, s.segs[3].name)
+	s.mu.RUnlock()
+	keepC, err := os.ReadFile(pathC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteRange(lo, 12); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	// As if the crash came after B was invalidated and before C was.
+	if err := os.WriteFile(pathC, keepC, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	writeAt(t, pathB, make([]byte, segHdrSize), 0)
+
+	s = mustOpen(t, dir, opts)
+	wantRange(t, s, 1, lo-1)
+	wantNotFound(t, s, lo)
+	mustStore(t, s, entry(lo, 2, 100), entry(lo+1, 2, 100))
+	s.Close()
+	s = mustOpen(t, dir, opts)
+	defer s.Close()
+	wantRange(t, s, 1, lo+1)
+	wantLog(t, s, entry(lo-1, 1, 5000))
+	wantLog(t, s, entry(lo+1, 2, 100))
+}

@@ -222,14 +222,22 @@ func (s *Store) recover() error {
 			live = live[:len(live)-1]
 		}
 		if len(live) > 0 {
+			// Cut what g supersedes. Whether the rest reaches g's base is
+			// checked only once every later segment has been applied: a
+			// later one may supersede g itself (a tail truncation whose
+			// superseded files were not recycled yet).
 			top := live[len(live)-1]
-			if top.base+top.n() < g.base {
-				return fmt.Errorf("%w: %s ends at index %d, the next segment %s starts at %d",
-					ErrCorrupt, top.name, top.base+top.n()-1, g.name, g.base)
+			if keep := g.base - top.base; keep < top.n() {
+				top.offs = top.offs[:keep+1]
 			}
-			top.offs = top.offs[:g.base-top.base+1]
 		}
 		live = append(live, g)
+	}
+	for k := 1; k < len(live); k++ {
+		if prev, g := live[k-1], live[k]; prev.base+prev.n() != g.base {
+			return fmt.Errorf("%w: %s ends at index %d, the next segment %s starts at %d",
+				ErrCorrupt, prev.name, prev.base+prev.n()-1, g.name, g.base)
+		}
 	}
 	// Drop whole segments below the first-index marker.
 	for len(live) > 0 && live[0].n() > 0 && live[0].base+live[0].n()-1 < s.meta.First {
