@@ -125,7 +125,7 @@ func TestLeaderSyncNeverCommitsAnUnsyncedLeaderCopy(t *testing.T) {
 		syncs[i] = newLeaderSync(stores[i], state, voters, func(f string, a ...any) { fatal.Store(fmt.Sprintf(f, a...)) }, nil)
 		cfg := raft.DefaultConfig()
 		cfg.LocalID = servers[i].ID
-		cfg.HeartbeatTimeout, cfg.ElectionTimeout, cfg.LeaderLeaseTimeout = 50*time.Millisecond, 50*time.Millisecond, 50*time.Millisecond
+		cfg.HeartbeatTimeout, cfg.ElectionTimeout, cfg.LeaderLeaseTimeout = 500*time.Millisecond, 500*time.Millisecond, 250*time.Millisecond
 		cfg.CommitTimeout = 5 * time.Millisecond
 		cfg.LogLevel = "error"
 		tr := &syncedTransport{guardedTransport: trans[i], sync: syncs[i]}

@@ -80,6 +80,8 @@ type Store struct {
 	hdrs    []byte
 	iovs    [][]byte
 	buf     []byte
+	// unsynced: segments written by StoreLogsNoSync since the last sync.
+	unsynced []*segment
 
 	// mu guards what readers see. Only the holder of wmu changes it.
 	mu     sync.RWMutex
@@ -432,9 +434,43 @@ func (s *Store) GetLog(index uint64, l *raft.Log) error {
 func (s *Store) StoreLog(l *raft.Log) error { return s.StoreLogs([]*raft.Log{l}) }
 
 // StoreLogs appends consecutive entries following the last one (any index
-// if the log is empty) and returns once they are durable: one write, one
-// fdatasync.
-func (s *Store) StoreLogs(logs []*raft.Log) error {
+// if the log is empty) and returns once they, and every entry appended
+// before them, are durable: one write, one fdatasync (one per segment that
+// StoreLogsNoSync wrote meanwhile).
+func (s *Store) StoreLogs(logs []*raft.Log) error { return s.storeLogs(logs, true) }
+
+// StoreLogsNoSync appends like StoreLogs, but returns once the entries are
+// written, before they are durable; they are readable at once. Sync (or a
+// later StoreLogs) makes them durable. For the Raft leader, whose append
+// may overlap replication (cluster/leadersync.go).
+func (s *Store) StoreLogsNoSync(logs []*raft.Log) error { return s.storeLogs(logs, false) }
+
+// Sync makes every entry appended so far durable. A failure is sticky (what
+// reached the disk is unknown): the store takes no more writes.
+func (s *Store) Sync() error {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	if s.failed != nil {
+		return s.failed
+	}
+	return s.syncUnsyncedLocked()
+}
+
+// syncUnsyncedLocked fdatasyncs the segments StoreLogsNoSync wrote (wmu
+// held; the files stay open while wmu is held).
+func (s *Store) syncUnsyncedLocked() error {
+	for _, g := range s.unsynced {
+		if err := unix.Fdatasync(int(g.f.Fd())); err != nil {
+			s.failed = fmt.Errorf("%w: fdatasync %s: %w", ErrFailed, g.name, err)
+			return s.failed
+		}
+	}
+	clear(s.unsynced)
+	s.unsynced = s.unsynced[:0]
+	return nil
+}
+
+func (s *Store) storeLogs(logs []*raft.Log, durable bool) error {
 	if len(logs) == 0 {
 		return nil
 	}
@@ -474,7 +510,14 @@ func (s *Store) StoreLogs(logs []*raft.Log) error {
 		fresh = true
 	}
 	off := g.offs[len(g.offs)-1]
-	if err := s.write(g, logs, total, fresh); err != nil {
+	if durable {
+		// Entries written before without a sync become durable first
+		// (or with this write's fdatasync, when in the same file).
+		if err := s.syncUnsyncedLocked(); err != nil {
+			return err
+		}
+	}
+	if err := s.write(g, logs, total, fresh, durable); err != nil {
 		// What reached the disk is unknown: stop taking writes. Reopening
 		// recovers the valid prefix and never appends after it.
 		s.failed = fmt.Errorf("%w: %w", ErrFailed, err)
@@ -509,8 +552,9 @@ func (s *Store) StoreLogs(logs []*raft.Log) error {
 }
 
 // write writes logs' records at g's end (with the segment header first if
-// fresh) in one vectored write, then fdatasyncs.
-func (s *Store) write(g *segment, logs []*raft.Log, total int64, fresh bool) error {
+// fresh) in one vectored write, then fdatasyncs (sync) or notes g as
+// unsynced.
+func (s *Store) write(g *segment, logs []*raft.Log, total int64, fresh, sync bool) error {
 	off := g.offs[len(g.offs)-1]
 	need := len(logs) * recHdrSize
 	if fresh {
@@ -560,8 +604,12 @@ func (s *Store) write(g *segment, logs []*raft.Log, total int64, fresh bool) err
 	if err != nil {
 		return err
 	}
-	if err := unix.Fdatasync(fd); err != nil {
-		return fmt.Errorf("fdatasync %s: %w", g.name, err)
+	if sync {
+		if err := unix.Fdatasync(fd); err != nil {
+			return fmt.Errorf("fdatasync %s: %w", g.name, err)
+		}
+	} else if !slices.Contains(s.unsynced, g) {
+		s.unsynced = append(s.unsynced, g)
 	}
 	if end := off + total; end > g.size {
 		g.size = end
@@ -620,6 +668,11 @@ func (s *Store) DeleteRange(lo, hi uint64) error {
 	}
 	if s.failed != nil {
 		return s.failed
+	}
+	// What StoreLogsNoSync wrote becomes durable before any segment is
+	// dropped or replaced.
+	if err := s.syncUnsyncedLocked(); err != nil {
+		return err
 	}
 	if lo > hi || s.first == 0 || hi < s.first || lo > s.last {
 		return nil
@@ -732,7 +785,11 @@ func (s *Store) Close() error {
 	}
 	s.closed = true
 	s.mu.Unlock()
-	return s.closeFiles()
+	var syncErr error
+	if s.failed == nil {
+		syncErr = s.syncUnsyncedLocked()
+	}
+	return errors.Join(syncErr, s.closeFiles())
 }
 
 func (s *Store) closeFiles() error {
