@@ -33,6 +33,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/raft"
 	"github.com/robib/robib/volume"
 )
 
@@ -779,6 +780,16 @@ func TestNewerFormatAppliesNothing(t *testing.T) {
 	}
 	if got := s.read("v"); !bytes.Equal(got, before) {
 		t.Fatalf("Restore of a newer stream changed the volume bytes")
+	}
+	// The snapshot store refuses to keep it: the install fails, nothing is
+	// listed.
+	ss := s.snapStore()
+	_, err = receive(t, ss, &raft.SnapshotMeta{Index: 50, Term: 3, Configuration: testConfig, ConfigurationIndex: 1}, bytes.NewReader(stream))
+	if err == nil || !strings.Contains(err.Error(), fmt.Sprintf("version %d", streamVersion+1)) {
+		t.Fatalf("receiving a newer stream: %v", err)
+	}
+	if list, err := ss.List(); err != nil || len(list) != 0 {
+		t.Fatalf("after a refused install List = %v, %v", list, err)
 	}
 	// The site is not failed: it still applies the next command.
 	s.mustApply(l, &WriteBatch{Volume: "v", Session: 1, Seq: 2, Ops: []Op{write(0, []byte("later!"))}})
