@@ -15,7 +15,7 @@ SOAK_ROUNDS    ?= 300
 FAILOVER_KILLS ?= 12
 RECREATE_CYCLES ?= 60
 # package:FuzzTarget pairs run briefly by `make fuzz` (and so by `make test`).
-FUZZ      := ./nbdfront:FuzzHandshake ./nbdfront:FuzzTransmission ./volume:FuzzMeta ./fsm:FuzzDecode ./cmd/internal/config:FuzzParseSize
+FUZZ      := ./nbdfront:FuzzHandshake ./nbdfront:FuzzTransmission ./volume:FuzzMeta ./fsm:FuzzDecode ./fsm:FuzzDecodeState ./fsm:FuzzStream ./cmd/internal/config:FuzzParseSize
 
 .PHONY: all build test unit e2e fuzz tools bench demo lint soak image compose-smoke compose-up compose-down clean
 
