@@ -15,9 +15,17 @@ SOAK_ROUNDS    ?= 300
 FAILOVER_KILLS ?= 12
 RECREATE_CYCLES ?= 60
 # package:FuzzTarget pairs run briefly by `make fuzz` (and so by `make test`).
-FUZZ      := ./nbdfront:FuzzHandshake ./nbdfront:FuzzTransmission ./volume:FuzzMeta ./fsm:FuzzDecode ./cmd/internal/config:FuzzParseSize
+FUZZ      := ./nbdfront:FuzzHandshake ./nbdfront:FuzzTransmission ./volume:FuzzMeta ./fsm:FuzzDecode ./fsm:FuzzDecodeState ./fsm:FuzzStream ./cmd/internal/config:FuzzParseSize
 
-.PHONY: all build test unit e2e fuzz tools bench demo lint soak image compose-smoke compose-up compose-down clean
+# staticcheck 2026.2.2 (module v0.8.2) supports Go 1.26; `make lint`
+# installs it into $(go env GOPATH)/bin when that one is missing or another
+# version.
+STATICCHECK_VERSION ?= v0.8.2
+STATICCHECK := $(shell $(GO) env GOPATH)/bin/staticcheck
+# Every shell script in the repository: the *.sh files and .ci/run.
+SHELL_SCRIPTS = $$(git ls-files '*.sh') .ci/run
+
+.PHONY: all build test check unit e2e fuzz tools lint-tools bench demo lint soak image compose-smoke compose-up compose-down clean
 
 all: build
 
@@ -33,6 +41,11 @@ test: tools lint
 	ROBIB_REQUIRE_TOOLS=1 $(GO) test -race -count=1 -timeout 40m ./...
 	@$(MAKE) --no-print-directory fuzz
 
+# The fast lane: lint, then the unit tests with the race detector (every
+# package but ./tests/...: no root, no Docker, no NBD tools, no e2e).
+check: lint
+	@$(MAKE) --no-print-directory unit
+
 unit:
 	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v /tests)
 
@@ -46,10 +59,23 @@ fuzz:
 		$(GO) test -run='^$$' -fuzz="^$$fn$$" -fuzztime=$(FUZZTIME) $$pkg; \
 	done
 
-lint:
+# gofmt, go vet, go mod tidy -diff, staticcheck, shellcheck.
+lint: lint-tools
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	$(GO) mod tidy -diff
+	$(STATICCHECK) ./...
+	shellcheck $(SHELL_SCRIPTS)
+
+# The linters lint needs: staticcheck from the Go module proxy, shellcheck
+# from apt (as root; otherwise it says what to install).
+lint-tools:
+	@$(STATICCHECK) -version 2>/dev/null | grep -qF '($(STATICCHECK_VERSION:v%=%))' || \
+		{ echo "installing staticcheck $(STATICCHECK_VERSION)"; $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION); }
+	@command -v shellcheck >/dev/null || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get install -y shellcheck || { apt-get update && apt-get install -y shellcheck; }; \
+		else echo "shellcheck is missing: apt-get install -y shellcheck (as root)"; exit 1; fi; }
 
 # Fault-injection soak: SOAK_ROUNDS randomised fault rounds under a writing
 # client, then FAILOVER_KILLS leader kills timed; one JSON line per fault in

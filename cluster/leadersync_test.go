@@ -72,8 +72,10 @@ func (f *durableCheckFSM) Apply(l *raft.Log) interface{} {
 	f.applied.Store(l.Index)
 	return nil
 }
-func (f *durableCheckFSM) Snapshot() (raft.FSMSnapshot, error) { return nil, fmt.Errorf("no snapshots") }
-func (f *durableCheckFSM) Restore(io.ReadCloser) error         { return fmt.Errorf("no snapshots") }
+func (f *durableCheckFSM) Snapshot() (raft.FSMSnapshot, error) {
+	return nil, fmt.Errorf("no snapshots")
+}
+func (f *durableCheckFSM) Restore(io.ReadCloser) error { return fmt.Errorf("no snapshots") }
 
 // TestLeaderSyncNeverCommitsAnUnsyncedLeaderCopy: three sites on Raft's
 // in-memory transport, every log store's Sync slow (20 ms). With the

@@ -318,12 +318,6 @@ func (b *memBackend) waitAllClosed(t testing.TB) {
 	}
 }
 
-func (b *memBackend) opened() int {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return len(b.handles)
-}
-
 func (b *memBackend) handle(i int) *memExport {
 	b.mu.Lock()
 	defer b.mu.Unlock()

@@ -1,7 +1,6 @@
 package tests
 
 import (
-	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -95,13 +94,6 @@ func assertSameBytes(t *testing.T, what string, got, want []byte) {
 			t.Fatalf("%s: sha256 %s != %s; first difference at offset %d (%#x): got % x, want % x",
 				what, sha256Hex(got), sha256Hex(want), i, i, got[i:end], want[i:end])
 		}
-	}
-}
-
-func assertZero(t *testing.T, what string, b []byte) {
-	t.Helper()
-	if i := bytes.IndexFunc(b, func(r rune) bool { return r != 0 }); i >= 0 {
-		t.Fatalf("%s: expected zeros, found non-zero byte at offset %d (%#x)", what, i, i)
 	}
 }
 

@@ -109,14 +109,16 @@ func Build(t testing.TB) string {
 	return buildBin
 }
 
-// GoTool returns the path of the go command running the tests (PATH, else
-// GOROOT/bin).
+// GoTool returns the path of the go command running the tests: the one on
+// PATH (go test puts its own GOROOT/bin first), else $GOROOT/bin/go.
 func GoTool() string {
 	if p, err := exec.LookPath("go"); err == nil {
 		return p
 	}
-	if p := filepath.Join(runtime.GOROOT(), "bin", "go"); fileExists(p) {
-		return p
+	if root := os.Getenv("GOROOT"); root != "" {
+		if p := filepath.Join(root, "bin", "go"); fileExists(p) {
+			return p
+		}
 	}
 	return "go"
 }

@@ -64,7 +64,7 @@ func TestClientServerRoundTrip(t *testing.T) {
 	if err != nil || v.Name != "db" || svc.last.Sync != "always" {
 		t.Fatalf("create: %+v %v (service saw %+v)", v, err, svc.last)
 	}
-	if vs, err := c.ListVolumes(ctx); err != nil || vs != nil && len(vs) != 0 {
+	if vs, err := c.ListVolumes(ctx); err != nil || len(vs) != 0 {
 		t.Fatalf("list: %v %v", vs, err)
 	}
 	if st, err := c.ClusterStatus(ctx); err != nil || st.Leader != "s1" {
