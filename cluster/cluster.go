@@ -89,6 +89,9 @@ type Config struct {
 	// sends it (nearly) all write batches, so that site's commits skip the
 	// forward (see placement.go).
 	LeaderFollowsWrites bool
+	// LeaderOverlap lets the leader's durable append overlap replication
+	// when the log store supports it (the dcd store; leadersync.go).
+	LeaderOverlap bool
 
 	// RaftListener is the listener for Raft traffic (built by the caller's
 	// network layer); Dial opens connections for Raft and gossip-adjacent
@@ -271,12 +274,25 @@ func (n *Node) openRaft() error {
 	// 15% of the leader's CPU in a sequential write). The cache holds the
 	// newest entries: logCacheEntries × 512 KiB at most.
 	var running atomic.Pointer[raft.Raft] // set once Raft runs
-	logs = &timedLogStore{LogStore: logs, stages: n.cfg.Stages, state: func() raft.RaftState {
+	state := func() raft.RaftState {
 		if r := running.Load(); r != nil {
 			return r.State()
 		}
 		return raft.Follower
-	}}
+	}
+	var lsync *leaderSync
+	if ds, ok := logs.(DeferredSyncStore); ok && n.cfg.LeaderOverlap {
+		voters := func() int {
+			if r := running.Load(); r != nil {
+				return countVoters(r)
+			}
+			return 0
+		}
+		lsync = newLeaderSync(ds, state, voters, n.fatal, n.cfg.Stages)
+		logs, store = lsync, closers{lsync, store}
+	} else {
+		logs = &timedLogStore{LogStore: logs, stages: n.cfg.Stages, state: state}
+	}
 	if logs, err = raft.NewLogCache(logCacheEntries, logs); err != nil {
 		store.Close()
 		return fmt.Errorf("raft log cache: %w", err)
@@ -342,12 +358,16 @@ func (n *Node) openRaft() error {
 	case n.fresh.Load():
 		n.log.Warn("fresh site: no raft history; joining as a non-voter and voting only once caught up", "site", n.cfg.Name)
 	}
-	n.trans = newVoteGuard(&timedTransport{stages: n.cfg.Stages, guardedTransport: raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
+	var tr guardedTransport = &timedTransport{stages: n.cfg.Stages, guardedTransport: raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
 		Stream:  &streamLayer{Listener: n.cfg.RaftListener, dial: n.cfg.Dial, advertise: n.cfg.RaftAddr},
 		MaxPool: 4,
 		Timeout: 10 * time.Second,
 		Logger:  hlog,
-	})}, &n.fresh, func(id string) bool { return foreign(n.fsm.ClusterID(), n.refused.clusterOf(id)) }, n.log)
+	})}
+	if lsync != nil {
+		tr = &syncedTransport{guardedTransport: tr, sync: lsync}
+	}
+	n.trans = newVoteGuard(tr, &n.fresh, func(id string) bool { return foreign(n.fsm.ClusterID(), n.refused.clusterOf(id)) }, n.log)
 	var machine raft.FSM = n.fsm
 	if n.cfg.Stages != nil {
 		machine = timedFSM{FSM: n.fsm, stages: n.cfg.Stages}
@@ -373,6 +393,14 @@ func (n *Node) openRaft() error {
 	}
 	n.needBootstrap = !hasState && n.cfg.BootstrapExpect > 1
 	return nil
+}
+
+// fatal stops the process: the leader's log could not be synced after it
+// may have counted its own copy (leadersync.go). Going on could commit an
+// entry that is durable on fewer sites than a majority.
+func (n *Node) fatal(format string, args ...any) {
+	n.log.Error(fmt.Sprintf(format, args...))
+	os.Exit(70)
 }
 
 func (n *Node) self() raft.Server {

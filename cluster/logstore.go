@@ -16,14 +16,20 @@ import (
 	"github.com/hashicorp/raft-wal/metadb"
 	"go.etcd.io/bbolt"
 	"golang.org/x/sys/unix"
+
+	"github.com/robib/robib/cluster/dcdlog"
 )
 
 // Raft log stores (Config.LogStore). Both also serve as the stable store
 // (current term, vote).
 const (
+	LogStoreDCD    = "dcd"    // the DCD log (cluster/dcdlog) in dcdlog/, term and vote in stable.db (raft-boltdb)
 	LogStoreBoltDB = "boltdb" // raft-boltdb: one bbolt file, raft.db
 	LogStoreWAL    = "wal"    // raft-wal: append-only segment files in wal/
 )
+
+// DefaultLogStore is the log store of new data directories.
+const DefaultLogStore = LogStoreDCD
 
 // logStoreMarker, in the Raft directory, names the log store the directory
 // was created with.
@@ -43,10 +49,10 @@ var ErrLogStoreMismatch = errors.New("raft log store differs from the one this d
 // at once instead of waiting).
 func openLogStore(kind, dir string, log hclog.Logger) (raft.LogStore, raft.StableStore, io.Closer, error) {
 	if kind == "" {
-		kind = LogStoreBoltDB
+		kind = DefaultLogStore
 	}
-	if kind != LogStoreBoltDB && kind != LogStoreWAL {
-		return nil, nil, nil, fmt.Errorf("%w: raft log store %q: want %s or %s", ErrInvalid, kind, LogStoreBoltDB, LogStoreWAL)
+	if kind != LogStoreDCD && kind != LogStoreBoltDB && kind != LogStoreWAL {
+		return nil, nil, nil, fmt.Errorf("%w: raft log store %q: want %s, %s or %s", ErrInvalid, kind, LogStoreDCD, LogStoreBoltDB, LogStoreWAL)
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, nil, nil, fmt.Errorf("raft dir: %w", err)
@@ -54,6 +60,9 @@ func openLogStore(kind, dir string, log hclog.Logger) (raft.LogStore, raft.Stabl
 	lock, err := lockLogStore(kind, dir)
 	if err != nil {
 		return nil, nil, nil, err
+	}
+	if kind == LogStoreDCD {
+		return openDCDLog(dir, lock)
 	}
 	var store interface {
 		raft.LogStore
@@ -98,6 +107,26 @@ func openLogStore(kind, dir string, log hclog.Logger) (raft.LogStore, raft.Stabl
 	return store, store, closers{store, lock}, nil
 }
 
+// openDCDLog opens the DCD log in dir/dcdlog and, for the term and vote,
+// a small raft-boltdb file, dir/stable.db.
+func openDCDLog(dir string, lock *os.File) (raft.LogStore, raft.StableStore, io.Closer, error) {
+	logs, err := dcdlog.Open(filepath.Join(dir, "dcdlog"), dcdlog.Options{})
+	if err != nil {
+		lock.Close()
+		return nil, nil, nil, fmt.Errorf("opening raft log (%s) in %s: %w", LogStoreDCD, dir, err)
+	}
+	stable, err := raftboltdb.New(raftboltdb.Options{
+		Path:        filepath.Join(dir, "stable.db"),
+		BoltOptions: &bbolt.Options{Timeout: time.Second},
+	})
+	if err != nil {
+		logs.Close()
+		lock.Close()
+		return nil, nil, nil, fmt.Errorf("opening raft stable store in %s: %w", dir, err)
+	}
+	return logs, stable, closers{logs, stable, lock}, nil
+}
+
 // lockLogStore takes an exclusive lock on dir's marker file, held until the
 // returned file is closed, then checks the kind recorded there against kind,
 // or records kind (durably) if the marker is new.
@@ -138,7 +167,9 @@ func checkLogStoreKind(f *os.File, kind, dir string) error {
 		return nil
 	}
 	have := ""
-	if _, err := os.Stat(filepath.Join(dir, "raft.db")); err == nil {
+	if _, err := os.Stat(filepath.Join(dir, "dcdlog")); err == nil {
+		have = LogStoreDCD
+	} else if _, err := os.Stat(filepath.Join(dir, "raft.db")); err == nil {
 		have = LogStoreBoltDB
 	} else if _, err := os.Stat(filepath.Join(dir, "wal")); err == nil {
 		have = LogStoreWAL

@@ -120,15 +120,17 @@ func TestLogStoreKindIsFixedPerDirectory(t *testing.T) {
 		}
 		c.Close()
 	}
-	// The default is boltdb.
+	// The default is the DCD log (and raft-boltdb for the term and vote).
 	dir := filepath.Join(t.TempDir(), "raft")
 	_, _, c, err := openLogStore("", dir, hclog.NewNullLogger())
 	if err != nil {
 		t.Fatal(err)
 	}
 	c.Close()
-	if _, err := os.Stat(filepath.Join(dir, "raft.db")); err != nil {
-		t.Fatalf("default store: %v", err)
+	for _, f := range []string{"dcdlog", "stable.db"} {
+		if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
+			t.Fatalf("default store: %v", err)
+		}
 	}
 	if _, _, _, err := openLogStore("rocksdb", dir, hclog.NewNullLogger()); !errors.Is(err, ErrInvalid) {
 		t.Fatalf("unknown kind: %v", err)

@@ -21,7 +21,9 @@ import (
 //	                own commit latency: one Commit call, propose or forward)
 //	forward         a forwarded proposal's round trip minus the leader's time
 //	leader.propose  on the leader: sequencer, Raft append, commit, FSM apply
-//	leader.store    on the leader: the log store's durable append
+//	leader.store    on the leader: the log store's durable append (or, with
+//	                the append overlapping replication, leader.write and,
+//	                in the background, leader.sync)
 //	replicate       on the leader: an AppendEntries round trip with entries
 //	follower.store  on a follower: the log store's durable append
 //	fsm.apply       applying one entry to the state machine
@@ -46,7 +48,7 @@ type StageLatency struct {
 // StageOrder is the order stages are shown in.
 var StageOrder = []string{
 	"nbd.recv", "nbd.queue", "nbd.write", "nbd.flush", "forward",
-	"leader.propose", "leader.store", "replicate", "follower.store", "fsm.apply", "nbd.reply",
+	"leader.propose", "leader.store", "leader.write", "leader.sync", "replicate", "follower.store", "fsm.apply", "nbd.reply",
 }
 
 const stageWindow = 1024

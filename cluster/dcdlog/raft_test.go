@@ -120,9 +120,11 @@ func TestRaftOnDCDLog(t *testing.T) {
 			conf := raft.DefaultConfig()
 			conf.LocalID = n.id
 			conf.Logger = hclog.NewNullLogger()
-			conf.HeartbeatTimeout = 100 * time.Millisecond
-			conf.ElectionTimeout = 100 * time.Millisecond
-			conf.LeaderLeaseTimeout = 50 * time.Millisecond
+			// Generous: under -race on a loaded machine, 100 ms lost
+			// leadership now and then.
+			conf.HeartbeatTimeout = 500 * time.Millisecond
+			conf.ElectionTimeout = 500 * time.Millisecond
+			conf.LeaderLeaseTimeout = 250 * time.Millisecond
 			conf.CommitTimeout = 5 * time.Millisecond
 			conf.SnapshotThreshold = 64
 			conf.SnapshotInterval = 50 * time.Millisecond

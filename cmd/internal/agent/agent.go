@@ -128,6 +128,7 @@ func (a *Agent) open() error {
 		LeaderLeaseTimeout:  cfg.LeaderLease,
 		LeaseTTL:            cfg.VolumeLeaseTTL,
 		LeaderFollowsWrites: cfg.LeaderFollowsWrites,
+		LeaderOverlap:       cfg.LeaderOverlap,
 		RaftListener:        raftLn,
 		Dial: func(ctx context.Context, addr string) (net.Conn, error) {
 			return network.DialContext(ctx, netx.LinkRaft, addr)

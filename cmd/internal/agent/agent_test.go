@@ -84,6 +84,7 @@ func siteConfig(t *testing.T, name string, join []string, expect int) config.Con
 		DCDBuffer:         16 << 20,
 		DCDInflight:       4,
 		VolumeLeaseTTL:    2 * time.Second,
+		LeaderOverlap:     true,
 		FlushTimeout:      30 * time.Second,
 	}
 }

@@ -247,9 +247,11 @@ func TestWriteStageShowsWhereWritesSpendTheirTime(t *testing.T) {
 			t.Errorf("%s %s: p50 %dµs p99 %dµs", x.Site, x.Stage, x.P50US, x.P99US)
 		}
 	}
+	// The leader's append overlaps replication (LeaderOverlap): it
+	// writes, and syncs in the background.
 	for _, want := range []string{
-		w.cfg.Name + " forward", leader.cfg.Name + " leader.propose", leader.cfg.Name + " leader.store",
-		leader.cfg.Name + " replicate", w.cfg.Name + " follower.store", w.cfg.Name + " fsm.apply", leader.cfg.Name + " fsm.apply",
+		w.cfg.Name + " forward", leader.cfg.Name + " leader.propose", leader.cfg.Name + " leader.write",
+		leader.cfg.Name + " leader.sync", leader.cfg.Name + " replicate", w.cfg.Name + " follower.store", w.cfg.Name + " fsm.apply", leader.cfg.Name + " fsm.apply",
 	} {
 		if have[want] == 0 {
 			t.Errorf("no %q in the breakdown %v", want, have)

@@ -46,10 +46,14 @@ type Config struct {
 	ElectionTimeout   time.Duration // Raft election timeout
 	LeaderLease       time.Duration // Raft leader lease timeout
 	VolumeLeaseTTL    time.Duration // a read-write attach's volume lease lives this long without renewal
-	RaftLogStore      string        // Raft log and stable store: "boltdb" (default, also "") or "wal"; fixed per data dir
+	RaftLogStore      string        // Raft log store: "dcd" (default, also ""), "boltdb" or "wal"; fixed per data dir
 	// LeaderFollowsWrites: the leader hands leadership to a site that
 	// sends it nearly all write batches (see cluster/placement.go).
 	LeaderFollowsWrites bool
+	// LeaderOverlap: with the dcd log store, the leader's durable append
+	// overlaps replication (cluster/leadersync.go). Off: the leader syncs
+	// before it replicates, as hashicorp/raft does on its own.
+	LeaderOverlap bool
 
 	// Write-back stage (DCD).
 	DCDBuffer   int64 // bytes of unreplicated writes buffered per volume at this site
@@ -74,6 +78,7 @@ const (
 
 // Raft log stores (--raft-log-store).
 const (
+	LogStoreDCD    = "dcd"
 	LogStoreBoltDB = "boltdb"
 	LogStoreWAL    = "wal"
 )
@@ -105,12 +110,13 @@ const (
 	KeyRaftLogStore      = "raft-log-store"
 	KeyLinkDelay         = "link-delay"
 	KeyLeaderFollows     = "leader-follows-writes"
+	KeyLeaderOverlap     = "raft-leader-overlap"
 )
 
 var fileKeys = []string{KeyName, KeyDataDir, KeyNBDAddr, KeyAPIAddr, KeyLogLevel, KeyLogFormat,
 	KeyRaftAddr, KeyGossipAddr, KeyJoin, KeyBootstrapExpect, KeySnapshotThreshold, KeySnapshotInterval,
 	KeyTrailingLogs, KeyHeartbeatTimeout, KeyElectionTimeout, KeyLeaderLease, KeyDCDBuffer, KeyDCDInflight,
-	KeyVolumeLeaseTTL, KeyFlushTimeout, KeyRaftLogStore, KeyLinkDelay, KeyLeaderFollows}
+	KeyVolumeLeaseTTL, KeyFlushTimeout, KeyRaftLogStore, KeyLinkDelay, KeyLeaderFollows, KeyLeaderOverlap}
 
 // RegisterFlags declares the agent flags on fs.
 func RegisterFlags(fs *pflag.FlagSet) {
@@ -136,7 +142,8 @@ func RegisterFlags(fs *pflag.FlagSet) {
 	fs.Int(KeyDCDInflight, 16, "write batches committing at once per attached volume (at most; small writes gather into fuller batches while commits are in flight)")
 	fs.Duration(KeyVolumeLeaseTTL, 4*time.Second, "a read-write attach's volume lease expires this long after its site stops renewing it (same value on every site)")
 	fs.Duration(KeyFlushTimeout, 30*time.Second, "a flush not committed on a majority of sites within this fails with EIO")
-	fs.String(KeyRaftLogStore, LogStoreBoltDB, "Raft log store: boltdb or wal (raft-wal); chosen when the data dir is created and fixed for it")
+	fs.String(KeyRaftLogStore, LogStoreDCD, "Raft log store: dcd (robib's DCD log), boltdb or wal (raft-wal); chosen when the data dir is created and fixed for it")
+	fs.Bool(KeyLeaderOverlap, true, "with the dcd log store, let the leader's durable append overlap replication (a follower's answer counts only once the leader's copy is durable); false: the leader syncs before it replicates")
 	fs.Bool(KeyLeaderFollows, true, "move Raft leadership to the site that sends nearly all writes (sustained for a few seconds), so its flushes skip the forward to a remote leader: one round trip instead of two across a WAN")
 	fs.Duration(KeyLinkDelay, 0, "testing/benchmark knob: emulate a WAN between sites by delaying every site-to-site connection this agent dials (Raft, API forwarding) by this much in each direction (0..1s; a round trip costs twice this); NBD and gossip are not delayed")
 }
@@ -185,6 +192,7 @@ func Load(fs *pflag.FlagSet) (Config, error) {
 		LinkDelay:         v.GetDuration(KeyLinkDelay),
 
 		LeaderFollowsWrites: v.GetBool(KeyLeaderFollows),
+		LeaderOverlap:       v.GetBool(KeyLeaderOverlap),
 	}
 	buf, err := ParseSize(v.GetString(KeyDCDBuffer))
 	if err != nil {
@@ -278,8 +286,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("%w: %s %v: want 1s..1h", ErrInvalid, KeyFlushTimeout, c.FlushTimeout)
 	}
 	// Empty (a Config built in code) means the default, boltdb.
-	if c.RaftLogStore != "" && c.RaftLogStore != LogStoreBoltDB && c.RaftLogStore != LogStoreWAL {
-		return fmt.Errorf("%w: %s %q: want %s or %s", ErrInvalid, KeyRaftLogStore, c.RaftLogStore, LogStoreBoltDB, LogStoreWAL)
+	if c.RaftLogStore != "" && c.RaftLogStore != LogStoreDCD && c.RaftLogStore != LogStoreBoltDB && c.RaftLogStore != LogStoreWAL {
+		return fmt.Errorf("%w: %s %q: want %s, %s or %s", ErrInvalid, KeyRaftLogStore, c.RaftLogStore, LogStoreDCD, LogStoreBoltDB, LogStoreWAL)
 	}
 	if c.LinkDelay < 0 || c.LinkDelay > time.Second {
 		return fmt.Errorf("%w: %s %v: want 0..1s", ErrInvalid, KeyLinkDelay, c.LinkDelay)

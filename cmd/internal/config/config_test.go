@@ -89,7 +89,7 @@ func TestLoadDefaultsAndPrecedence(t *testing.T) {
 		t.Fatalf("precedence flag > env > file broken: %+v", c)
 	}
 	if c.NBDAddr != DefaultNBDAddr || c.RaftAddr != DefaultRaftAddr || c.ElectionTimeout != 500*time.Millisecond || c.VolumeLeaseTTL != 4*time.Second || c.FlushTimeout != 30*time.Second ||
-		c.RaftLogStore != LogStoreBoltDB || c.LinkDelay != 0 {
+		c.RaftLogStore != LogStoreDCD || !c.LeaderOverlap || c.LinkDelay != 0 {
 		t.Fatalf("defaults: %+v", c)
 	}
 }
