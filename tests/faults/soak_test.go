@@ -159,9 +159,12 @@ func wipeDataDir(s *soak, site string, _ time.Duration) {
 	e.c.WipeData(site)
 	e.c.Start(site)
 	// Until it has caught up with what was committed before the wipe, the
-	// site must not count as a voter. A leader may need a moment to learn
-	// that the site lost its disk, so one sight is forgiven; two in a row
-	// are not.
+	// site must not vote. It may still be listed as a voter for a moment
+	// (until the leader learns that it lost its disk and demotes it), but
+	// then it says it is fresh, and a fresh site refuses every vote. What
+	// must never be seen is a voter that is not fresh and has not caught
+	// up. Status travels through gossip and RPCs, so one sight is
+	// forgiven; two in a row are not.
 	seen := 0
 	_ = harness.Poll(5*time.Second, func() (bool, error) {
 		l, err := e.c.Leader()
@@ -180,9 +183,9 @@ func wipeDataDir(s *soak, site string, _ time.Duration) {
 		if x.FSMIndex >= before {
 			return true, nil // caught up
 		}
-		if x.Voter && x.State == "Follower" {
+		if x.Voter && !x.Fresh && x.State == "Follower" {
 			seen++
-			s.t.Logf("wiped %s is back: the leader %s sees it as a voter, state %s, fsm_index %d (commit index before the wipe %d)",
+			s.t.Logf("wiped %s is back: the leader %s sees it as a voter that is not fresh, state %s, fsm_index %d (commit index before the wipe %d)",
 				site, l, x.State, x.FSMIndex, before)
 		} else {
 			seen = 0
