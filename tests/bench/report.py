@@ -564,6 +564,21 @@ def main():
             stage_rows.append("| %s | %s | %s | %s | %s | %s |" % (
                 t, st.get("site"), fmt(st.get("commits")), fmt(st.get("commit_p50_us")),
                 fmt(st.get("commit_p99_us")), fmt(value("rand-write-4k-flush", "flush latency p50", t))))
+    # Where the flush's time went, stage by stage at every site (the
+    # breakdown of the same `volume stats` sample; cluster/stages.go).
+    breakdown_rows = []
+    for t in targets:
+        st = load_json(os.path.join(args.dir, "stage-rand-write-4k-flush-%s.json" % t)) if t.startswith("robib-") else None
+        for x in (st or {}).get("breakdown") or []:
+            derived.setdefault("breakdown_us", {}).setdefault(t, []).append(x)
+            breakdown_rows.append("| %s | %s | %s | %s | %s | %s |" % (
+                t, x.get("site"), x.get("stage"), fmt(x.get("p50_us")), fmt(x.get("p99_us")), fmt(x.get("count"))))
+    if breakdown_rows:
+        notes += ["", "Where the time of rand-write-4k-flush went, stage by stage at every site "
+                  "(`robib volume stats`, newest 1,024 of each stage; NBD stages other than nbd.flush "
+                  "sample one request in 16):", "",
+                  "| target | site | stage | p50 (µs) | p99 (µs) | count |",
+                  "| --- | --- | --- | ---: | ---: | ---: |"] + breakdown_rows
     if stage_rows:
         notes += ["", "One replicated commit, as the write-back stage at the attached site timed it during "
                   "rand-write-4k-flush (`robib volume stats`, newest 1,024 commits; a FLUSH waits for one), "
