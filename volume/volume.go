@@ -190,9 +190,11 @@ func (v *Volume) Trim(off, length int64) error {
 }
 
 // WriteZeroes makes [off, off+length) read as zeros. With noHole the range
-// stays allocated (fallocate FALLOC_FL_ZERO_RANGE), so later writes there
-// cannot fail for lack of space; otherwise a hole is punched as in Trim. If
-// fallocate reports the mode unsupported, zeros are written in 1 MiB chunks.
+// stays allocated: zeros are written in 1 MiB chunks, so later writes there
+// cannot fail for lack of space and block status reports data (fallocate's
+// FALLOC_FL_ZERO_RANGE would leave unwritten extents, reported as holes);
+// otherwise a hole is punched as in Trim, or, if fallocate cannot punch
+// holes, zeros are written.
 // Range rule as for ReadAt. The volume's read lock is held for the whole
 // call. Durable after Sync.
 func (v *Volume) WriteZeroes(off, length int64, noHole bool) error {
@@ -201,13 +203,21 @@ func (v *Volume) WriteZeroes(off, length int64, noHole bool) error {
 	op := "punch hole"
 	mode := uint32(unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_KEEP_SIZE)
 	if noHole {
-		op = "zero range"
-		mode = unix.FALLOC_FL_ZERO_RANGE | unix.FALLOC_FL_KEEP_SIZE
+		op = "write zeroes"
 	}
 	if err := v.checkLocked(op, off, length); err != nil {
 		return err
 	}
 	if length == 0 {
+		return nil
+	}
+	if noHole {
+		// Written zeros, not FALLOC_FL_ZERO_RANGE: that leaves unwritten
+		// extents, which SEEK_DATA (and so BlockStatus) reports as holes,
+		// while NO_HOLE promises the range stays allocated.
+		if err := v.writeZeroBuffersLocked(off, length); err != nil {
+			return fmt.Errorf("volume %q: %s [%d, +%d): %w", v.name, op, off, length, err)
+		}
 		return nil
 	}
 	err := v.control(func(fd int) error {

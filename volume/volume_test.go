@@ -204,8 +204,8 @@ func TestWriteZeroes(t *testing.T) {
 				if err := v.WriteZeroes(off, n, noHole); err != nil {
 					t.Fatal(err)
 				}
-				if fallback && calls != 1 {
-					t.Fatalf("fallocate called %d times", calls)
+				if want := map[bool]int{false: 1, true: 0}[noHole]; fallback && calls != want {
+					t.Fatalf("fallocate called %d times, want %d", calls, want)
 				}
 				wantZeros(t, v, off, int(n))
 				if got := mustRead(t, v, 0, int(off)); !bytes.Equal(got, data[:off]) {
@@ -222,6 +222,9 @@ func TestWriteZeroes(t *testing.T) {
 				if holeAt(exts, 0) || holeAt(exts, 3*MiB-1) {
 					t.Fatalf("written data reported as hole: %+v", exts)
 				}
+				if noHole && (holeAt(exts, off) || holeAt(exts, MiB) || holeAt(exts, off+n-1)) {
+					t.Fatalf("a NO_HOLE zeroing is reported as a hole: %+v", exts)
+				}
 			})
 		}
 	}
@@ -232,7 +235,7 @@ func TestWriteZeroesError(t *testing.T) {
 	s := newStore(t)
 	v := mustCreate(t, s, "v", MiB)
 	v.fallocate = func(int, uint32, int64, int64) error { return unix.EIO }
-	err := v.WriteZeroes(0, 4096, true)
+	err := v.WriteZeroes(0, 4096, false)
 	wantErr(t, "WriteZeroes", err, unix.EIO)
 	wantErr(t, "Trim", v.Trim(0, 4096), unix.EIO)
 	eintr := 3
