@@ -270,6 +270,8 @@ func (b *nbdBackend) openReadOnly(v *volume.Volume, suffix string) (nbdfront.Exp
 	behind := uint64(0)
 	if idx > applied {
 		behind = idx - applied
+		b.log.Info("read-only attach waited for this site to catch up", "volume", m.Name,
+			"read_index", idx, "entries_behind", behind)
 	}
 	info.Description = fmt.Sprintf("robib volume %s, read-only copy at site %s, current as of log index %d (%d entries behind the leader when attached)",
 		m.Name, site, idx, behind)
