@@ -229,53 +229,14 @@ func (t *syncedTransport) AppendEntriesPipeline(id raft.ServerID, target raft.Se
 	if err != nil {
 		return nil, err
 	}
-	sp := &syncedPipeline{AppendPipeline: p, sync: t.sync, out: make(chan raft.AppendFuture, 128), done: make(chan struct{})}
-	go sp.relay()
-	return sp, nil
-}
-
-// syncedPipeline passes the pipeline's finished futures on in order, each
-// once the leader's copy of its entries is durable.
-type syncedPipeline struct {
-	raft.AppendPipeline
-	sync      *leaderSync
-	out       chan raft.AppendFuture
-	done      chan struct{}
-	closeOnce sync.Once
-}
-
-func (p *syncedPipeline) relay() {
-	in := p.AppendPipeline.Consumer()
-	for {
-		select {
-		case f, ok := <-in:
-			if !ok {
-				return
+	return newRelayPipeline(p, func(f raft.AppendFuture) bool {
+		if f.Error() == nil && f.Response().Success {
+			if last := lastEntry(f.Request()); last > 0 {
+				return t.sync.waitDurable(last) == nil // on failure fatal was called
 			}
-			if f.Error() == nil && f.Response().Success {
-				if last := lastEntry(f.Request()); last > 0 {
-					if p.sync.waitDurable(last) != nil {
-						return // fatal already called
-					}
-				}
-			}
-			select {
-			case p.out <- f:
-			case <-p.done:
-				return
-			}
-		case <-p.done:
-			return
 		}
-	}
-}
-
-func (p *syncedPipeline) Consumer() <-chan raft.AppendFuture { return p.out }
-
-func (p *syncedPipeline) Close() error {
-	err := p.AppendPipeline.Close()
-	p.closeOnce.Do(func() { close(p.done) })
-	return err
+		return true
+	}), nil
 }
 
 // countVoters counts the voters of r's latest configuration (read without

@@ -198,48 +198,11 @@ func (t *timedTransport) AppendEntriesPipeline(id raft.ServerID, target raft.Ser
 	if err != nil {
 		return nil, err
 	}
-	tp := &timedPipeline{AppendPipeline: p, stages: t.stages, out: make(chan raft.AppendFuture, 128), done: make(chan struct{})}
-	go tp.relay()
-	return tp, nil
-}
-
-// timedPipeline passes the pipeline's finished futures on, recording the
-// round trip of those with entries (AppendFuture.Start is when the request
-// was sent).
-type timedPipeline struct {
-	raft.AppendPipeline
-	stages    *Stages
-	out       chan raft.AppendFuture
-	done      chan struct{}
-	closeOnce sync.Once
-}
-
-func (p *timedPipeline) relay() {
-	in := p.AppendPipeline.Consumer()
-	for {
-		select {
-		case f, ok := <-in:
-			if !ok {
-				return
-			}
-			if f.Error() == nil && len(f.Request().Entries) > 0 {
-				p.stages.Record("replicate", time.Since(f.Start()))
-			}
-			select {
-			case p.out <- f:
-			case <-p.done:
-				return
-			}
-		case <-p.done:
-			return
+	// AppendFuture.Start is when the request was sent.
+	return newRelayPipeline(p, func(f raft.AppendFuture) bool {
+		if f.Error() == nil && len(f.Request().Entries) > 0 {
+			t.stages.Record("replicate", time.Since(f.Start()))
 		}
-	}
-}
-
-func (p *timedPipeline) Consumer() <-chan raft.AppendFuture { return p.out }
-
-func (p *timedPipeline) Close() error {
-	err := p.AppendPipeline.Close()
-	p.closeOnce.Do(func() { close(p.done) })
-	return err
+		return true
+	}), nil
 }
