@@ -600,27 +600,6 @@ func (v *Volume) committedLocked() uint64 {
 	return oldest - 1
 }
 
-// Pending reports whether a buffered operation (of any kind) overlaps
-// [off, off+length): the local volume's allocation there is not final, so
-// block status should report data.
-func (v *Volume) Pending(off, length int64) bool {
-	if length <= 0 {
-		return false
-	}
-	end := off + length
-	if end < off {
-		end = math.MaxInt64
-	}
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	for _, b := range v.window {
-		if b.overlaps(off, end) {
-			return true
-		}
-	}
-	return v.pending.overlaps(off, end)
-}
-
 // Range is a byte range of a volume.
 type Range struct{ Off, Len int64 }
 
