@@ -230,13 +230,6 @@ func (s *pendingSet) take(budget, opOverhead int) (ops []fsm.Op, cost int64, min
 	return ops, cost, minAge
 }
 
-// overlaps reports whether an op overlaps [off, end).
-func (s *pendingSet) overlaps(off, end int64) bool {
-	found := false
-	s.visit(off, end, func(*pendingOp) bool { found = true; return false })
-	return found
-}
-
 // appendOverlapping appends the ops overlapping [off, end) to dst.
 func (s *pendingSet) appendOverlapping(dst []fsm.Op, off, end int64) []fsm.Op {
 	s.visit(off, end, func(p *pendingOp) bool {

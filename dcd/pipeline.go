@@ -30,15 +30,6 @@ type batch struct {
 	sentAck  uint64 // ackSeq when the last attempt was sent
 }
 
-// overlaps reports whether one of b's ops overlaps [off, end).
-func (b *batch) overlaps(off, end int64) bool {
-	if end <= b.lo || off >= b.hi {
-		return false
-	}
-	i := firstEndingAfter(b.ops, off)
-	return i < len(b.ops) && b.ops[i].Off < end
-}
-
 // appendOverlapping appends b's ops overlapping [off, end) to dst.
 func (b *batch) appendOverlapping(dst []fsm.Op, off, end int64) []fsm.Op {
 	if end <= b.lo || off >= b.hi {
