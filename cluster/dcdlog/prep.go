@@ -26,7 +26,7 @@ type preparer struct {
 	dir       string
 	dirF      *os.File
 	size      int64 // capacity of a fresh spare
-	maxSpares int   // ready spares kept; more recycled files are removed
+	maxSpares int   // ready spares kept at least (see keepLocked)
 
 	mu      sync.Mutex
 	cond    *sync.Cond
@@ -35,6 +35,9 @@ type preparer struct {
 	closed  bool
 	err     error // last failure to zero a fresh file; retried after the next take
 	nextID  uint64
+	busy    bool // run is preparing a file outside mu (tests wait for !busy)
+	live    int  // live segments of the store (it tells us: setLive, give)
+	peak    int  // most files ever live or ready at once since open
 	done    chan struct{}
 
 	stats prepStats // guarded by mu
@@ -46,9 +49,10 @@ type prepStats struct {
 	waited                         time.Duration // StoreLogs waiting for a spare
 }
 
-func newPreparer(dir string, dirF *os.File, size int64, maxSpares int, nextID uint64, ready, recycle []*spare) *preparer {
+func newPreparer(dir string, dirF *os.File, size int64, maxSpares int, nextID uint64, live int, ready, recycle []*spare) *preparer {
 	p := &preparer{dir: dir, dirF: dirF, size: size, maxSpares: maxSpares, nextID: nextID,
-		ready: ready, recycle: recycle, done: make(chan struct{})}
+		ready: ready, recycle: recycle, done: make(chan struct{}),
+		live: live, peak: live + len(ready) + len(recycle)}
 	p.cond = sync.NewCond(&p.mu)
 	go p.run()
 	return p
@@ -70,10 +74,12 @@ func (p *preparer) run() {
 		if n := len(p.recycle); n > 0 {
 			sp := p.recycle[n-1]
 			p.recycle = p.recycle[:n-1]
-			keep := len(p.ready) < p.maxSpares
+			keep := p.keepLocked()
+			p.busy = true
 			p.mu.Unlock()
 			err := p.invalidate(sp, keep)
 			p.mu.Lock()
+			p.busy = false
 			if err == nil && keep {
 				p.ready = append(p.ready, sp)
 				p.stats.reused++
@@ -85,14 +91,17 @@ func (p *preparer) run() {
 		}
 		id := p.nextID
 		p.nextID++
+		p.busy = true
 		p.mu.Unlock()
 		sp, err := p.zeroed(id)
 		p.mu.Lock()
+		p.busy = false
 		if err != nil {
 			p.err = err
 		} else {
 			p.ready = append(p.ready, sp)
 			p.stats.zeroed++
+			p.notePeakLocked()
 		}
 		p.cond.Broadcast()
 	}
@@ -254,10 +263,37 @@ func (p *preparer) take() (*spare, error) {
 	return &spare{f: f, name: name}, nil
 }
 
-// give hands dead segment files over to be invalidated and reused.
-func (p *preparer) give(sps ...*spare) {
+// keepLocked reports whether a recycled file is kept as a spare rather
+// than removed: while fewer than maxSpares are ready, or while keeping it
+// does not make more files than the most the log has had at once (live
+// segments plus spares). The log's size breathes with snapshots: it grows
+// for a snapshot interval, then compaction frees several segments at
+// once. Removing the freed files beyond a fixed count made the store zero
+// fresh ones again before the next compaction: measured with 1 MiB
+// sequential writes on three sites, 20 of 35 segments taken were freshly
+// zeroed, so the log was written about 1.6 times, and zeroing was 10% of
+// the leader's CPU and 20% of a follower's. Keeping them bounds the
+// directory by its own high-water mark, which it reached anyway.
+func (p *preparer) keepLocked() bool {
+	return len(p.ready) < p.maxSpares || p.live+len(p.ready) < p.peak
+}
+
+func (p *preparer) notePeakLocked() { p.peak = max(p.peak, p.live+len(p.ready)) }
+
+// setLive tells the preparer how many live segments the store has.
+func (p *preparer) setLive(n int) {
+	p.mu.Lock()
+	p.live = n
+	p.notePeakLocked()
+	p.mu.Unlock()
+}
+
+// give hands dead segment files over to be invalidated and reused; live
+// is the store's count of live segments after it dropped them.
+func (p *preparer) give(live int, sps ...*spare) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	p.live = live
 	p.recycle = append(p.recycle, sps...)
 	p.cond.Broadcast()
 }

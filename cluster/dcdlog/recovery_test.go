@@ -7,6 +7,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/raft"
 )
@@ -360,4 +361,82 @@ func TestTruncationSupersedesUnrecycledSegments(t *testing.T) {
 	wantRange(t, s, 1, lo+1)
 	wantLog(t, s, entry(lo-1, 1, 5000))
 	wantLog(t, s, entry(lo+1, 2, 100))
+}
+
+// TestBreathingLogStopsZeroing: a log that grows for a while and is then
+// compacted by several segments at once (Raft's snapshots do this) must,
+// once it has reached its high-water mark, run on recycled files only.
+// Before the preparer kept the freed files, every cycle zeroed fresh ones.
+func TestBreathingLogStopsZeroing(t *testing.T) {
+	dir := t.TempDir()
+	s := mustOpen(t, dir, Options{SegmentSize: 16 << 10, Spares: 1})
+	defer s.Close()
+	settle := func() prepStats {
+		t.Helper()
+		for range 5000 {
+			s.prep.mu.Lock()
+			idle := len(s.prep.recycle) == 0 && len(s.prep.ready) > 0 && !s.prep.busy
+			s.prep.mu.Unlock()
+			if idle {
+				return s.prep.statsNow()
+			}
+			time.Sleep(time.Millisecond)
+		}
+		t.Fatal("the preparer never settled")
+		return prepStats{}
+	}
+	next := uint64(1)
+	cycle := func() {
+		t.Helper()
+		for range 12 { // 4 segments of 3 entries
+			mustStore(t, s, &raft.Log{Index: next, Term: 1, Type: raft.LogCommand, Data: make([]byte, 5000)})
+			next++
+		}
+		first, _ := s.FirstIndex()
+		if err := s.DeleteRange(first, next-3); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The high-water mark settles within a few cycles (how many depends
+	// on how the preparer's zeroing interleaves with the takes); from then
+	// on nothing may be zeroed.
+	quiet := 0
+	for range 20 {
+		z := settle().zeroed
+		cycle()
+		if settle().zeroed == z {
+			quiet++
+		} else {
+			quiet = 0
+		}
+		if quiet == 2 {
+			break
+		}
+	}
+	if quiet < 2 {
+		t.Fatalf("still zeroing after 20 cycles: %+v", settle())
+	}
+	before := settle()
+	files := func() int {
+		m, _ := filepath.Glob(filepath.Join(dir, "seg-*"))
+		return len(m)
+	}
+	n0 := files()
+	for range 20 {
+		cycle()
+		settle()
+	}
+	after := settle()
+	if after.zeroed != before.zeroed || after.grown != before.grown {
+		t.Fatalf("steady state still prepares fresh files: zeroed %d -> %d, grown %d -> %d (reused %d -> %d)",
+			before.zeroed, after.zeroed, before.grown, after.grown, before.reused, after.reused)
+	}
+	if after.reused-before.reused != 20*4 {
+		t.Fatalf("reused %d files in 20 cycles of 4 segments", after.reused-before.reused)
+	}
+	if n := files(); n > n0 {
+		t.Fatalf("segment files grew from %d to %d", n0, n)
+	}
+	wantRange(t, s, next-2, next-1)
+	wantLog(t, s, &raft.Log{Index: next - 1, Term: 1, Type: raft.LogCommand, Data: make([]byte, 5000)})
 }

@@ -195,12 +195,9 @@ func (s *Store) recover() error {
 		sp := &spare{f: f, name: name, size: size}
 		switch {
 		case !valid:
-			if len(ready) < s.opts.Spares {
-				ready = append(ready, sp)
-			} else {
-				f.Close()
-				os.Remove(filepath.Join(s.dir, name))
-			}
+			// Every spare found is kept: the directory never held more
+			// files than its high-water mark (see preparer.keepLocked).
+			ready = append(ready, sp)
 		default:
 			maxSeq = max(maxSeq, sc.hdr.Seq)
 			if sc.hdr.Seq < s.meta.MinSeq {
@@ -271,7 +268,7 @@ func (s *Store) recover() error {
 		maxID++
 		ready = append(ready, sp)
 	}
-	s.prep = newPreparer(s.dir, s.dirF, s.opts.SegmentSize, s.opts.Spares, maxID+1, ready, dead)
+	s.prep = newPreparer(s.dir, s.dirF, s.opts.SegmentSize, s.opts.Spares, maxID+1, len(live), ready, dead)
 	ok = true
 	// s.active stays nil: the last segment's tail past its last valid
 	// record is unknown bytes, so nothing is ever appended to it.
@@ -362,7 +359,7 @@ func (s *Store) newSegment(base uint64, empty bool) (*segment, error) {
 			m.First, m.MinSeq = 0, seq
 		}
 		if err := s.writeMeta(m); err != nil {
-			s.prep.give(sp)
+			s.prep.give(len(s.segs), sp)
 			return nil, err
 		}
 	}
@@ -540,7 +537,9 @@ func (s *Store) storeLogs(logs []*raft.Log, durable bool) error {
 		s.segs = append(s.segs, g)
 		s.active = g
 		if len(drop) > 0 {
-			s.prep.give(drop...)
+			s.prep.give(len(s.segs), drop...)
+		} else {
+			s.prep.setLive(len(s.segs))
 		}
 	}
 	if s.first == 0 {
@@ -769,7 +768,7 @@ func (s *Store) giveSegs(gs []*segment) {
 		sps = append(sps, &spare{f: g.f, name: g.name, size: g.size})
 	}
 	if len(sps) > 0 {
-		s.prep.give(sps...)
+		s.prep.give(len(s.segs), sps...)
 	}
 }
 
