@@ -1,6 +1,7 @@
 package config
 
 import (
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -105,5 +106,24 @@ func TestLoadClientAPI(t *testing.T) {
 	}
 	if _, err := LoadClient(pflag.NewFlagSet("empty", pflag.ContinueOnError)); err == nil {
 		t.Error("LoadClient without the flags registered: no error")
+	}
+}
+
+// TestShippedConfigsLoad: the example config files in ops/config load and
+// validate (every key known, every value valid), and their values arrive.
+func TestShippedConfigsLoad(t *testing.T) {
+	files, err := filepath.Glob("../../../ops/config/*.yaml")
+	if err != nil || len(files) < 2 {
+		t.Fatalf("ops/config: %v, %v", files, err)
+	}
+	for _, f := range files {
+		c, err := load(t, []string{"--config", f}, nil)
+		if err != nil {
+			t.Errorf("%s: %v", f, err)
+			continue
+		}
+		if c.Name == "" || c.DataDir != "/var/lib/robib" || len(c.Join) != 2 || c.BootstrapExpect != 3 {
+			t.Errorf("%s: loaded %+v", f, c)
+		}
 	}
 }
