@@ -1,6 +1,8 @@
 // Package config holds the agent's configuration: one struct, filled from a
 // config file, ROBIB_* environment variables and command-line flags (in
 // rising order of precedence) through viper, and validated in one place.
+// All of it is made from one table of settings (settings.go); the CLI's
+// few settings (Client) come from a second table the same way.
 package config
 
 import (
@@ -13,9 +15,10 @@ import (
 	"strings"
 	"time"
 
-	"github.com/robib/robib/cluster"
 	"github.com/spf13/pflag"
 	"github.com/spf13/viper"
+
+	"github.com/robib/robib/cluster"
 )
 
 // ErrInvalid is returned (wrapped, with the offending key) for any
