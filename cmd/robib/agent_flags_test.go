@@ -119,7 +119,13 @@ func TestAgentHelpGolden(t *testing.T) {
 	if err := root.Execute(); err != nil {
 		t.Fatal(err)
 	}
-	got := strings.Replace(out.String(), `(default "`+hostName(t)+`")`, `(default "`+hostDefault+`")`, 1)
+	lines := strings.Split(out.String(), "\n")
+	for i, l := range lines {
+		if strings.HasPrefix(strings.TrimSpace(l), "--name ") {
+			lines[i] = strings.Replace(l, `(default "`+hostName(t)+`")`, `(default "`+hostDefault+`")`, 1)
+		}
+	}
+	got := strings.Join(lines, "\n")
 	golden := filepath.Join("testdata", "agent-help.golden")
 	if *update {
 		if err := os.WriteFile(golden, []byte(got), 0o644); err != nil {
