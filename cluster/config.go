@@ -18,8 +18,9 @@ type Config struct {
 	APIAddr    string // advertised admin API address (leader forwarding goes there)
 	NBDAddr    string // advertised NBD address (shown to users)
 
-	// LogStore is the Raft log and stable store: LogStoreBoltDB (default)
-	// or LogStoreWAL. It is fixed when DataDir/raft is created.
+	// LogStore is the Raft log and stable store: LogStoreDCD (the
+	// default, DefaultLogStore; also ""), LogStoreBoltDB or LogStoreWAL.
+	// It is fixed when DataDir/raft is created (see logstore.go).
 	LogStore string
 
 	Join            []string // gossip addresses of existing members
@@ -58,38 +59,52 @@ type Config struct {
 	Logger *slog.Logger
 }
 
+// DefaultConfig returns the recommended settings, one number per setting:
+// Open fills every zero field of a Config from it (setDefaults), and the
+// agent's flags take their defaults from it. The site-specific fields
+// (names, addresses, listener, dialer) are empty. The two booleans are on
+// here, as the agent runs, but a zero Config leaves them off: false is a
+// choice, not a missing value.
+func DefaultConfig() Config {
+	return Config{
+		LogStore:            DefaultLogStore,
+		SnapshotThreshold:   128,
+		SnapshotInterval:    2 * time.Second,
+		TrailingLogs:        256,
+		SnapshotRetain:      2,
+		HeartbeatTimeout:    500 * time.Millisecond,
+		ElectionTimeout:     500 * time.Millisecond,
+		LeaderLeaseTimeout:  250 * time.Millisecond,
+		CommitTimeout:       5 * time.Millisecond,
+		LeaseTTL:            DefaultLeaseTTL,
+		LeaderFollowsWrites: true,
+		LeaderOverlap:       true,
+		HTTPClient:          &http.Client{Timeout: 2 * time.Minute},
+		Logger:              slog.Default(),
+	}
+}
+
+// setDefaults fills the zero fields from DefaultConfig (LogStore stays ""
+// if unset: openLogStore reads "" as DefaultLogStore).
 func (c *Config) setDefaults() {
-	if c.SnapshotThreshold == 0 {
-		c.SnapshotThreshold = 128
-	}
-	if c.SnapshotInterval == 0 {
-		c.SnapshotInterval = 2 * time.Second
-	}
-	if c.TrailingLogs == 0 {
-		c.TrailingLogs = 256
-	}
-	if c.SnapshotRetain == 0 {
-		c.SnapshotRetain = 2
-	}
-	if c.HeartbeatTimeout == 0 {
-		c.HeartbeatTimeout = 500 * time.Millisecond
-	}
-	if c.ElectionTimeout == 0 {
-		c.ElectionTimeout = 500 * time.Millisecond
-	}
-	if c.LeaderLeaseTimeout == 0 {
-		c.LeaderLeaseTimeout = 250 * time.Millisecond
-	}
-	if c.CommitTimeout == 0 {
-		c.CommitTimeout = 5 * time.Millisecond
-	}
-	if c.LeaseTTL == 0 {
-		c.LeaseTTL = DefaultLeaseTTL
-	}
-	if c.HTTPClient == nil {
-		c.HTTPClient = &http.Client{Timeout: 2 * time.Minute}
-	}
-	if c.Logger == nil {
-		c.Logger = slog.Default()
+	d := DefaultConfig()
+	orDefault(&c.SnapshotThreshold, d.SnapshotThreshold)
+	orDefault(&c.SnapshotInterval, d.SnapshotInterval)
+	orDefault(&c.TrailingLogs, d.TrailingLogs)
+	orDefault(&c.SnapshotRetain, d.SnapshotRetain)
+	orDefault(&c.HeartbeatTimeout, d.HeartbeatTimeout)
+	orDefault(&c.ElectionTimeout, d.ElectionTimeout)
+	orDefault(&c.LeaderLeaseTimeout, d.LeaderLeaseTimeout)
+	orDefault(&c.CommitTimeout, d.CommitTimeout)
+	orDefault(&c.LeaseTTL, d.LeaseTTL)
+	orDefault(&c.HTTPClient, d.HTTPClient)
+	orDefault(&c.Logger, d.Logger)
+}
+
+// orDefault sets *p to def if *p is its type's zero value.
+func orDefault[T comparable](p *T, def T) {
+	var zero T
+	if *p == zero {
+		*p = def
 	}
 }

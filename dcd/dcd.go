@@ -128,7 +128,23 @@ const (
 	DefaultMaxBatchBytes  = 512 << 10
 	DefaultMaxInflight    = 16
 	DefaultCommitTimeout  = 30 * time.Second
+	// DefaultFlushTimeout is what DefaultConfig suggests for FlushTimeout;
+	// a zero FlushTimeout still means no bound.
+	DefaultFlushTimeout = 30 * time.Second
 )
+
+// DefaultConfig returns the recommended limits (the agent's flags take
+// their defaults from it). New fills the zero limits of a Config with the
+// same values; FlushTimeout is the exception, zero there means no bound.
+func DefaultConfig() Config {
+	return Config{
+		MaxBufferBytes: DefaultMaxBufferBytes,
+		MaxBatchBytes:  DefaultMaxBatchBytes,
+		MaxInflight:    DefaultMaxInflight,
+		CommitTimeout:  DefaultCommitTimeout,
+		FlushTimeout:   DefaultFlushTimeout,
+	}
+}
 
 // opCost is charged against MaxBufferBytes for every buffered operation on
 // top of its payload, so trims and zeroings are bounded too. It

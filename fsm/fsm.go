@@ -56,6 +56,16 @@ type Options struct {
 	Logger *slog.Logger
 }
 
+// DefaultOptions returns the recommended Options (New fills zero fields
+// with the same values; Logger stays nil, meaning slog.Default()).
+func DefaultOptions() Options {
+	return Options{
+		CheckpointBytes:    DefaultCheckpointBytes,
+		CheckpointInterval: DefaultCheckpointInterval,
+		MaxSessions:        DefaultMaxSessions,
+	}
+}
+
 // Result is what Apply returns (as interface{}) for every entry.
 type Result struct {
 	Index     uint64 // the entry's log index

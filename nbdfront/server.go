@@ -142,6 +142,18 @@ const (
 	DefaultHandshakeTimeout = 30 * time.Second
 )
 
+// DefaultConfig returns the recommended limits (NewServer fills zero
+// fields with the same values); Backend is left for the caller.
+func DefaultConfig() Config {
+	return Config{
+		MaxPayload:       DefaultMaxPayload,
+		MaxConnBuffer:    DefaultMaxConnBuffer,
+		MaxWorkers:       DefaultMaxWorkers,
+		HandshakeTimeout: DefaultHandshakeTimeout,
+		ErrorCode:        DefaultErrorCode,
+	}
+}
+
 const (
 	minMaxPayload = 64 << 10 // unfragmented reads up to 64 KiB must work
 	maxMaxPayload = 1 << 30

@@ -8,6 +8,7 @@ import (
 	"os"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/robib/robib/cmd/internal/agent"
 	"github.com/robib/robib/cmd/internal/api"
@@ -18,12 +19,10 @@ import (
 // version is set at build time with -ldflags "-X main.version=...".
 var version = "dev"
 
-// defaultAPI is the admin API the CLI talks to unless --api or ROBIB_API say
-// otherwise.
-const defaultAPI = "http://" + config.DefaultAPIAddr
-
+// globals holds the root's persistent flags (the CLI's settings, see
+// config.ClientSettings), read when a client command runs.
 type globals struct {
-	api string
+	flags *pflag.FlagSet
 }
 
 func newRootCmd() *cobra.Command {
@@ -36,17 +35,18 @@ func newRootCmd() *cobra.Command {
 		SilenceErrors: true,
 		Version:       version,
 	}
-	def := defaultAPI
-	if env := os.Getenv("ROBIB_API"); env != "" {
-		def = env
-	}
-	root.PersistentFlags().StringVar(&g.api, "api", def, "admin API of the agent to talk to (env ROBIB_API)")
+	g.flags = root.PersistentFlags()
+	config.RegisterClientFlags(g.flags)
 	root.AddCommand(newAgentCmd(), newVolumeCmd(g), newClusterCmd(g))
 	return root
 }
 
 func (g *globals) client() (*api.Client, error) {
-	return api.NewClient(g.api, nil)
+	c, err := config.LoadClient(g.flags)
+	if err != nil {
+		return nil, err
+	}
+	return api.NewClient(c.API, nil)
 }
 
 func newAgentCmd() *cobra.Command {

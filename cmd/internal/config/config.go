@@ -1,6 +1,8 @@
 // Package config holds the agent's configuration: one struct, filled from a
 // config file, ROBIB_* environment variables and command-line flags (in
 // rising order of precedence) through viper, and validated in one place.
+// All of it is made from one table of settings (settings.go); the CLI's
+// few settings (Client) come from a second table the same way.
 package config
 
 import (
@@ -8,8 +10,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"os"
-	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -17,15 +17,18 @@ import (
 
 	"github.com/spf13/pflag"
 	"github.com/spf13/viper"
+
+	"github.com/robib/robib/cluster"
 )
 
 // ErrInvalid is returned (wrapped, with the offending key) for any
 // configuration that does not validate.
 var ErrInvalid = errors.New("invalid configuration")
 
-// Config is the whole agent configuration. Field tags name the flag, the
-// config-file key and (upper-cased, '-' as '_', prefixed ROBIB_) the
-// environment variable.
+// Config is the whole agent configuration. Each field is filled by one entry
+// of the settings table (settings.go), which names its flag, config-file key
+// and environment variable (ROBIB_, then the key upper-cased with '-' as
+// '_'), gives its default and validates it.
 type Config struct {
 	Name      string // site name, unique in the cluster
 	DataDir   string // where volumes and cluster state live
@@ -68,22 +71,26 @@ type Config struct {
 	LinkDelay time.Duration
 }
 
-// Defaults.
+// The agent's own defaults; every other default comes from the package that
+// owns the setting (see agentSettings).
 const (
 	DefaultNBDAddr    = ":10809"
 	DefaultAPIAddr    = "127.0.0.1:10810"
 	DefaultRaftAddr   = "127.0.0.1:10811"
 	DefaultGossipAddr = "127.0.0.1:10812"
+	// DefaultAPI is the admin API the CLI talks to unless --api or
+	// ROBIB_API say otherwise.
+	DefaultAPI = "http://" + DefaultAPIAddr
 )
 
 // Raft log stores (--raft-log-store).
 const (
-	LogStoreDCD    = "dcd"
-	LogStoreBoltDB = "boltdb"
-	LogStoreWAL    = "wal"
+	LogStoreDCD    = cluster.LogStoreDCD
+	LogStoreBoltDB = cluster.LogStoreBoltDB
+	LogStoreWAL    = cluster.LogStoreWAL
 )
 
-// Keys used for flags, the config file and the environment.
+// Keys used for flags, the config file and (see Settings) the environment.
 const (
 	KeyConfig    = "config"
 	KeyName      = "name"
@@ -111,188 +118,97 @@ const (
 	KeyLinkDelay         = "link-delay"
 	KeyLeaderFollows     = "leader-follows-writes"
 	KeyLeaderOverlap     = "raft-leader-overlap"
-)
 
-var fileKeys = []string{KeyName, KeyDataDir, KeyNBDAddr, KeyAPIAddr, KeyLogLevel, KeyLogFormat,
-	KeyRaftAddr, KeyGossipAddr, KeyJoin, KeyBootstrapExpect, KeySnapshotThreshold, KeySnapshotInterval,
-	KeyTrailingLogs, KeyHeartbeatTimeout, KeyElectionTimeout, KeyLeaderLease, KeyDCDBuffer, KeyDCDInflight,
-	KeyVolumeLeaseTTL, KeyFlushTimeout, KeyRaftLogStore, KeyLinkDelay, KeyLeaderFollows, KeyLeaderOverlap}
+	// KeyAPI is the CLI's --api (ROBIB_API).
+	KeyAPI = "api"
+)
 
 // RegisterFlags declares the agent flags on fs.
 func RegisterFlags(fs *pflag.FlagSet) {
-	host, _ := os.Hostname()
-	fs.String(KeyConfig, "", "config file (yaml, toml or json); flags and ROBIB_* variables override it")
-	fs.String(KeyName, host, "site name, unique in the cluster")
-	fs.String(KeyDataDir, "", "data directory for volumes and cluster state (required)")
-	fs.String(KeyNBDAddr, DefaultNBDAddr, "NBD listen address")
-	fs.String(KeyAPIAddr, DefaultAPIAddr, "admin HTTP API address, also where other sites forward writes: a concrete address they can reach, not a wildcard")
-	fs.String(KeyLogLevel, "info", "log level: debug, info, warn, error")
-	fs.String(KeyLogFormat, "text", "log format: text or json")
-	fs.String(KeyRaftAddr, DefaultRaftAddr, "Raft address, as other sites reach it")
-	fs.String(KeyGossipAddr, DefaultGossipAddr, "gossip (memberlist) address, as other sites reach it")
-	fs.StringSlice(KeyJoin, nil, "gossip addresses of existing sites to join (host:port,...)")
-	fs.Int(KeyBootstrapExpect, 0, "start a new cluster once this many sites gossip (all starting sites give the same N)")
-	fs.Uint64(KeySnapshotThreshold, 128, "Raft log entries between snapshots (entries are up to 512KiB; snapshots are cheap: a checkpoint, no volume copy)")
-	fs.Duration(KeySnapshotInterval, 2*time.Second, "how often Raft checks whether to snapshot")
-	fs.Uint64(KeyTrailingLogs, 256, "Raft log entries kept after a snapshot for lagging sites")
-	fs.Duration(KeyHeartbeatTimeout, 500*time.Millisecond, "Raft heartbeat timeout: a follower that hears nothing from the leader for 1-2× this starts an election (failover time); raise it on slow or lossy WAN links")
-	fs.Duration(KeyElectionTimeout, 500*time.Millisecond, "Raft election timeout: how long a candidate waits for votes before retrying")
-	fs.Duration(KeyLeaderLease, 250*time.Millisecond, "Raft leader lease timeout: a leader that cannot reach a majority for this long steps down (at most heartbeat-timeout)")
-	fs.String(KeyDCDBuffer, "64MiB", "write-back buffer per attached volume (unreplicated writes)")
-	fs.Int(KeyDCDInflight, 16, "write batches committing at once per attached volume (at most; small writes gather into fuller batches while commits are in flight)")
-	fs.Duration(KeyVolumeLeaseTTL, 4*time.Second, "a read-write attach's volume lease expires this long after its site stops renewing it (same value on every site)")
-	fs.Duration(KeyFlushTimeout, 30*time.Second, "a flush not committed on a majority of sites within this fails with EIO")
-	fs.String(KeyRaftLogStore, LogStoreDCD, "Raft log store: dcd (robib's DCD log), boltdb or wal (raft-wal); chosen when the data dir is created and fixed for it")
-	fs.Bool(KeyLeaderOverlap, true, "with the dcd log store, let the leader's durable append overlap replication (a follower's answer counts only once the leader's copy is durable); false: the leader syncs before it replicates")
-	fs.Bool(KeyLeaderFollows, true, "move Raft leadership to the site that sends nearly all writes (sustained for a few seconds), so its flushes skip the forward to a remote leader: one round trip instead of two across a WAN")
-	fs.Duration(KeyLinkDelay, 0, "testing/benchmark knob: emulate a WAN between sites by delaying every site-to-site connection this agent dials (Raft, API forwarding) by this much in each direction (0..1s; a round trip costs twice this); NBD and gossip are not delayed")
+	register(fs, agentSettings(&Config{}))
 }
 
 // Load builds the Config from flags (already parsed), the environment and
 // the config file named by --config or ROBIB_CONFIG, then validates it.
 func Load(fs *pflag.FlagSet) (Config, error) {
-	v := viper.New()
-	v.SetEnvPrefix("ROBIB")
-	v.SetEnvKeyReplacer(strings.NewReplacer("-", "_"))
-	v.AutomaticEnv()
-	if err := v.BindPFlags(fs); err != nil {
-		return Config{}, fmt.Errorf("binding flags: %w", err)
+	var c Config
+	table := agentSettings(&c)
+	v, err := bind(fs, table)
+	if err != nil {
+		return Config{}, err
 	}
 	if path := v.GetString(KeyConfig); path != "" {
 		v.SetConfigFile(path)
 		if err := v.ReadInConfig(); err != nil {
 			return Config{}, fmt.Errorf("%w: reading config file %s: %v", ErrInvalid, path, err)
 		}
-		if err := checkFileKeys(path); err != nil {
+		if err := checkFileKeys(path, table); err != nil {
 			return Config{}, err
 		}
 	}
-	c := Config{
-		Name:      v.GetString(KeyName),
-		DataDir:   v.GetString(KeyDataDir),
-		NBDAddr:   v.GetString(KeyNBDAddr),
-		APIAddr:   v.GetString(KeyAPIAddr),
-		LogLevel:  v.GetString(KeyLogLevel),
-		LogFormat: v.GetString(KeyLogFormat),
-
-		RaftAddr:          v.GetString(KeyRaftAddr),
-		GossipAddr:        v.GetString(KeyGossipAddr),
-		Join:              splitList(v.GetStringSlice(KeyJoin)),
-		BootstrapExpect:   v.GetInt(KeyBootstrapExpect),
-		SnapshotThreshold: v.GetUint64(KeySnapshotThreshold),
-		SnapshotInterval:  v.GetDuration(KeySnapshotInterval),
-		TrailingLogs:      v.GetUint64(KeyTrailingLogs),
-		HeartbeatTimeout:  v.GetDuration(KeyHeartbeatTimeout),
-		ElectionTimeout:   v.GetDuration(KeyElectionTimeout),
-		LeaderLease:       v.GetDuration(KeyLeaderLease),
-		DCDInflight:       v.GetInt(KeyDCDInflight),
-		VolumeLeaseTTL:    v.GetDuration(KeyVolumeLeaseTTL),
-		FlushTimeout:      v.GetDuration(KeyFlushTimeout),
-		RaftLogStore:      v.GetString(KeyRaftLogStore),
-		LinkDelay:         v.GetDuration(KeyLinkDelay),
-
-		LeaderFollowsWrites: v.GetBool(KeyLeaderFollows),
-		LeaderOverlap:       v.GetBool(KeyLeaderOverlap),
+	if err := readAll(v, table); err != nil {
+		return c, err
 	}
-	buf, err := ParseSize(v.GetString(KeyDCDBuffer))
-	if err != nil {
-		return c, fmt.Errorf("%w: %s: %v", ErrInvalid, KeyDCDBuffer, err)
-	}
-	c.DCDBuffer = buf
 	return c, c.Validate()
 }
 
 // checkFileKeys rejects keys in the config file that robib does not know, so
 // that a typo is an error rather than a silently ignored setting.
-func checkFileKeys(path string) error {
+func checkFileKeys(path string, table []setting) error {
 	f := viper.New()
 	f.SetConfigFile(path)
 	if err := f.ReadInConfig(); err != nil {
 		return fmt.Errorf("%w: reading config file %s: %v", ErrInvalid, path, err)
 	}
+	var known []string
+	for _, s := range table {
+		if s.inFile {
+			known = append(known, s.key)
+		}
+	}
 	for _, k := range f.AllKeys() {
-		if !slices.Contains(fileKeys, k) {
-			return fmt.Errorf("%w: config file %s: unknown key %q (known: %s)", ErrInvalid, path, k, strings.Join(fileKeys, ", "))
+		if !slices.Contains(known, k) {
+			return fmt.Errorf("%w: config file %s: unknown key %q (known: %s)", ErrInvalid, path, k, strings.Join(known, ", "))
 		}
 	}
 	return nil
 }
 
-var siteName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
-
-// Validate checks every field and returns the first problem found.
+// Validate checks every field, in the order of the settings table, and
+// returns the first problem found.
 func (c Config) Validate() error {
-	if !siteName.MatchString(c.Name) {
-		return fmt.Errorf("%w: %s %q: 1-63 characters of letters, digits, '.', '_' or '-', starting with a letter or digit", ErrInvalid, KeyName, c.Name)
-	}
-	if strings.TrimSpace(c.DataDir) == "" {
-		return fmt.Errorf("%w: %s is required", ErrInvalid, KeyDataDir)
-	}
-	if err := ValidateAddr(c.NBDAddr); err != nil {
-		return fmt.Errorf("%w: %s: %v", ErrInvalid, KeyNBDAddr, err)
-	}
-	if _, err := ParseLevel(c.LogLevel); err != nil {
-		return fmt.Errorf("%w: %s: %v", ErrInvalid, KeyLogLevel, err)
-	}
-	if c.LogFormat != "text" && c.LogFormat != "json" {
-		return fmt.Errorf("%w: %s %q: want text or json", ErrInvalid, KeyLogFormat, c.LogFormat)
-	}
-	// The API address is advertised too: other sites forward writes and
-	// collect status and verify results there.
-	for key, addr := range map[string]string{KeyRaftAddr: c.RaftAddr, KeyGossipAddr: c.GossipAddr, KeyAPIAddr: c.APIAddr} {
-		if err := ValidateAdvertiseAddr(addr); err != nil {
-			return fmt.Errorf("%w: %s: %v", ErrInvalid, key, err)
+	for _, s := range agentSettings(&c) {
+		if s.check == nil {
+			continue
 		}
-	}
-	if host, _, _ := net.SplitHostPort(c.GossipAddr); net.ParseIP(host) == nil {
-		return fmt.Errorf("%w: %s %q: gossip needs an IP address, not a host name", ErrInvalid, KeyGossipAddr, c.GossipAddr)
-	}
-	if c.RaftAddr == c.GossipAddr {
-		return fmt.Errorf("%w: %s and %s must differ", ErrInvalid, KeyRaftAddr, KeyGossipAddr)
-	}
-	for _, j := range c.Join {
-		if err := ValidateAddr(j); err != nil {
-			return fmt.Errorf("%w: %s: %v", ErrInvalid, KeyJoin, err)
+		if err := s.check(); err != nil {
+			return fmt.Errorf("%w: %w", ErrInvalid, err)
 		}
-	}
-	if c.BootstrapExpect < 0 || c.BootstrapExpect > 15 {
-		return fmt.Errorf("%w: %s %d: want 0..15", ErrInvalid, KeyBootstrapExpect, c.BootstrapExpect)
-	}
-	if c.SnapshotThreshold < 16 {
-		return fmt.Errorf("%w: %s %d: want at least 16", ErrInvalid, KeySnapshotThreshold, c.SnapshotThreshold)
-	}
-	if c.SnapshotInterval < 100*time.Millisecond {
-		return fmt.Errorf("%w: %s %v: want at least 100ms", ErrInvalid, KeySnapshotInterval, c.SnapshotInterval)
-	}
-	if c.TrailingLogs < 1 {
-		return fmt.Errorf("%w: %s must be at least 1", ErrInvalid, KeyTrailingLogs)
-	}
-	if c.HeartbeatTimeout < 5*time.Millisecond || c.ElectionTimeout < 5*time.Millisecond {
-		return fmt.Errorf("%w: %s and %s must be at least 5ms", ErrInvalid, KeyHeartbeatTimeout, KeyElectionTimeout)
-	}
-	if c.LeaderLease < 5*time.Millisecond || c.LeaderLease > c.HeartbeatTimeout {
-		return fmt.Errorf("%w: %s %v: want 5ms..%s (%v)", ErrInvalid, KeyLeaderLease, c.LeaderLease, KeyHeartbeatTimeout, c.HeartbeatTimeout)
-	}
-	if c.DCDBuffer < 1<<20 || c.DCDBuffer > 16<<30 {
-		return fmt.Errorf("%w: %s %d: want 1MiB..16GiB", ErrInvalid, KeyDCDBuffer, c.DCDBuffer)
-	}
-	if c.DCDInflight < 1 || c.DCDInflight > 64 {
-		return fmt.Errorf("%w: %s %d: want 1..64", ErrInvalid, KeyDCDInflight, c.DCDInflight)
-	}
-	if c.VolumeLeaseTTL < 2*c.HeartbeatTimeout || c.VolumeLeaseTTL > 10*time.Minute {
-		return fmt.Errorf("%w: %s %v: want 2×%s (%v)..10m", ErrInvalid, KeyVolumeLeaseTTL, c.VolumeLeaseTTL, KeyHeartbeatTimeout, 2*c.HeartbeatTimeout)
-	}
-	if c.FlushTimeout < time.Second || c.FlushTimeout > time.Hour {
-		return fmt.Errorf("%w: %s %v: want 1s..1h", ErrInvalid, KeyFlushTimeout, c.FlushTimeout)
-	}
-	// Empty (a Config built in code) means the default, boltdb.
-	if c.RaftLogStore != "" && c.RaftLogStore != LogStoreDCD && c.RaftLogStore != LogStoreBoltDB && c.RaftLogStore != LogStoreWAL {
-		return fmt.Errorf("%w: %s %q: want %s, %s or %s", ErrInvalid, KeyRaftLogStore, c.RaftLogStore, LogStoreDCD, LogStoreBoltDB, LogStoreWAL)
-	}
-	if c.LinkDelay < 0 || c.LinkDelay > time.Second {
-		return fmt.Errorf("%w: %s %v: want 0..1s", ErrInvalid, KeyLinkDelay, c.LinkDelay)
 	}
 	return nil
+}
+
+// Client is the configuration of the CLI (every command but agent).
+type Client struct {
+	API string // the agent's admin API, http://host:port
+}
+
+// RegisterClientFlags declares the CLI's flags on fs (the root command's
+// persistent flags).
+func RegisterClientFlags(fs *pflag.FlagSet) {
+	register(fs, clientSettings(&Client{}))
+}
+
+// LoadClient reads the CLI's configuration from its flags (already parsed)
+// and ROBIB_* variables.
+func LoadClient(fs *pflag.FlagSet) (Client, error) {
+	var c Client
+	table := clientSettings(&c)
+	v, err := bind(fs, table)
+	if err != nil {
+		return Client{}, err
+	}
+	return c, readAll(v, table)
 }
 
 // ValidateAdvertiseAddr checks an address other sites dial: it needs a

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -176,21 +175,29 @@ func TestLoadRejectsBadInput(t *testing.T) {
 }
 
 // TestEveryFlagIsAFileKey: a setting that works as a flag must also work in
-// the config file (the file loader rejects keys it does not know).
+// the config file (the file loader rejects keys it does not know), and
+// every flag is a setting of the table.
 func TestEveryFlagIsAFileKey(t *testing.T) {
 	fs := pflag.NewFlagSet("t", pflag.ContinueOnError)
 	RegisterFlags(fs)
+	inFile := map[string]bool{}
+	for _, s := range Settings() {
+		inFile[s.Key] = s.InFile
+	}
 	n := 0
 	fs.VisitAll(func(f *pflag.Flag) {
 		if f.Name == KeyConfig {
+			if inFile[f.Name] {
+				t.Errorf("--config can be set in a config file")
+			}
 			return
 		}
 		n++
-		if !slices.Contains(fileKeys, f.Name) {
+		if !inFile[f.Name] {
 			t.Errorf("flag --%s cannot be set in a config file", f.Name)
 		}
 	})
-	if n < 20 {
-		t.Fatalf("only %d flags registered", n)
+	if n < 20 || n+1 != len(inFile) {
+		t.Fatalf("%d flags registered besides --config, %d settings", n, len(inFile))
 	}
 }

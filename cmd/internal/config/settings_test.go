@@ -1,0 +1,129 @@
+package config
+
+import (
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/spf13/pflag"
+
+	"github.com/robib/robib/cluster"
+	"github.com/robib/robib/dcd"
+)
+
+// TestDefaultsFromOwningPackages: a Config loaded with nothing set carries
+// the defaults of cluster.DefaultConfig and dcd.DefaultConfig.
+func TestDefaultsFromOwningPackages(t *testing.T) {
+	c, err := load(t, []string{"--name", "s1", "--data-dir", t.TempDir()}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl, wb := cluster.DefaultConfig(), dcd.DefaultConfig()
+	checks := []struct {
+		key       string
+		got, want any
+	}{
+		{KeySnapshotThreshold, c.SnapshotThreshold, cl.SnapshotThreshold},
+		{KeySnapshotInterval, c.SnapshotInterval, cl.SnapshotInterval},
+		{KeyTrailingLogs, c.TrailingLogs, cl.TrailingLogs},
+		{KeyHeartbeatTimeout, c.HeartbeatTimeout, cl.HeartbeatTimeout},
+		{KeyElectionTimeout, c.ElectionTimeout, cl.ElectionTimeout},
+		{KeyLeaderLease, c.LeaderLease, cl.LeaderLeaseTimeout},
+		{KeyVolumeLeaseTTL, c.VolumeLeaseTTL, cl.LeaseTTL},
+		{KeyRaftLogStore, c.RaftLogStore, cl.LogStore},
+		{KeyLeaderFollows, c.LeaderFollowsWrites, cl.LeaderFollowsWrites},
+		{KeyLeaderOverlap, c.LeaderOverlap, cl.LeaderOverlap},
+		{KeyDCDBuffer, c.DCDBuffer, wb.MaxBufferBytes},
+		{KeyDCDInflight, c.DCDInflight, wb.MaxInflight},
+		{KeyFlushTimeout, c.FlushTimeout, wb.FlushTimeout},
+	}
+	for _, ch := range checks {
+		if ch.got != ch.want {
+			t.Errorf("%s: default %v, the owning package says %v", ch.key, ch.got, ch.want)
+		}
+	}
+	if cl.LogStore != cluster.DefaultLogStore || cl.LeaseTTL != cluster.DefaultLeaseTTL || wb.MaxInflight != dcd.DefaultMaxInflight {
+		t.Errorf("DefaultConfig disagrees with the package constants: %+v %+v", cl, wb)
+	}
+}
+
+// TestSettingsDescribeTheFlags: Settings lists every flag with its
+// variable, type and default as pflag has them.
+func TestSettingsDescribeTheFlags(t *testing.T) {
+	fs := pflag.NewFlagSet("t", pflag.ContinueOnError)
+	RegisterFlags(fs)
+	seen := map[string]bool{}
+	for _, s := range Settings() {
+		if seen[s.Key] {
+			t.Errorf("%s listed twice", s.Key)
+		}
+		seen[s.Key] = true
+		f := fs.Lookup(s.Key)
+		if f == nil {
+			t.Errorf("%s: no flag", s.Key)
+			continue
+		}
+		if s.Env != "ROBIB_"+strings.ToUpper(strings.ReplaceAll(s.Key, "-", "_")) || s.Type != f.Value.Type() || s.Default != f.DefValue || s.Help != f.Usage {
+			t.Errorf("%s: described as %+v; flag %+v", s.Key, s, f)
+		}
+	}
+	if n := len(seen); n != 25 {
+		t.Errorf("%d settings", n)
+	}
+}
+
+func loadClient(t *testing.T, args []string, env string) (Client, error) {
+	t.Helper()
+	t.Setenv("ROBIB_API", env)
+	fs := pflag.NewFlagSet("robib", pflag.ContinueOnError)
+	RegisterClientFlags(fs)
+	if err := fs.Parse(args); err != nil {
+		return Client{}, err
+	}
+	return LoadClient(fs)
+}
+
+// TestLoadClientAPI: --api wins over ROBIB_API, which wins over the
+// default; an empty ROBIB_API counts as unset.
+func TestLoadClientAPI(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		env  string
+		want string
+	}{
+		{nil, "", DefaultAPI},
+		{nil, "http://10.0.0.1:10810", "http://10.0.0.1:10810"},
+		{[]string{"--api", "http://flag:1"}, "http://10.0.0.1:10810", "http://flag:1"},
+		{[]string{"--api=http://flag:1"}, "", "http://flag:1"},
+	} {
+		c, err := loadClient(t, tc.args, tc.env)
+		if err != nil || c.API != tc.want {
+			t.Errorf("args %q, ROBIB_API=%q: %+v, %v; want %q", tc.args, tc.env, c, err, tc.want)
+		}
+	}
+	if DefaultAPI != "http://127.0.0.1:10810" {
+		t.Errorf("DefaultAPI = %q", DefaultAPI)
+	}
+	if _, err := LoadClient(pflag.NewFlagSet("empty", pflag.ContinueOnError)); err == nil {
+		t.Error("LoadClient without the flags registered: no error")
+	}
+}
+
+// TestShippedConfigsLoad: the example config files in ops/config load and
+// validate (every key known, every value valid), and their values arrive.
+func TestShippedConfigsLoad(t *testing.T) {
+	files, err := filepath.Glob("../../../ops/config/*.yaml")
+	if err != nil || len(files) < 2 {
+		t.Fatalf("ops/config: %v, %v", files, err)
+	}
+	for _, f := range files {
+		c, err := load(t, []string{"--config", f}, nil)
+		if err != nil {
+			t.Errorf("%s: %v", f, err)
+			continue
+		}
+		if c.Name == "" || c.DataDir != "/var/lib/robib" || len(c.Join) != 2 || c.BootstrapExpect != 3 {
+			t.Errorf("%s: loaded %+v", f, c)
+		}
+	}
+}
