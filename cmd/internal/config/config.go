@@ -19,9 +19,9 @@ import (
 	"github.com/spf13/viper"
 )
 
-// ErrInvalid is returned (wrapped, with the offending key) for any
+// ErrInvalidConfig is returned (wrapped, with the offending key) for any
 // configuration that does not validate.
-var ErrInvalid = errors.New("invalid configuration")
+var ErrInvalidConfig = errors.New("invalid configuration")
 
 // Config is the whole agent configuration. Field tags name the flag, the
 // config-file key and (upper-cased, '-' as '_', prefixed ROBIB_) the
@@ -161,7 +161,7 @@ func Load(fs *pflag.FlagSet) (Config, error) {
 	if path := v.GetString(KeyConfig); path != "" {
 		v.SetConfigFile(path)
 		if err := v.ReadInConfig(); err != nil {
-			return Config{}, fmt.Errorf("%w: reading config file %s: %v", ErrInvalid, path, err)
+			return Config{}, fmt.Errorf("%w: reading config file %s: %v", ErrInvalidConfig, path, err)
 		}
 		if err := checkFileKeys(path); err != nil {
 			return Config{}, err
@@ -196,7 +196,7 @@ func Load(fs *pflag.FlagSet) (Config, error) {
 	}
 	buf, err := ParseSize(v.GetString(KeyDCDBuffer))
 	if err != nil {
-		return c, fmt.Errorf("%w: %s: %v", ErrInvalid, KeyDCDBuffer, err)
+		return c, fmt.Errorf("%w: %s: %v", ErrInvalidConfig, KeyDCDBuffer, err)
 	}
 	c.DCDBuffer = buf
 	return c, c.Validate()
@@ -208,11 +208,11 @@ func checkFileKeys(path string) error {
 	f := viper.New()
 	f.SetConfigFile(path)
 	if err := f.ReadInConfig(); err != nil {
-		return fmt.Errorf("%w: reading config file %s: %v", ErrInvalid, path, err)
+		return fmt.Errorf("%w: reading config file %s: %v", ErrInvalidConfig, path, err)
 	}
 	for _, k := range f.AllKeys() {
 		if !slices.Contains(fileKeys, k) {
-			return fmt.Errorf("%w: config file %s: unknown key %q (known: %s)", ErrInvalid, path, k, strings.Join(fileKeys, ", "))
+			return fmt.Errorf("%w: config file %s: unknown key %q (known: %s)", ErrInvalidConfig, path, k, strings.Join(fileKeys, ", "))
 		}
 	}
 	return nil
@@ -223,74 +223,74 @@ var siteName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
 // Validate checks every field and returns the first problem found.
 func (c Config) Validate() error {
 	if !siteName.MatchString(c.Name) {
-		return fmt.Errorf("%w: %s %q: 1-63 characters of letters, digits, '.', '_' or '-', starting with a letter or digit", ErrInvalid, KeyName, c.Name)
+		return fmt.Errorf("%w: %s %q: 1-63 characters of letters, digits, '.', '_' or '-', starting with a letter or digit", ErrInvalidConfig, KeyName, c.Name)
 	}
 	if strings.TrimSpace(c.DataDir) == "" {
-		return fmt.Errorf("%w: %s is required", ErrInvalid, KeyDataDir)
+		return fmt.Errorf("%w: %s is required", ErrInvalidConfig, KeyDataDir)
 	}
 	if err := ValidateAddr(c.NBDAddr); err != nil {
-		return fmt.Errorf("%w: %s: %v", ErrInvalid, KeyNBDAddr, err)
+		return fmt.Errorf("%w: %s: %v", ErrInvalidConfig, KeyNBDAddr, err)
 	}
 	if _, err := ParseLevel(c.LogLevel); err != nil {
-		return fmt.Errorf("%w: %s: %v", ErrInvalid, KeyLogLevel, err)
+		return fmt.Errorf("%w: %s: %v", ErrInvalidConfig, KeyLogLevel, err)
 	}
 	if c.LogFormat != "text" && c.LogFormat != "json" {
-		return fmt.Errorf("%w: %s %q: want text or json", ErrInvalid, KeyLogFormat, c.LogFormat)
+		return fmt.Errorf("%w: %s %q: want text or json", ErrInvalidConfig, KeyLogFormat, c.LogFormat)
 	}
 	// The API address is advertised too: other sites forward writes and
 	// collect status and verify results there.
 	for key, addr := range map[string]string{KeyRaftAddr: c.RaftAddr, KeyGossipAddr: c.GossipAddr, KeyAPIAddr: c.APIAddr} {
 		if err := ValidateAdvertiseAddr(addr); err != nil {
-			return fmt.Errorf("%w: %s: %v", ErrInvalid, key, err)
+			return fmt.Errorf("%w: %s: %v", ErrInvalidConfig, key, err)
 		}
 	}
 	if host, _, _ := net.SplitHostPort(c.GossipAddr); net.ParseIP(host) == nil {
-		return fmt.Errorf("%w: %s %q: gossip needs an IP address, not a host name", ErrInvalid, KeyGossipAddr, c.GossipAddr)
+		return fmt.Errorf("%w: %s %q: gossip needs an IP address, not a host name", ErrInvalidConfig, KeyGossipAddr, c.GossipAddr)
 	}
 	if c.RaftAddr == c.GossipAddr {
-		return fmt.Errorf("%w: %s and %s must differ", ErrInvalid, KeyRaftAddr, KeyGossipAddr)
+		return fmt.Errorf("%w: %s and %s must differ", ErrInvalidConfig, KeyRaftAddr, KeyGossipAddr)
 	}
 	for _, j := range c.Join {
 		if err := ValidateAddr(j); err != nil {
-			return fmt.Errorf("%w: %s: %v", ErrInvalid, KeyJoin, err)
+			return fmt.Errorf("%w: %s: %v", ErrInvalidConfig, KeyJoin, err)
 		}
 	}
 	if c.BootstrapExpect < 0 || c.BootstrapExpect > 15 {
-		return fmt.Errorf("%w: %s %d: want 0..15", ErrInvalid, KeyBootstrapExpect, c.BootstrapExpect)
+		return fmt.Errorf("%w: %s %d: want 0..15", ErrInvalidConfig, KeyBootstrapExpect, c.BootstrapExpect)
 	}
 	if c.SnapshotThreshold < 16 {
-		return fmt.Errorf("%w: %s %d: want at least 16", ErrInvalid, KeySnapshotThreshold, c.SnapshotThreshold)
+		return fmt.Errorf("%w: %s %d: want at least 16", ErrInvalidConfig, KeySnapshotThreshold, c.SnapshotThreshold)
 	}
 	if c.SnapshotInterval < 100*time.Millisecond {
-		return fmt.Errorf("%w: %s %v: want at least 100ms", ErrInvalid, KeySnapshotInterval, c.SnapshotInterval)
+		return fmt.Errorf("%w: %s %v: want at least 100ms", ErrInvalidConfig, KeySnapshotInterval, c.SnapshotInterval)
 	}
 	if c.TrailingLogs < 1 {
-		return fmt.Errorf("%w: %s must be at least 1", ErrInvalid, KeyTrailingLogs)
+		return fmt.Errorf("%w: %s must be at least 1", ErrInvalidConfig, KeyTrailingLogs)
 	}
 	if c.HeartbeatTimeout < 5*time.Millisecond || c.ElectionTimeout < 5*time.Millisecond {
-		return fmt.Errorf("%w: %s and %s must be at least 5ms", ErrInvalid, KeyHeartbeatTimeout, KeyElectionTimeout)
+		return fmt.Errorf("%w: %s and %s must be at least 5ms", ErrInvalidConfig, KeyHeartbeatTimeout, KeyElectionTimeout)
 	}
 	if c.LeaderLease < 5*time.Millisecond || c.LeaderLease > c.HeartbeatTimeout {
-		return fmt.Errorf("%w: %s %v: want 5ms..%s (%v)", ErrInvalid, KeyLeaderLease, c.LeaderLease, KeyHeartbeatTimeout, c.HeartbeatTimeout)
+		return fmt.Errorf("%w: %s %v: want 5ms..%s (%v)", ErrInvalidConfig, KeyLeaderLease, c.LeaderLease, KeyHeartbeatTimeout, c.HeartbeatTimeout)
 	}
 	if c.DCDBuffer < 1<<20 || c.DCDBuffer > 16<<30 {
-		return fmt.Errorf("%w: %s %d: want 1MiB..16GiB", ErrInvalid, KeyDCDBuffer, c.DCDBuffer)
+		return fmt.Errorf("%w: %s %d: want 1MiB..16GiB", ErrInvalidConfig, KeyDCDBuffer, c.DCDBuffer)
 	}
 	if c.DCDInflight < 1 || c.DCDInflight > 64 {
-		return fmt.Errorf("%w: %s %d: want 1..64", ErrInvalid, KeyDCDInflight, c.DCDInflight)
+		return fmt.Errorf("%w: %s %d: want 1..64", ErrInvalidConfig, KeyDCDInflight, c.DCDInflight)
 	}
 	if c.VolumeLeaseTTL < 2*c.HeartbeatTimeout || c.VolumeLeaseTTL > 10*time.Minute {
-		return fmt.Errorf("%w: %s %v: want 2×%s (%v)..10m", ErrInvalid, KeyVolumeLeaseTTL, c.VolumeLeaseTTL, KeyHeartbeatTimeout, 2*c.HeartbeatTimeout)
+		return fmt.Errorf("%w: %s %v: want 2×%s (%v)..10m", ErrInvalidConfig, KeyVolumeLeaseTTL, c.VolumeLeaseTTL, KeyHeartbeatTimeout, 2*c.HeartbeatTimeout)
 	}
 	if c.FlushTimeout < time.Second || c.FlushTimeout > time.Hour {
-		return fmt.Errorf("%w: %s %v: want 1s..1h", ErrInvalid, KeyFlushTimeout, c.FlushTimeout)
+		return fmt.Errorf("%w: %s %v: want 1s..1h", ErrInvalidConfig, KeyFlushTimeout, c.FlushTimeout)
 	}
 	// Empty (a Config built in code) means the default, boltdb.
 	if c.RaftLogStore != "" && c.RaftLogStore != LogStoreDCD && c.RaftLogStore != LogStoreBoltDB && c.RaftLogStore != LogStoreWAL {
-		return fmt.Errorf("%w: %s %q: want %s, %s or %s", ErrInvalid, KeyRaftLogStore, c.RaftLogStore, LogStoreDCD, LogStoreBoltDB, LogStoreWAL)
+		return fmt.Errorf("%w: %s %q: want %s, %s or %s", ErrInvalidConfig, KeyRaftLogStore, c.RaftLogStore, LogStoreDCD, LogStoreBoltDB, LogStoreWAL)
 	}
 	if c.LinkDelay < 0 || c.LinkDelay > time.Second {
-		return fmt.Errorf("%w: %s %v: want 0..1s", ErrInvalid, KeyLinkDelay, c.LinkDelay)
+		return fmt.Errorf("%w: %s %v: want 0..1s", ErrInvalidConfig, KeyLinkDelay, c.LinkDelay)
 	}
 	return nil
 }
