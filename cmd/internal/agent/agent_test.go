@@ -266,7 +266,7 @@ func TestVolumeCreatedAtOneSiteAppearsAtAll(t *testing.T) {
 	if _, err := svc(sites[2]).CreateVolume(context.Background(), api.CreateVolumeRequest{Name: "vol1", Size: 8 << 20}); !errors.Is(err, api.ErrExists) {
 		t.Fatalf("duplicate create: %v", err)
 	}
-	if _, err := svc(sites[1]).CreateVolume(context.Background(), api.CreateVolumeRequest{Name: "../x", Size: 8 << 20}); !errors.Is(err, api.ErrInvalid) {
+	if _, err := svc(sites[1]).CreateVolume(context.Background(), api.CreateVolumeRequest{Name: "../x", Size: 8 << 20}); !errors.Is(err, api.ErrBadRequest) {
 		t.Fatalf("bad name: %v", err)
 	}
 	if err := svc(sites[1]).DeleteVolume(context.Background(), "nope"); !errors.Is(err, api.ErrNotFound) {

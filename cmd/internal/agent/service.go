@@ -47,7 +47,7 @@ func apiErr(err error) error {
 		return fmt.Errorf("%w: %w", api.ErrExists, err)
 	case errors.Is(err, volume.ErrInvalidName), errors.Is(err, volume.ErrInvalidSize),
 		errors.Is(err, fsm.ErrInvalidCommand), errors.Is(err, fsm.ErrOutOfRange), errors.Is(err, cluster.ErrInvalid):
-		return fmt.Errorf("%w: %w", api.ErrInvalid, err)
+		return fmt.Errorf("%w: %w", api.ErrBadRequest, err)
 	case errors.Is(err, cluster.ErrRetry), errors.Is(err, context.DeadlineExceeded), errors.Is(err, cluster.ErrClosed):
 		return fmt.Errorf("%w: %w", api.ErrUnavailable, err)
 	}
@@ -87,7 +87,7 @@ func parseSync(s string) (bool, error) {
 	case "always":
 		return true, nil
 	}
-	return false, fmt.Errorf("%w: sync mode %q: want flush or always", api.ErrInvalid, s)
+	return false, fmt.Errorf("%w: sync mode %q: want flush or always", api.ErrBadRequest, s)
 }
 
 func (s *clusterService) ListVolumes(context.Context) ([]api.Volume, error) {

@@ -17,7 +17,7 @@ import (
 var (
 	ErrNotFound    = errors.New("not found")               // 404
 	ErrExists      = errors.New("already exists")          // 409
-	ErrInvalid     = errors.New("invalid request")         // 400
+	ErrBadRequest  = errors.New("invalid request")         // 400
 	ErrUnavailable = errors.New("temporarily unavailable") // 503
 )
 

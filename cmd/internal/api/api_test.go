@@ -82,7 +82,7 @@ func TestClientServerRoundTrip(t *testing.T) {
 }
 
 func TestErrorsMapToStatusAndBack(t *testing.T) {
-	for _, sentinel := range []error{ErrNotFound, ErrExists, ErrInvalid, ErrUnavailable} {
+	for _, sentinel := range []error{ErrNotFound, ErrExists, ErrBadRequest, ErrUnavailable} {
 		svc := &fakeService{err: fmt.Errorf("%w: volume \"x\"", sentinel)}
 		_, c := newTestServer(t, svc)
 		err := c.DeleteVolume(context.Background(), "x")

@@ -28,7 +28,7 @@ func NewClient(base string, hc *http.Client) (*Client, error) {
 	}
 	u, err := url.Parse(base)
 	if err != nil || u.Host == "" || (u.Scheme != "http" && u.Scheme != "https") {
-		return nil, fmt.Errorf("%w: bad API address %q", ErrInvalid, base)
+		return nil, fmt.Errorf("%w: bad API address %q", ErrBadRequest, base)
 	}
 	if hc == nil {
 		hc = &http.Client{Timeout: 2 * time.Minute}
@@ -52,7 +52,7 @@ func (e *StatusError) Unwrap() error {
 	case http.StatusConflict:
 		return ErrExists
 	case http.StatusBadRequest:
-		return ErrInvalid
+		return ErrBadRequest
 	case http.StatusServiceUnavailable:
 		return ErrUnavailable
 	}

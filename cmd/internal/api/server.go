@@ -183,10 +183,10 @@ func decode(w http.ResponseWriter, r *http.Request, dst any) error {
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(dst); err != nil {
-		return fmt.Errorf("%w: request body: %v", ErrInvalid, err)
+		return fmt.Errorf("%w: request body: %v", ErrBadRequest, err)
 	}
 	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
-		return fmt.Errorf("%w: request body: trailing data after JSON object", ErrInvalid)
+		return fmt.Errorf("%w: request body: trailing data after JSON object", ErrBadRequest)
 	}
 	return nil
 }
@@ -198,7 +198,7 @@ func StatusOf(err error) int {
 		return http.StatusNotFound
 	case errors.Is(err, ErrExists):
 		return http.StatusConflict
-	case errors.Is(err, ErrInvalid):
+	case errors.Is(err, ErrBadRequest):
 		return http.StatusBadRequest
 	case errors.Is(err, ErrUnavailable):
 		return http.StatusServiceUnavailable
