@@ -37,9 +37,9 @@ var (
 	// otherwise (the protocol reserves ENOTSUP for fast zeroes); from the
 	// Backend it becomes NBD_REP_ERR_POLICY.
 	ErrUnsupported = errors.New("nbd: operation not supported")
-	// ErrInvalid reports an invalid request. It becomes NBD_EINVAL, or
+	// ErrInvalidArgument reports an invalid request. It becomes NBD_EINVAL, or
 	// NBD_REP_ERR_INVALID from the Backend.
-	ErrInvalid = errors.New("nbd: invalid argument")
+	ErrInvalidArgument = errors.New("nbd: invalid argument")
 	// ErrNoSpace reports that storage is exhausted. It becomes NBD_ENOSPC.
 	ErrNoSpace = errors.New("nbd: no space left")
 	// ErrBusy reports that an export cannot be opened the way it was asked
@@ -64,7 +64,7 @@ var errPanic = errors.New("nbd: panic in backend call")
 //   - nil: 0
 //   - ErrReadOnly, ErrBusy, fs.ErrPermission, EPERM, EACCES, EROFS: EPERM
 //   - ErrNoSpace, ENOSPC, EDQUOT, EFBIG: ENOSPC (as the spec asks)
-//   - ErrInvalid, EINVAL: EINVAL
+//   - ErrInvalidArgument, EINVAL: EINVAL
 //   - ErrUnsupported, EOPNOTSUPP/ENOTSUP: ENOTSUP
 //   - ENOMEM: ENOMEM
 //   - ErrShutdown, ESHUTDOWN, context.Canceled: ESHUTDOWN — a cancelled
@@ -84,7 +84,7 @@ func DefaultErrorCode(err error) uint32 {
 		return EPERM
 	case errors.Is(err, ErrNoSpace):
 		return ENOSPC
-	case errors.Is(err, ErrInvalid):
+	case errors.Is(err, ErrInvalidArgument):
 		return EINVAL
 	case errors.Is(err, ErrUnsupported):
 		return ENOTSUP
@@ -121,7 +121,7 @@ func optionErrorReply(err error) uint32 {
 		return repErrShutdown
 	case errors.Is(err, ErrReadOnly), errors.Is(err, ErrBusy), errors.Is(err, ErrUnsupported), errors.Is(err, fs.ErrPermission):
 		return repErrPolicy
-	case errors.Is(err, ErrInvalid):
+	case errors.Is(err, ErrInvalidArgument):
 		return repErrInvalid
 	default:
 		// There is no generic failure reply; "not available" plus the
