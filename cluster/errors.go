@@ -11,13 +11,13 @@ import (
 // Errors of this package. Retryable ones (ErrNoLeader, ErrNotLeader,
 // ErrUnreachable) wrap ErrRetry so writers can tell them from final answers.
 var (
-	ErrRetry       = errors.New("temporary cluster condition, retry")
-	ErrNoLeader    = fmt.Errorf("%w: no leader", ErrRetry)
-	ErrNotLeader   = fmt.Errorf("%w: not the leader", ErrRetry)
-	ErrUnreachable = fmt.Errorf("%w: leader unreachable", ErrRetry)
-	ErrClosed      = errors.New("cluster node closed")
-	ErrUnknownSite = errors.New("unknown site")
-	ErrInvalid     = errors.New("invalid cluster request")
+	ErrRetry          = errors.New("temporary cluster condition, retry")
+	ErrNoLeader       = fmt.Errorf("%w: no leader", ErrRetry)
+	ErrNotLeader      = fmt.Errorf("%w: not the leader", ErrRetry)
+	ErrUnreachable    = fmt.Errorf("%w: leader unreachable", ErrRetry)
+	ErrClosed         = errors.New("cluster node closed")
+	ErrUnknownSite    = errors.New("unknown site")
+	ErrInvalidRequest = errors.New("invalid cluster request")
 	// ErrLeaseHeld: another site holds the volume's read-write lease and
 	// keeps renewing it.
 	ErrLeaseHeld = errors.New("volume is attached read-write at another site")

@@ -46,7 +46,7 @@ func apiErr(err error) error {
 	case errors.Is(err, volume.ErrExists), errors.Is(err, fsm.ErrVolumeExists):
 		return fmt.Errorf("%w: %w", api.ErrExists, err)
 	case errors.Is(err, volume.ErrInvalidName), errors.Is(err, volume.ErrInvalidSize),
-		errors.Is(err, fsm.ErrInvalidCommand), errors.Is(err, fsm.ErrOutOfRange), errors.Is(err, cluster.ErrInvalid):
+		errors.Is(err, fsm.ErrInvalidCommand), errors.Is(err, fsm.ErrOutOfRange), errors.Is(err, cluster.ErrInvalidRequest):
 		return fmt.Errorf("%w: %w", api.ErrBadRequest, err)
 	case errors.Is(err, cluster.ErrRetry), errors.Is(err, context.DeadlineExceeded), errors.Is(err, cluster.ErrClosed):
 		return fmt.Errorf("%w: %w", api.ErrUnavailable, err)
