@@ -191,20 +191,15 @@ func decode(w http.ResponseWriter, r *http.Request, dst any) error {
 	return nil
 }
 
-// StatusOf maps a Service error to an HTTP status.
+// StatusOf maps a Service error to an HTTP status: its row in
+// statusTable, or 500.
 func StatusOf(err error) int {
-	switch {
-	case errors.Is(err, ErrNotFound):
-		return http.StatusNotFound
-	case errors.Is(err, ErrExists):
-		return http.StatusConflict
-	case errors.Is(err, ErrBadRequest):
-		return http.StatusBadRequest
-	case errors.Is(err, ErrUnavailable):
-		return http.StatusServiceUnavailable
-	default:
-		return http.StatusInternalServerError
+	for _, r := range statusTable {
+		if errors.Is(err, r.err) {
+			return r.status
+		}
 	}
+	return http.StatusInternalServerError
 }
 
 func (h *handler) fail(w http.ResponseWriter, r *http.Request, err error) {
