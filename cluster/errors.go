@@ -26,12 +26,26 @@ var (
 	ErrLeaseLost = errors.New("volume lease lost")
 )
 
+// retryable lists the errors after which the same command may be proposed
+// again (writers dedupe by session and seq); IsRetryable looks an error up
+// in it with errors.Is.
+var retryable = []error{
+	ErrRetry, // ErrNoLeader, ErrNotLeader, ErrUnreachable
+	fsm.ErrSeqGap,
+	context.DeadlineExceeded,
+	// The leader's own copy failed while applying a committed entry: the
+	// entry stands; the leader steps down and a resend reaches a healthy
+	// one, where it is a duplicate.
+	fsm.ErrFailed,
+}
+
 // IsRetryable reports whether err is a transient condition after which the
-// same command may be proposed again (writers dedupe by session and seq).
+// same command may be proposed again: whether it matches one of retryable.
 func IsRetryable(err error) bool {
-	return errors.Is(err, ErrRetry) || errors.Is(err, fsm.ErrSeqGap) || errors.Is(err, context.DeadlineExceeded) ||
-		// The leader's own copy failed while applying a committed entry: the
-		// entry stands; the leader steps down and a resend reaches a healthy
-		// one, where it is a duplicate.
-		errors.Is(err, fsm.ErrFailed)
+	for _, r := range retryable {
+		if errors.Is(err, r) {
+			return true
+		}
+	}
+	return false
 }
