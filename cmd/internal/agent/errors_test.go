@@ -329,6 +329,12 @@ func TestNBDErrorTableMapsEverySentinel(t *testing.T) {
 		{"batch rejected out of range", fmt.Errorf("%w: batch 3 rejected: %w", dcd.ErrFailed, fsm.ErrOutOfRange), einval},
 		{"failed, then closed", fmt.Errorf("%w: %w", dcd.ErrClosed, dcd.ErrFailed), eshutdown},
 		{"read-only and out of range", fmt.Errorf("%w: %w", volume.ErrOutOfRange, nbdfront.ErrReadOnly), einval},
+		// A write beyond a shrunk volume's end is ENOSPC, as the spec asks;
+		// reads and trims there stay EINVAL.
+		{"write beyond the end", beyondEnd(fmt.Errorf("write at 1 MiB: %w", dcd.ErrOutOfRange)), enospc},
+		{"read beyond the end", fmt.Errorf("read at 1 MiB: %w", dcd.ErrOutOfRange), einval},
+		{"write: other errors unchanged", beyondEnd(fmt.Errorf("w: %w", dcd.ErrFlushTimeout)), eio},
+		{"write: a batch rejected out of range earlier is not a write beyond the end", beyondEnd(fmt.Errorf("%w: %w", dcd.ErrFailed, fsm.ErrOutOfRange)), einval},
 	} {
 		if got := nbdErrors.Code(tc.err); got != tc.want {
 			t.Errorf("%s (%v): NBD error %d, want %d", tc.what, tc.err, got, tc.want)

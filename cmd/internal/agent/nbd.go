@@ -607,7 +607,7 @@ func (e *export) WriteAt(p []byte, off int64) (int, error) {
 	if err == nil {
 		err = e.st.lease.check()
 	}
-	return n, err
+	return n, beyondEnd(err)
 }
 func (e *export) Flush() error {
 	if err := e.st.lease.check(); err != nil {
@@ -619,7 +619,19 @@ func (e *export) Trim(off, length int64) error {
 	return e.checked(func() error { return e.st.dcd.Trim(off, length) })
 }
 func (e *export) WriteZeroes(off, length int64, noHole bool) error {
-	return e.checked(func() error { return e.st.dcd.WriteZeroes(off, length, noHole) })
+	return beyondEnd(e.checked(func() error { return e.st.dcd.WriteZeroes(off, length, noHole) }))
+}
+
+// beyondEnd marks a write or write zeroes that the DCD stage refused
+// because it ends past the volume's end as nbdfront.ErrNoSpace: the NBD
+// spec asks for ENOSPC there (and EINVAL for reads and trims, which keep
+// their error). The server already refused such requests against the size
+// the client was told; this is a volume that shrank since the attach.
+func beyondEnd(err error) error {
+	if errors.Is(err, dcd.ErrOutOfRange) {
+		return fmt.Errorf("%w: %w", nbdfront.ErrNoSpace, err)
+	}
+	return err
 }
 
 // checked runs a write-like operation between two lease checks.
@@ -687,6 +699,8 @@ func overlapsAny(rs []dcd.Range, off, length int64) bool {
 // errno values); anything else is EIO. The first row an error matches
 // (errors.Is) wins, so the order is part of the table:
 //
+//   - nbdfront.ErrNoSpace: ENOSPC, first, because a write beyond the end
+//     carries it on top of dcd.ErrOutOfRange (beyondEnd)
 //   - out of range (volume, dcd, fsm): EINVAL
 //   - closed (volume, dcd, cluster): ESHUTDOWN — the client reconnects
 //     elsewhere
@@ -703,6 +717,7 @@ func overlapsAny(rs []dcd.Range, off, length int64) bool {
 // fsm.ErrStaleEpoch, ...) gets EIO; errors_test.go lists every sentinel of
 // the module with the value it must get.
 var nbdErrors = append(nbdfront.ErrorTable{
+	{Err: nbdfront.ErrNoSpace, Code: nbdfront.ENOSPC},
 	{Err: volume.ErrOutOfRange, Code: nbdfront.EINVAL},
 	{Err: dcd.ErrOutOfRange, Code: nbdfront.EINVAL},
 	{Err: fsm.ErrOutOfRange, Code: nbdfront.EINVAL},
