@@ -547,7 +547,7 @@ func (c *rawNBD) option(opt uint32, data []byte) {
 	c.write(append(b, data...))
 }
 
-// info sends NBD_OPT_INFO for name and returns the type and text of the
+// infoErr sends NBD_OPT_INFO for name and returns the type and text of the
 // server's error reply (it fails the test on success).
 func (c *rawNBD) infoErr(name string) (uint32, string) {
 	c.t.Helper()
