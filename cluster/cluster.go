@@ -73,7 +73,7 @@ type Node struct {
 func Open(cfg Config, f *fsm.FSM) (*Node, error) {
 	cfg.setDefaults()
 	if cfg.RaftListener == nil || cfg.Dial == nil {
-		return nil, fmt.Errorf("%w: RaftListener and Dial are required", ErrInvalid)
+		return nil, fmt.Errorf("%w: RaftListener and Dial are required", ErrInvalidRequest)
 	}
 	n := &Node{
 		cfg:    cfg,
@@ -205,7 +205,7 @@ func (n *Node) openRaft() error {
 	rc.NoSnapshotRestoreOnStart = true
 	if err := raft.ValidateConfig(rc); err != nil {
 		store.Close()
-		return fmt.Errorf("%w: raft config: %v", ErrInvalid, err)
+		return fmt.Errorf("%w: raft config: %v", ErrInvalidRequest, err)
 	}
 	hasState, err := raft.HasExistingState(logs, stable, snaps)
 	if err != nil {

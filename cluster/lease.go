@@ -204,7 +204,7 @@ func (n *Node) acquireLocal(ctx context.Context, req leaseRequest) (Grant, error
 	cmd := &fsm.AcquireLease{Volume: req.Volume, Site: req.Site, Created: req.Created, Prev: cur.Epoch}
 	data, err := fsm.Encode(cmd)
 	if err != nil {
-		return Grant{}, fmt.Errorf("%w: %w", ErrInvalid, err)
+		return Grant{}, fmt.Errorf("%w: %w", ErrInvalidRequest, err)
 	}
 	// Proposed here, never forwarded: the expiry was judged by this
 	// leader's view of renewals.

@@ -52,7 +52,7 @@ func openLogStore(kind, dir string, log hclog.Logger) (raft.LogStore, raft.Stabl
 		kind = DefaultLogStore
 	}
 	if kind != LogStoreDCD && kind != LogStoreBoltDB && kind != LogStoreWAL {
-		return nil, nil, nil, fmt.Errorf("%w: raft log store %q: want %s, %s or %s", ErrInvalid, kind, LogStoreDCD, LogStoreBoltDB, LogStoreWAL)
+		return nil, nil, nil, fmt.Errorf("%w: raft log store %q: want %s, %s or %s", ErrInvalidRequest, kind, LogStoreDCD, LogStoreBoltDB, LogStoreWAL)
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, nil, nil, fmt.Errorf("raft dir: %w", err)

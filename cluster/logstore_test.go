@@ -132,7 +132,7 @@ func TestLogStoreKindIsFixedPerDirectory(t *testing.T) {
 			t.Fatalf("default store: %v", err)
 		}
 	}
-	if _, _, _, err := openLogStore("rocksdb", dir, hclog.NewNullLogger()); !errors.Is(err, ErrInvalid) {
+	if _, _, _, err := openLogStore("rocksdb", dir, hclog.NewNullLogger()); !errors.Is(err, ErrInvalidRequest) {
 		t.Fatalf("unknown kind: %v", err)
 	}
 }

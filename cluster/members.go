@@ -151,11 +151,11 @@ func (n *Node) nudge() {
 func (n *Node) openGossip() error {
 	host, portStr, err := net.SplitHostPort(n.cfg.GossipAddr)
 	if err != nil {
-		return fmt.Errorf("%w: gossip address %q: %v", ErrInvalid, n.cfg.GossipAddr, err)
+		return fmt.Errorf("%w: gossip address %q: %v", ErrInvalidRequest, n.cfg.GossipAddr, err)
 	}
 	port, err := strconv.Atoi(portStr)
 	if err != nil {
-		return fmt.Errorf("%w: gossip port %q", ErrInvalid, portStr)
+		return fmt.Errorf("%w: gossip port %q", ErrInvalidRequest, portStr)
 	}
 	meta, err := json.Marshal(n.ownMeta())
 	if err != nil {

@@ -22,7 +22,7 @@ const defaultApplyTimeout = 30 * time.Second
 func (n *Node) Apply(ctx context.Context, cmd fsm.Command) (*fsm.Result, error) {
 	data, err := fsm.Encode(cmd)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
+		return nil, fmt.Errorf("%w: %w", ErrInvalidRequest, err)
 	}
 	return n.propose(ctx, cmd, data)
 }
@@ -35,7 +35,7 @@ func (n *Node) Apply(ctx context.Context, cmd fsm.Command) (*fsm.Result, error) 
 func (n *Node) ApplyAndWait(ctx context.Context, cmd fsm.Command) (*fsm.Result, error) {
 	data, err := fsm.Encode(cmd)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
+		return nil, fmt.Errorf("%w: %w", ErrInvalidRequest, err)
 	}
 	backoff := 20 * time.Millisecond
 	for {

@@ -157,7 +157,7 @@ func statusFor(err error) int {
 		return http.StatusServiceUnavailable
 	case errors.Is(err, ErrUnknownSite):
 		return http.StatusNotFound
-	case errors.Is(err, ErrInvalid):
+	case errors.Is(err, ErrInvalidRequest):
 		return http.StatusBadRequest
 	}
 	return http.StatusInternalServerError
@@ -285,7 +285,7 @@ func (c *rpcClient) postJSON(ctx context.Context, addr, path string, in any) err
 	case http.StatusNotFound:
 		return fmt.Errorf("%w: %v", ErrUnknownSite, err)
 	case http.StatusBadRequest:
-		return fmt.Errorf("%w: %v", ErrInvalid, err)
+		return fmt.Errorf("%w: %v", ErrInvalidRequest, err)
 	}
 	return err
 }

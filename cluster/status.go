@@ -225,11 +225,11 @@ func (n *Node) onLeader(ctx context.Context, local func() error, path string, bo
 // itself with Leave, so that gossip does not add it back.
 func (n *Node) RemoveSite(ctx context.Context, site string) error {
 	if site == n.cfg.Name {
-		return fmt.Errorf("%w: use leave to remove the site you are talking to", ErrInvalid)
+		return fmt.Errorf("%w: use leave to remove the site you are talking to", ErrInvalidRequest)
 	}
 	for _, m := range n.members() {
 		if m.Name == site {
-			return fmt.Errorf("%w: site %s is alive; run `robib cluster leave` against it", ErrInvalid, site)
+			return fmt.Errorf("%w: site %s is alive; run `robib cluster leave` against it", ErrInvalidRequest, site)
 		}
 	}
 	return n.onLeader(ctx, func() error { return n.removeServerLocal(site) }, pathRemoveServer, siteRequest{Site: site})

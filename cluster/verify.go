@@ -43,7 +43,7 @@ const MaxVerifyRange = 64 << 20
 // reports every chunk that differs. Callers walk a volume range by range.
 func (n *Node) VerifyRange(ctx context.Context, vol string, off, length, chunk int64) (VerifyResult, error) {
 	if length <= 0 || length > MaxVerifyRange || chunk <= 0 || off < 0 {
-		return VerifyResult{}, fmt.Errorf("%w: verify range %d+%d chunk %d (at most %d bytes per range)", ErrInvalid, off, length, chunk, MaxVerifyRange)
+		return VerifyResult{}, fmt.Errorf("%w: verify range %d+%d chunk %d (at most %d bytes per range)", ErrInvalidRequest, off, length, chunk, MaxVerifyRange)
 	}
 	var idb [12]byte
 	_, _ = rand.Read(idb[:])

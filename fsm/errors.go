@@ -23,10 +23,10 @@ var (
 	ErrVolumeExists = errors.New("volume already exists")
 	// ErrOutOfRange: an op or verify range does not lie within the volume.
 	ErrOutOfRange = errors.New("range outside the volume")
-	// ErrInvalid: the command is well-formed but its values are not
+	// ErrInvalidCommand: the command is well-formed but its values are not
 	// acceptable (session or seq 0, bad size or block size, verify
 	// limits).
-	ErrInvalid = errors.New("invalid command")
+	ErrInvalidCommand = errors.New("invalid command")
 	// ErrSeqGap: a WriteBatch's Seq is more than one past its session's
 	// last applied Seq, or the session is unknown (never seen or evicted)
 	// and Seq is not 1. Nothing was applied; the writer must resend the
@@ -63,7 +63,7 @@ var errorCodes = []struct {
 	{"unknown_volume", ErrUnknownVolume},
 	{"volume_exists", ErrVolumeExists},
 	{"out_of_range", ErrOutOfRange},
-	{"invalid", ErrInvalid},
+	{"invalid", ErrInvalidCommand},
 	{"seq_gap", ErrSeqGap},
 	{"stale_epoch", ErrStaleEpoch},
 	{"lease_conflict", ErrLeaseConflict},

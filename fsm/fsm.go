@@ -29,7 +29,7 @@ const (
 )
 
 // Limits of VerifyChunks. They are part of the replicated semantics (a
-// command outside them is rejected with ErrInvalid at every site).
+// command outside them is rejected with ErrInvalidCommand at every site).
 const (
 	MaxVerifyLen       int64 = 256 << 20 // total range per command
 	MinVerifyChunkSize int64 = 4 << 10
@@ -505,7 +505,7 @@ func (f *FSM) applyCommand(index uint64, cmd Command) (outcome, error) {
 		return f.applyResize(c)
 	case *EndSession:
 		if c.Session == 0 {
-			return outcome{err: fmt.Errorf("%w: session 0", ErrInvalid)}, nil
+			return outcome{err: fmt.Errorf("%w: session 0", ErrInvalidCommand)}, nil
 		}
 		// A pinned session outlives its EndSession: forgetting it while
 		// its epoch can still write would let a late copy of its first
@@ -544,7 +544,7 @@ func (f *FSM) getVolume(name string) (v *volume.Volume, verdict, local error) {
 
 func (f *FSM) applyWriteBatch(index uint64, b *WriteBatch) (outcome, error) {
 	if b.Session == 0 || b.Seq == 0 {
-		return outcome{err: fmt.Errorf("%w: session %d seq %d (both must be non-zero)", ErrInvalid, b.Session, b.Seq)}, nil
+		return outcome{err: fmt.Errorf("%w: session %d seq %d (both must be non-zero)", ErrInvalidCommand, b.Session, b.Seq)}, nil
 	}
 	s := f.sessions[b.Session]
 	switch {
@@ -707,7 +707,7 @@ func (f *FSM) applyCreate(c *CreateVolume) (outcome, error) {
 	}
 	m := volume.Meta{Name: c.Name, Size: c.Size, BlockSize: bs, Created: time.Unix(0, c.Created).UTC(), SyncWrites: c.SyncWrites}
 	if err := volume.ValidateMeta(m); err != nil {
-		return outcome{err: fmt.Errorf("%w: %w", ErrInvalid, err)}, nil
+		return outcome{err: fmt.Errorf("%w: %w", ErrInvalidCommand, err)}, nil
 	}
 	v, err := f.store.Get(c.Name)
 	switch {
@@ -773,7 +773,7 @@ func (f *FSM) applyResize(c *ResizeVolume) (outcome, error) {
 	}
 	m.Size = c.Size
 	if err := volume.ValidateMeta(m); err != nil {
-		return outcome{err: fmt.Errorf("%w: %w", ErrInvalid, err)}, nil
+		return outcome{err: fmt.Errorf("%w: %w", ErrInvalidCommand, err)}, nil
 	}
 	if err := f.checkpoint(); err != nil {
 		return outcome{}, err
@@ -790,9 +790,9 @@ func (f *FSM) applyResize(c *ResizeVolume) (outcome, error) {
 func (f *FSM) applyVerify(index uint64, c *VerifyChunks) outcome {
 	switch {
 	case c.ChunkSize < MinVerifyChunkSize:
-		return outcome{err: fmt.Errorf("%w: verify chunk size %d is below %d", ErrInvalid, c.ChunkSize, MinVerifyChunkSize)}
+		return outcome{err: fmt.Errorf("%w: verify chunk size %d is below %d", ErrInvalidCommand, c.ChunkSize, MinVerifyChunkSize)}
 	case c.Len <= 0 || c.Len > MaxVerifyLen:
-		return outcome{err: fmt.Errorf("%w: verify length %d is not in [1, %d]", ErrInvalid, c.Len, MaxVerifyLen)}
+		return outcome{err: fmt.Errorf("%w: verify length %d is not in [1, %d]", ErrInvalidCommand, c.Len, MaxVerifyLen)}
 	}
 	rep := VerifyReport{ID: c.ID, Volume: c.Volume, Index: index, Off: c.Off, Len: c.Len, ChunkSize: c.ChunkSize,
 		Fuzzy: index < f.fuzzyUntil}

@@ -23,7 +23,9 @@ const (
 
 // Sentinel errors for Backend and Device implementations. Return them
 // (possibly wrapped with %w) to choose the error the client sees; all are
-// safe to compare with errors.Is from any goroutine.
+// safe to compare with errors.Is from any goroutine. The two tables below
+// are where they are mapped: DefaultErrorTable (Device errors to NBD error
+// values) and optionErrors (Backend errors to NBD_REP_ERR_* replies).
 var (
 	// ErrUnknownExport reports that an export does not exist. From
 	// Backend.Info/Open it becomes NBD_REP_ERR_UNKNOWN; from a Device it
@@ -37,9 +39,9 @@ var (
 	// otherwise (the protocol reserves ENOTSUP for fast zeroes); from the
 	// Backend it becomes NBD_REP_ERR_POLICY.
 	ErrUnsupported = errors.New("nbd: operation not supported")
-	// ErrInvalid reports an invalid request. It becomes NBD_EINVAL, or
-	// NBD_REP_ERR_INVALID from the Backend.
-	ErrInvalid = errors.New("nbd: invalid argument")
+	// ErrInvalidArgument reports an invalid request. It becomes
+	// NBD_EINVAL, or NBD_REP_ERR_INVALID from the Backend.
+	ErrInvalidArgument = errors.New("nbd: invalid argument")
 	// ErrNoSpace reports that storage is exhausted. It becomes NBD_ENOSPC.
 	ErrNoSpace = errors.New("nbd: no space left")
 	// ErrBusy reports that an export cannot be opened the way it was asked
@@ -57,78 +59,115 @@ var (
 // or Backend call.
 var errPanic = errors.New("nbd: panic in backend call")
 
-// DefaultErrorCode maps an error returned by a Device to an NBD error
-// value. It is the Config.ErrorCode used when none is configured, and is
-// safe for concurrent use. Mapping, first match wins:
+// ErrorRule is one row of an ErrorTable: errors matching Err (errors.Is)
+// get Code.
+type ErrorRule struct {
+	Err  error
+	Code uint32
+}
+
+// ErrorTable maps errors to NBD error values: the first row whose Err the
+// error matches with errors.Is wins, so more specific rows (an error that
+// wraps another) come first. A non-nil error that matches no row gets EIO;
+// nil gets 0.
+type ErrorTable []ErrorRule
+
+// Code returns the NBD error value of err in t. It is safe for concurrent
+// use as long as t is not modified, so t.Code can be a Config.ErrorCode.
+func (t ErrorTable) Code(err error) uint32 {
+	if err == nil {
+		return 0
+	}
+	return t.lookup(err, EIO)
+}
+
+// lookup returns the Code of the first row err matches, or def.
+func (t ErrorTable) lookup(err error, def uint32) uint32 {
+	for _, r := range t {
+		if errors.Is(err, r.Err) {
+			return r.Code
+		}
+	}
+	return def
+}
+
+// DefaultErrorTable returns (a fresh copy of) the table behind
+// DefaultErrorCode. Servers with errors of their own put their rows in
+// front of it: append(ErrorTable{...}, DefaultErrorTable()...).
 //
-//   - nil: 0
-//   - ErrReadOnly, ErrBusy, fs.ErrPermission, EPERM, EACCES, EROFS: EPERM
-//   - ErrNoSpace, ENOSPC, EDQUOT, EFBIG: ENOSPC (as the spec asks)
-//   - ErrInvalid, EINVAL: EINVAL
-//   - ErrUnsupported, EOPNOTSUPP/ENOTSUP: ENOTSUP
+// Rows, in order (first match wins): this package's sentinels and the
+// standard library's error values first, then the host errno values a
+// Device may pass up (syscall.Errno, possibly inside an *fs.PathError).
+//
+//   - ErrReadOnly, ErrBusy, fs.ErrPermission (also EPERM, EACCES): EPERM
+//   - ErrNoSpace: ENOSPC (as the spec asks)
+//   - ErrInvalidArgument: EINVAL
+//   - ErrUnsupported: ENOTSUP
+//   - ErrShutdown, context.Canceled: ESHUTDOWN — a cancelled operation
+//     means this process is stopping, and ESHUTDOWN makes the client
+//     disconnect and reconnect elsewhere
+//   - EPERM, EACCES, EROFS: EPERM
+//   - ENOSPC, EDQUOT, EFBIG: ENOSPC (as the spec asks)
+//   - EINVAL: EINVAL
+//   - EOPNOTSUPP/ENOTSUP: ENOTSUP
 //   - ENOMEM: ENOMEM
-//   - ErrShutdown, ESHUTDOWN, context.Canceled: ESHUTDOWN — a cancelled
-//     operation means this process is stopping, and ESHUTDOWN makes the
-//     client disconnect and reconnect elsewhere
+//   - ESHUTDOWN: ESHUTDOWN
 //   - anything else, including context.DeadlineExceeded (a timed out,
 //     possibly transient, replication round): EIO
 //
 // The server itself never sends ENOTSUP except for fast-zero requests; it
 // downgrades the code to EINVAL elsewhere, as the spec asks.
-func DefaultErrorCode(err error) uint32 {
-	if err == nil {
-		return 0
+func DefaultErrorTable() ErrorTable {
+	return ErrorTable{
+		{ErrReadOnly, EPERM},
+		{ErrBusy, EPERM},
+		{fs.ErrPermission, EPERM},
+		{ErrNoSpace, ENOSPC},
+		{ErrInvalidArgument, EINVAL},
+		{ErrUnsupported, ENOTSUP},
+		{ErrShutdown, ESHUTDOWN},
+		{context.Canceled, ESHUTDOWN},
+		{syscall.EPERM, EPERM},
+		{syscall.EACCES, EPERM},
+		{syscall.EROFS, EPERM},
+		{syscall.ENOSPC, ENOSPC},
+		{syscall.EDQUOT, ENOSPC},
+		{syscall.EFBIG, ENOSPC},
+		{syscall.EINVAL, EINVAL},
+		{syscall.EOPNOTSUPP, ENOTSUP},
+		{syscall.ENOMEM, ENOMEM},
+		{syscall.ESHUTDOWN, ESHUTDOWN},
 	}
-	switch {
-	case errors.Is(err, ErrReadOnly), errors.Is(err, ErrBusy), errors.Is(err, fs.ErrPermission):
-		return EPERM
-	case errors.Is(err, ErrNoSpace):
-		return ENOSPC
-	case errors.Is(err, ErrInvalid):
-		return EINVAL
-	case errors.Is(err, ErrUnsupported):
-		return ENOTSUP
-	case errors.Is(err, ErrShutdown), errors.Is(err, context.Canceled):
-		return ESHUTDOWN
-	}
-	var errno syscall.Errno
-	if errors.As(err, &errno) {
-		switch errno {
-		case syscall.EPERM, syscall.EACCES, syscall.EROFS:
-			return EPERM
-		case syscall.ENOSPC, syscall.EDQUOT, syscall.EFBIG:
-			return ENOSPC
-		case syscall.EINVAL:
-			return EINVAL
-		case syscall.EOPNOTSUPP:
-			return ENOTSUP
-		case syscall.ENOMEM:
-			return ENOMEM
-		case syscall.ESHUTDOWN:
-			return ESHUTDOWN
-		}
-	}
-	return EIO
 }
 
-// optionErrorReply maps an error from a Backend call made during the
-// option phase to an NBD_REP_ERR_* reply type.
-func optionErrorReply(err error) uint32 {
-	switch {
-	case errors.Is(err, ErrUnknownExport), errors.Is(err, fs.ErrNotExist):
-		return repErrUnknown
-	case errors.Is(err, ErrShutdown), errors.Is(err, context.Canceled):
-		return repErrShutdown
-	case errors.Is(err, ErrReadOnly), errors.Is(err, ErrBusy), errors.Is(err, ErrUnsupported), errors.Is(err, fs.ErrPermission):
-		return repErrPolicy
-	case errors.Is(err, ErrInvalid):
-		return repErrInvalid
-	default:
-		// There is no generic failure reply; "not available" plus the
-		// error text is what clients handle best.
-		return repErrUnknown
-	}
+// defaultErrors backs DefaultErrorCode; never modified.
+var defaultErrors = DefaultErrorTable()
+
+// DefaultErrorCode maps an error returned by a Device to an NBD error
+// value with DefaultErrorTable. It is the Config.ErrorCode used when none
+// is configured, and is safe for concurrent use.
+func DefaultErrorCode(err error) uint32 { return defaultErrors.Code(err) }
+
+// optionErrors maps an error from a Backend call made during the option
+// phase to an NBD_REP_ERR_* reply type (optionErrorReply); first match
+// wins.
+var optionErrors = ErrorTable{
+	{ErrUnknownExport, repErrUnknown},
+	{fs.ErrNotExist, repErrUnknown},
+	{ErrShutdown, repErrShutdown},
+	{context.Canceled, repErrShutdown},
+	{ErrReadOnly, repErrPolicy},
+	{ErrBusy, repErrPolicy},
+	{ErrUnsupported, repErrPolicy},
+	{fs.ErrPermission, repErrPolicy},
+	{ErrInvalidArgument, repErrInvalid},
 }
+
+// optionErrorReply returns the NBD_REP_ERR_* reply type of a Backend
+// error: its row in optionErrors, or NBD_REP_ERR_UNKNOWN. There is no
+// generic failure reply; "not available" plus the error text is what
+// clients handle best.
+func optionErrorReply(err error) uint32 { return optionErrors.lookup(err, repErrUnknown) }
 
 // safeCall runs fn and turns a panic into an error wrapping errPanic, so a
 // faulty Device or Backend fails one request instead of the process.

@@ -385,7 +385,7 @@ func TestBackendErrors(t *testing.T) {
 		{fmt.Errorf("held elsewhere: %w", ErrBusy), repErrPolicy},
 		{syscall.EACCES, repErrPolicy},
 		{ErrShutdown, repErrShutdown},
-		{ErrInvalid, repErrInvalid},
+		{ErrInvalidArgument, repErrInvalid},
 		{errors.New("raft: no leader"), repErrUnknown},
 	} {
 		e.be.mu.Lock()

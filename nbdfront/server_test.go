@@ -62,7 +62,7 @@ func TestDefaultErrorCode(t *testing.T) {
 		{ErrReadOnly, EPERM},
 		{ErrBusy, EPERM},
 		{fmt.Errorf("x: %w", ErrNoSpace), ENOSPC},
-		{ErrInvalid, EINVAL},
+		{ErrInvalidArgument, EINVAL},
 		{ErrUnsupported, ENOTSUP},
 		{ErrShutdown, ESHUTDOWN},
 		{ErrUnknownExport, EIO},

@@ -167,7 +167,7 @@ func (a *Agent) open() error {
 	if a.nbd, err = nbdfront.NewServer(nbdfront.Config{
 		Backend:   a.backend,
 		Logger:    log.With("component", "nbd"),
-		ErrorCode: nbdErrorCode,
+		ErrorCode: nbdErrors.Code,
 		Observe:   a.observeNBD,
 	}); err != nil {
 		return err

@@ -266,7 +266,7 @@ func TestVolumeCreatedAtOneSiteAppearsAtAll(t *testing.T) {
 	if _, err := svc(sites[2]).CreateVolume(context.Background(), api.CreateVolumeRequest{Name: "vol1", Size: 8 << 20}); !errors.Is(err, api.ErrExists) {
 		t.Fatalf("duplicate create: %v", err)
 	}
-	if _, err := svc(sites[1]).CreateVolume(context.Background(), api.CreateVolumeRequest{Name: "../x", Size: 8 << 20}); !errors.Is(err, api.ErrInvalid) {
+	if _, err := svc(sites[1]).CreateVolume(context.Background(), api.CreateVolumeRequest{Name: "../x", Size: 8 << 20}); !errors.Is(err, api.ErrBadRequest) {
 		t.Fatalf("bad name: %v", err)
 	}
 	if err := svc(sites[1]).DeleteVolume(context.Background(), "nope"); !errors.Is(err, api.ErrNotFound) {
@@ -491,6 +491,17 @@ func TestSingleSiteIsACompleteCluster(t *testing.T) {
 	}
 	if _, err := e.WriteAt(p, 1<<20-10); err == nil || !strings.Contains(err.Error(), "range") {
 		t.Fatalf("write past the end: %v", err)
+	} else if code := nbdErrors.Code(err); code != nbdfront.ENOSPC {
+		t.Fatalf("write past the end: NBD error %d, want ENOSPC", code)
+	}
+	if err := e.WriteZeroes(1<<20-4096, 8192, false); nbdErrors.Code(err) != nbdfront.ENOSPC {
+		t.Fatalf("write zeroes past the end: %v, NBD error %d, want ENOSPC", err, nbdErrors.Code(err))
+	}
+	if err := e.Trim(1<<20-4096, 8192); nbdErrors.Code(err) != nbdfront.EINVAL {
+		t.Fatalf("trim past the end: %v, NBD error %d, want EINVAL", err, nbdErrors.Code(err))
+	}
+	if _, err := e.ReadAt(make([]byte, 20), 1<<20-10); nbdErrors.Code(err) != nbdfront.EINVAL {
+		t.Fatalf("read past the end: %v, NBD error %d, want EINVAL", err, nbdErrors.Code(err))
 	}
 	st, err := s.a.Node().Status(context.Background())
 	if err != nil || st.Leader != "solo" || len(st.Sites) != 1 || st.Sites[0].AppliedIndex == 0 {

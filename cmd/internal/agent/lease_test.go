@@ -164,7 +164,7 @@ func TestLeaseTakenOverFencesOldHolder(t *testing.T) {
 	default:
 		t.Fatal("the old holder still serves reads after b took the lease")
 	}
-	if code := nbdErrorCode(fmt.Errorf("read: %w", errLeaseSuspended)); code != nbdfront.EIO {
+	if code := nbdErrors.Code(fmt.Errorf("read: %w", errLeaseSuspended)); code != nbdfront.EIO {
 		t.Errorf("a suspended holder answers NBD error %d, want EIO", code)
 	}
 	if _, err := eb.WriteAt(bytes.Repeat([]byte("2"), 4096), 4096); err != nil {

@@ -607,7 +607,7 @@ func (e *export) WriteAt(p []byte, off int64) (int, error) {
 	if err == nil {
 		err = e.st.lease.check()
 	}
-	return n, err
+	return n, beyondEnd(err)
 }
 func (e *export) Flush() error {
 	if err := e.st.lease.check(); err != nil {
@@ -619,7 +619,19 @@ func (e *export) Trim(off, length int64) error {
 	return e.checked(func() error { return e.st.dcd.Trim(off, length) })
 }
 func (e *export) WriteZeroes(off, length int64, noHole bool) error {
-	return e.checked(func() error { return e.st.dcd.WriteZeroes(off, length, noHole) })
+	return beyondEnd(e.checked(func() error { return e.st.dcd.WriteZeroes(off, length, noHole) }))
+}
+
+// beyondEnd marks a write or write zeroes that the DCD stage refused
+// because it ends past the volume's end as nbdfront.ErrNoSpace: the NBD
+// spec asks for ENOSPC there (and EINVAL for reads and trims, which keep
+// their error). The server already refused such requests against the size
+// the client was told; this is a volume that shrank since the attach.
+func beyondEnd(err error) error {
+	if errors.Is(err, dcd.ErrOutOfRange) {
+		return fmt.Errorf("%w: %w", nbdfront.ErrNoSpace, err)
+	}
+	return err
 }
 
 // checked runs a write-like operation between two lease checks.
@@ -680,18 +692,39 @@ func overlapsAny(rs []dcd.Range, off, length int64) bool {
 	return false
 }
 
-// nbdErrorCode maps errors of the layers below nbdfront to NBD error codes.
-func nbdErrorCode(err error) uint32 {
-	switch {
-	case errors.Is(err, volume.ErrOutOfRange), errors.Is(err, dcd.ErrOutOfRange), errors.Is(err, fsm.ErrOutOfRange):
-		return nbdfront.EINVAL
-	case errors.Is(err, volume.ErrClosed), errors.Is(err, dcd.ErrClosed), errors.Is(err, cluster.ErrClosed):
-		return nbdfront.ESHUTDOWN
-	case errors.Is(err, dcd.ErrFailed), errors.Is(err, dcd.ErrFlushTimeout), errors.Is(err, errLeaseSuspended):
-		// Lost writes (rejected, fenced) and flushes without a majority:
-		// an I/O error the client must see, not a shutdown it would
-		// retry elsewhere as if nothing happened.
-		return nbdfront.EIO
-	}
-	return nbdfront.DefaultErrorCode(err)
-}
+// nbdErrors is the one table from errors to NBD error values at this
+// site's NBD edge (the server's Config.ErrorCode is nbdErrors.Code): first
+// the rows for the sentinels of the layers below nbdfront, then
+// nbdfront.DefaultErrorTable (nbdfront's sentinels, context.Canceled, host
+// errno values); anything else is EIO. The first row an error matches
+// (errors.Is) wins, so the order is part of the table:
+//
+//   - nbdfront.ErrNoSpace: ENOSPC, first, because a write beyond the end
+//     carries it on top of dcd.ErrOutOfRange (beyondEnd)
+//   - out of range (volume, dcd, fsm): EINVAL
+//   - closed (volume, dcd, cluster): ESHUTDOWN — the client reconnects
+//     elsewhere
+//   - lost writes (dcd.ErrFailed, dcd.ErrFenced, which wraps it), flushes
+//     without a majority (dcd.ErrFlushTimeout), a lapsed lease
+//     (errLeaseSuspended): EIO, ahead of the nbdfront rows because a
+//     sticky failure wraps its cause (a batch's rejection, the reason for
+//     a fence), which must not pick the code there: the client must see
+//     an I/O error, not e.g. a shutdown it would retry elsewhere as if
+//     nothing happened (the rows above still win: a batch refused out of
+//     range stays EINVAL, one refused because the node closed ESHUTDOWN)
+//
+// Every other sentinel of the layers below (cluster.ErrRetry,
+// fsm.ErrStaleEpoch, ...) gets EIO; errors_test.go lists every sentinel of
+// the module with the value it must get.
+var nbdErrors = append(nbdfront.ErrorTable{
+	{Err: nbdfront.ErrNoSpace, Code: nbdfront.ENOSPC},
+	{Err: volume.ErrOutOfRange, Code: nbdfront.EINVAL},
+	{Err: dcd.ErrOutOfRange, Code: nbdfront.EINVAL},
+	{Err: fsm.ErrOutOfRange, Code: nbdfront.EINVAL},
+	{Err: volume.ErrClosed, Code: nbdfront.ESHUTDOWN},
+	{Err: dcd.ErrClosed, Code: nbdfront.ESHUTDOWN},
+	{Err: cluster.ErrClosed, Code: nbdfront.ESHUTDOWN},
+	{Err: dcd.ErrFailed, Code: nbdfront.EIO},
+	{Err: dcd.ErrFlushTimeout, Code: nbdfront.EIO},
+	{Err: errLeaseSuspended, Code: nbdfront.EIO},
+}, nbdfront.DefaultErrorTable()...)

@@ -35,21 +35,39 @@ func toAPI(m volume.Meta) api.Volume {
 	return api.Volume{Name: m.Name, Size: m.Size, BlockSize: m.BlockSize, Created: m.Created, Sync: sync}
 }
 
-// apiErr tags errors of the layers below with the API sentinel that picks
-// the HTTP status.
+// apiClasses is the one table from the errors of the layers below to the
+// API's sentinels, which pick the HTTP status (the api package's
+// statusTable): 404 unknown, 409 exists, 400 invalid, 503 no leader or
+// shutting down; anything else is 500. The first row an error matches
+// (errors.Is) wins, in this order. errors_test.go lists every sentinel of
+// the module with the status it must get.
+var apiClasses = []struct{ err, class error }{
+	{volume.ErrNotFound, api.ErrNotFound},
+	{fsm.ErrUnknownVolume, api.ErrNotFound},
+	{cluster.ErrUnknownSite, api.ErrNotFound},
+	{volume.ErrExists, api.ErrExists},
+	{fsm.ErrVolumeExists, api.ErrExists},
+	{volume.ErrInvalidName, api.ErrBadRequest},
+	{volume.ErrInvalidSize, api.ErrBadRequest},
+	{fsm.ErrInvalidCommand, api.ErrBadRequest},
+	{fsm.ErrOutOfRange, api.ErrBadRequest},
+	{cluster.ErrInvalidRequest, api.ErrBadRequest},
+	{cluster.ErrRetry, api.ErrUnavailable},
+	{context.DeadlineExceeded, api.ErrUnavailable},
+	{cluster.ErrClosed, api.ErrUnavailable},
+}
+
+// apiErr tags an error of the layers below with the API sentinel of its
+// row in apiClasses (keeping its message after the sentinel's), or
+// returns it as it is.
 func apiErr(err error) error {
-	switch {
-	case err == nil:
+	if err == nil {
 		return nil
-	case errors.Is(err, volume.ErrNotFound), errors.Is(err, fsm.ErrUnknownVolume), errors.Is(err, cluster.ErrUnknownSite):
-		return fmt.Errorf("%w: %w", api.ErrNotFound, err)
-	case errors.Is(err, volume.ErrExists), errors.Is(err, fsm.ErrVolumeExists):
-		return fmt.Errorf("%w: %w", api.ErrExists, err)
-	case errors.Is(err, volume.ErrInvalidName), errors.Is(err, volume.ErrInvalidSize),
-		errors.Is(err, fsm.ErrInvalid), errors.Is(err, fsm.ErrOutOfRange), errors.Is(err, cluster.ErrInvalid):
-		return fmt.Errorf("%w: %w", api.ErrInvalid, err)
-	case errors.Is(err, cluster.ErrRetry), errors.Is(err, context.DeadlineExceeded), errors.Is(err, cluster.ErrClosed):
-		return fmt.Errorf("%w: %w", api.ErrUnavailable, err)
+	}
+	for _, c := range apiClasses {
+		if errors.Is(err, c.err) {
+			return fmt.Errorf("%w: %w", c.class, err)
+		}
 	}
 	return err
 }
@@ -87,7 +105,7 @@ func parseSync(s string) (bool, error) {
 	case "always":
 		return true, nil
 	}
-	return false, fmt.Errorf("%w: sync mode %q: want flush or always", api.ErrInvalid, s)
+	return false, fmt.Errorf("%w: sync mode %q: want flush or always", api.ErrBadRequest, s)
 }
 
 func (s *clusterService) ListVolumes(context.Context) ([]api.Volume, error) {

@@ -7,19 +7,36 @@ package api
 import (
 	"context"
 	"errors"
+	"net/http"
 	"time"
 
 	"github.com/robib/robib/cluster"
 )
 
-// Errors a Service returns (wrapped) so the server picks the right status.
-// Errors that match none of these are reported as 500.
+// Errors a Service returns (wrapped) so the server picks the right status,
+// and the client's errors match (StatusError). statusTable gives their
+// statuses; an error that matches none of them is reported as 500.
 var (
-	ErrNotFound    = errors.New("not found")               // 404
-	ErrExists      = errors.New("already exists")          // 409
-	ErrInvalid     = errors.New("invalid request")         // 400
-	ErrUnavailable = errors.New("temporarily unavailable") // 503
+	ErrNotFound    = errors.New("not found")
+	ErrExists      = errors.New("already exists")
+	ErrBadRequest  = errors.New("invalid request")
+	ErrUnavailable = errors.New("temporarily unavailable")
 )
+
+// statusTable is the one mapping between errors and HTTP statuses: the
+// server answers an error with the status of the first row it matches
+// (errors.Is; StatusOf), anything else with 500; the client maps a status
+// back to its row's sentinel (StatusError.Unwrap). Each status appears
+// once. The order is the precedence for an error wrapping several.
+var statusTable = []struct {
+	err    error
+	status int
+}{
+	{ErrNotFound, http.StatusNotFound},
+	{ErrExists, http.StatusConflict},
+	{ErrBadRequest, http.StatusBadRequest},
+	{ErrUnavailable, http.StatusServiceUnavailable},
+}
 
 // Volume is a volume as the API shows it.
 type Volume struct {

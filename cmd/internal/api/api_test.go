@@ -82,7 +82,7 @@ func TestClientServerRoundTrip(t *testing.T) {
 }
 
 func TestErrorsMapToStatusAndBack(t *testing.T) {
-	for _, sentinel := range []error{ErrNotFound, ErrExists, ErrInvalid, ErrUnavailable} {
+	for _, sentinel := range []error{ErrNotFound, ErrExists, ErrBadRequest, ErrUnavailable} {
 		svc := &fakeService{err: fmt.Errorf("%w: volume \"x\"", sentinel)}
 		_, c := newTestServer(t, svc)
 		err := c.DeleteVolume(context.Background(), "x")
@@ -142,5 +142,56 @@ func TestNewClientRejectsBadAddresses(t *testing.T) {
 	}
 	if _, err := NewClient("127.0.0.1:10810", nil); err != nil {
 		t.Errorf("host:port: %v", err)
+	}
+}
+
+// TestStatusTable checks the table both ways: every sentinel of this
+// package has one row and a status of its own, StatusOf finds it however
+// wrapped, and StatusError maps the status back to it (and anything else,
+// 500 included, to none of them).
+func TestStatusTable(t *testing.T) {
+	want := map[error]int{
+		ErrNotFound:    http.StatusNotFound,
+		ErrExists:      http.StatusConflict,
+		ErrBadRequest:  http.StatusBadRequest,
+		ErrUnavailable: http.StatusServiceUnavailable,
+	}
+	if len(statusTable) != len(want) {
+		t.Fatalf("statusTable has %d rows, want %d", len(statusTable), len(want))
+	}
+	seen := map[int]bool{}
+	for _, r := range statusTable {
+		if want[r.err] != r.status {
+			t.Errorf("%v: row status %d, want %d", r.err, r.status, want[r.err])
+		}
+		if seen[r.status] {
+			t.Errorf("status %d appears twice", r.status)
+		}
+		seen[r.status] = true
+	}
+	for sentinel, status := range want {
+		for _, err := range []error{sentinel, fmt.Errorf("x: %w", sentinel), fmt.Errorf("a: %w", fmt.Errorf("b: %w", sentinel))} {
+			if got := StatusOf(err); got != status {
+				t.Errorf("StatusOf(%v) = %d, want %d", err, got, status)
+			}
+		}
+		se := &StatusError{Status: status, Message: "m"}
+		for other := range want {
+			if errors.Is(se, other) != (other == sentinel) {
+				t.Errorf("HTTP %d matches %v: %v", status, other, !(other == sentinel))
+			}
+		}
+	}
+	if StatusOf(errors.New("disk on fire")) != http.StatusInternalServerError || StatusOf(nil) != http.StatusInternalServerError {
+		t.Error("an unclassified error is not 500")
+	}
+	for _, status := range []int{http.StatusInternalServerError, http.StatusTeapot, 0} {
+		if u := (&StatusError{Status: status}).Unwrap(); u != nil {
+			t.Errorf("HTTP %d unwraps to %v", status, u)
+		}
+	}
+	// Precedence: the first row wins.
+	if got := StatusOf(fmt.Errorf("%w: %w", ErrUnavailable, ErrNotFound)); got != http.StatusNotFound {
+		t.Errorf("not found and unavailable: %d, want 404", got)
 	}
 }

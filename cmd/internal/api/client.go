@@ -28,7 +28,7 @@ func NewClient(base string, hc *http.Client) (*Client, error) {
 	}
 	u, err := url.Parse(base)
 	if err != nil || u.Host == "" || (u.Scheme != "http" && u.Scheme != "https") {
-		return nil, fmt.Errorf("%w: bad API address %q", ErrInvalid, base)
+		return nil, fmt.Errorf("%w: bad API address %q", ErrBadRequest, base)
 	}
 	if hc == nil {
 		hc = &http.Client{Timeout: 2 * time.Minute}
@@ -44,17 +44,13 @@ type StatusError struct {
 
 func (e *StatusError) Error() string { return e.Message }
 
-// Unwrap lets errors.Is match the API's sentinels on the client side too.
+// Unwrap lets errors.Is match the API's sentinels on the client side too:
+// the sentinel of the status's row in statusTable, or nil.
 func (e *StatusError) Unwrap() error {
-	switch e.Status {
-	case http.StatusNotFound:
-		return ErrNotFound
-	case http.StatusConflict:
-		return ErrExists
-	case http.StatusBadRequest:
-		return ErrInvalid
-	case http.StatusServiceUnavailable:
-		return ErrUnavailable
+	for _, r := range statusTable {
+		if r.status == e.Status {
+			return r.err
+		}
 	}
 	return nil
 }

@@ -183,28 +183,23 @@ func decode(w http.ResponseWriter, r *http.Request, dst any) error {
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(dst); err != nil {
-		return fmt.Errorf("%w: request body: %v", ErrInvalid, err)
+		return fmt.Errorf("%w: request body: %v", ErrBadRequest, err)
 	}
 	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
-		return fmt.Errorf("%w: request body: trailing data after JSON object", ErrInvalid)
+		return fmt.Errorf("%w: request body: trailing data after JSON object", ErrBadRequest)
 	}
 	return nil
 }
 
-// StatusOf maps a Service error to an HTTP status.
+// StatusOf maps a Service error to an HTTP status: its row in
+// statusTable, or 500.
 func StatusOf(err error) int {
-	switch {
-	case errors.Is(err, ErrNotFound):
-		return http.StatusNotFound
-	case errors.Is(err, ErrExists):
-		return http.StatusConflict
-	case errors.Is(err, ErrInvalid):
-		return http.StatusBadRequest
-	case errors.Is(err, ErrUnavailable):
-		return http.StatusServiceUnavailable
-	default:
-		return http.StatusInternalServerError
+	for _, r := range statusTable {
+		if errors.Is(err, r.err) {
+			return r.status
+		}
 	}
+	return http.StatusInternalServerError
 }
 
 func (h *handler) fail(w http.ResponseWriter, r *http.Request, err error) {

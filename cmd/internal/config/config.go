@@ -21,9 +21,9 @@ import (
 	"github.com/robib/robib/cluster"
 )
 
-// ErrInvalid is returned (wrapped, with the offending key) for any
+// ErrInvalidConfig is returned (wrapped, with the offending key) for any
 // configuration that does not validate.
-var ErrInvalid = errors.New("invalid configuration")
+var ErrInvalidConfig = errors.New("invalid configuration")
 
 // Config is the whole agent configuration. Each field is filled by one entry
 // of the settings table (settings.go), which names its flag, config-file key
@@ -140,7 +140,7 @@ func Load(fs *pflag.FlagSet) (Config, error) {
 	if path := v.GetString(KeyConfig); path != "" {
 		v.SetConfigFile(path)
 		if err := v.ReadInConfig(); err != nil {
-			return Config{}, fmt.Errorf("%w: reading config file %s: %v", ErrInvalid, path, err)
+			return Config{}, fmt.Errorf("%w: reading config file %s: %v", ErrInvalidConfig, path, err)
 		}
 		if err := checkFileKeys(path, table); err != nil {
 			return Config{}, err
@@ -158,7 +158,7 @@ func checkFileKeys(path string, table []setting) error {
 	f := viper.New()
 	f.SetConfigFile(path)
 	if err := f.ReadInConfig(); err != nil {
-		return fmt.Errorf("%w: reading config file %s: %v", ErrInvalid, path, err)
+		return fmt.Errorf("%w: reading config file %s: %v", ErrInvalidConfig, path, err)
 	}
 	var known []string
 	for _, s := range table {
@@ -168,7 +168,7 @@ func checkFileKeys(path string, table []setting) error {
 	}
 	for _, k := range f.AllKeys() {
 		if !slices.Contains(known, k) {
-			return fmt.Errorf("%w: config file %s: unknown key %q (known: %s)", ErrInvalid, path, k, strings.Join(known, ", "))
+			return fmt.Errorf("%w: config file %s: unknown key %q (known: %s)", ErrInvalidConfig, path, k, strings.Join(known, ", "))
 		}
 	}
 	return nil
@@ -182,7 +182,7 @@ func (c Config) Validate() error {
 			continue
 		}
 		if err := s.check(); err != nil {
-			return fmt.Errorf("%w: %w", ErrInvalid, err)
+			return fmt.Errorf("%w: %w", ErrInvalidConfig, err)
 		}
 	}
 	return nil

@@ -167,7 +167,7 @@ func TestLoadRejectsBadInput(t *testing.T) {
 			if err == nil {
 				t.Fatalf("%v: accepted", args)
 			}
-			if !errors.Is(err, ErrInvalid) && !strings.Contains(err.Error(), "invalid") {
+			if !errors.Is(err, ErrInvalidConfig) && !strings.Contains(err.Error(), "invalid") {
 				t.Fatalf("%v: error %q does not say what is invalid", args, err)
 			}
 		})

@@ -109,7 +109,7 @@ func TestValidationMessages(t *testing.T) {
 			continue
 		}
 		got := strings.ReplaceAll(err.Error(), dir, "DIR")
-		if !errors.Is(err, ErrInvalid) || got != tc.want {
+		if !errors.Is(err, ErrInvalidConfig) || got != tc.want {
 			t.Errorf("%q:\n got %q\nwant %q", tc.args, got, tc.want)
 		}
 	}

@@ -250,7 +250,7 @@ func sizeOpt(key string, p *int64, def int64, help string, check func(int64) err
 	s.read = func(v *viper.Viper) error {
 		n, err := ParseSize(v.GetString(key))
 		if err != nil {
-			return fmt.Errorf("%w: %s: %w", ErrInvalid, key, err)
+			return fmt.Errorf("%w: %s: %w", ErrInvalidConfig, key, err)
 		}
 		*p = n
 		return nil
