@@ -172,34 +172,3 @@ func TestInlineFUAGoesToAWorker(t *testing.T) {
 		t.Fatalf("TryWriteAt calls %d (want 1: not for FUA), flushes %d (want 1)", te.tried.Load(), e.disk.flushes.Load())
 	}
 }
-
-// TestInlineRepliesBeforeDisc: inline writes straight followed by
-// NBD_CMD_DISC in one burst; the queued replies still go out before the
-// connection closes.
-func TestInlineRepliesBeforeDisc(t *testing.T) {
-	const n = 64
-	tb := &tryBackend{decide: func(int64) (bool, error) { return true, nil }}
-	e := newEnv(t, func(c *Config) {
-		tb.memBackend = c.Backend.(*memBackend)
-		c.Backend = tb
-	})
-	c, _ := e.open("disk", false, false)
-	var burst bytes.Buffer
-	for i := range n {
-		burst.Write(reqBytes(0, cmdWrite, uint64(i+1), uint64(i*512), 512, bytes.Repeat([]byte{byte(i)}, 512)))
-	}
-	burst.Write(reqBytes(0, cmdDisc, n+1, 0, 0, nil))
-	go c.conn.Write(burst.Bytes())
-	for i := range n {
-		m, err := c.readMsg()
-		if err != nil || m.errno != 0 {
-			t.Fatalf("reply %d of %d: %+v, %v", i+1, n, m, err)
-		}
-	}
-	c.expectClosed()
-	for i := range n {
-		if got := e.disk.bytes(int64(i*512), 512); !bytes.Equal(got, bytes.Repeat([]byte{byte(i)}, 512)) {
-			t.Fatalf("write %d not on the device", i)
-		}
-	}
-}
