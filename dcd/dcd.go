@@ -449,24 +449,6 @@ func (v *Volume) WriteAt(p []byte, off int64) (n int, err error) {
 	return n, nil
 }
 
-// TryWriteAt is WriteAt for a caller that must not block: it buffers p and
-// returns done if that needs no waiting, and otherwise returns without
-// having written anything (done false, err nil), and the caller uses
-// WriteAt. It waits for nothing: not for buffer space, not for a commit
-// (a SyncWrites volume never takes this path), and p must fit in one op.
-// An error (out of range, a failed or closed stage) is final, as from
-// WriteAt, and comes with done.
-func (v *Volume) TryWriteAt(p []byte, off int64) (done bool, err error) {
-	if v.cfg.SyncWrites || len(p) == 0 || len(p) > v.limits.chunk {
-		return false, nil
-	}
-	if err := v.checkRange("write", off, int64(len(p))); err != nil {
-		return true, err
-	}
-	_, ok, err := v.trySubmit(&pendingOp{kind: fsm.OpWrite, off: off, end: off + int64(len(p))}, p)
-	return ok || err != nil, err
-}
-
 // Trim buffers a trim of [off, off+length): the range reads as zeros and is
 // replicated as a range op (no data).
 func (v *Volume) Trim(off, length int64) error {
@@ -505,44 +487,29 @@ func (v *Volume) checkState() error {
 // submit accepts op (with a copy of data for writes) once the buffer has
 // room, and returns its ID.
 func (v *Volume) submit(op *pendingOp, data []byte) (uint64, error) {
-	id, _, err := v.submitWait(op, data, true)
-	return id, err
-}
-
-// trySubmit is submit that returns ok false instead of waiting for space.
-func (v *Volume) trySubmit(op *pendingOp, data []byte) (id uint64, ok bool, err error) {
-	return v.submitWait(op, data, false)
-}
-
-func (v *Volume) submitWait(op *pendingOp, data []byte, wait bool) (uint64, bool, error) {
 	cost := int64(opCost + len(data))
 	v.mu.Lock()
 	for v.stateErrLocked() == nil && v.bufferedLocked() >= v.cfg.MaxBufferBytes {
-		if !wait {
-			v.mu.Unlock()
-			return 0, false, nil
-		}
 		v.space.Wait()
 	}
 	if err := v.stateErrLocked(); err != nil {
 		v.mu.Unlock()
-		return 0, false, err
+		return 0, err
 	}
 	if data != nil {
 		// Copy outside the lock with the space reserved, so the buffer
 		// bound holds and the lock stays short.
 		v.reserved += cost
 		v.mu.Unlock()
-		// Cloned by append, which leaves the copied part unzeroed
-		// (make then copy writes every byte twice).
-		op.data = append([]byte(nil), data...)
+		op.data = make([]byte, len(data))
+		copy(op.data, data)
 		op.backing = len(data)
 		v.mu.Lock()
 		v.reserved -= cost
 		if err := v.stateErrLocked(); err != nil {
 			v.space.Broadcast()
 			v.mu.Unlock()
-			return 0, false, err
+			return 0, err
 		}
 	}
 	v.lastID++
@@ -558,7 +525,7 @@ func (v *Volume) submitWait(op *pendingOp, data []byte, wait bool) (uint64, bool
 		default:
 		}
 	}
-	return id, true, nil
+	return id, nil
 }
 
 // bufferedLocked is the number of bytes charged against MaxBufferBytes.

@@ -42,19 +42,6 @@ type Device interface {
 	BlockStatus(off, length int64) ([]Extent, error)
 }
 
-// TryWriter is an optional Device method for writes that can be buffered
-// without waiting (a write-back cache with room). When the Device has it,
-// the connection's reader calls it for a plain WRITE (no FUA) right after
-// reading the payload, instead of handing the request to a worker, and
-// queues the reply; the queued replies go out in one write when the reader
-// has no further request buffered. TryWriteAt must never block: it writes
-// all of p and returns done, or returns done false having written nothing
-// (the request then goes to a worker and WriteAt). An error comes with done
-// and is replied as WriteAt's would be.
-type TryWriter interface {
-	TryWriteAt(p []byte, off int64) (done bool, err error)
-}
-
 // Extent is one run of the base:allocation metadata context.
 type Extent struct {
 	Length int64 // bytes, > 0

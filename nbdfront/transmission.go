@@ -155,13 +155,6 @@ type transmission struct {
 
 	hdr [requestHeaderLen]byte // reader scratch
 
-	// Inline writes (TryWriter): tw is the export's, nil if it has none.
-	// Their replies are queued without waiting; deferBuf (the reader's)
-	// holds those reply headers until deferred (under wmu) is written.
-	tw       TryWriter
-	deferBuf []byte
-	deferred uint64 // queued number of the newest inline reply
-
 	// Replies (see send). wmu guards the fields below it.
 	wmu      sync.Mutex
 	wdone    sync.Cond   // broadcast when a reply write ends; L is &wmu
@@ -195,7 +188,6 @@ func newTransmission(s *Server, sc *serverConn, br *bufio.Reader, log *slog.Logg
 		done:         make(chan struct{}),
 	}
 	t.wdone.L = &t.wmu
-	t.tw, _ = sess.exp.(TryWriter)
 	return t
 }
 
@@ -204,7 +196,6 @@ func newTransmission(s *Server, sc *serverConn, br *bufio.Reader, log *slog.Logg
 // and closes the export.
 func (t *transmission) run() {
 	err := t.readLoop()
-	t.flushDeferred() // inline replies still queued (NBD_CMD_DISC, errors)
 	switch {
 	case err == nil:
 		t.log.Debug("nbd client disconnected")
@@ -237,9 +228,6 @@ func (t *transmission) readLoop() (err error) {
 		}
 	}()
 	for {
-		if t.br.Buffered() < len(t.hdr) {
-			t.flushDeferred() // the read may wait: send what is ready
-		}
 		if _, err := io.ReadFull(t.br, t.hdr[:]); err != nil {
 			if err == io.EOF {
 				return io.EOF
@@ -270,12 +258,6 @@ func (t *transmission) dispatch(req request, headerAt time.Time) error {
 	if code, msg := t.check(req); code != 0 {
 		return t.reject(req, code, msg)
 	}
-	inline := t.tw != nil && req.Type == cmdWrite && req.Flags&cmdFlagFUA == 0
-	if !inline {
-		// What follows may wait (for a slot, the budget, a worker):
-		// queued inline replies go first.
-		t.flushDeferred()
-	}
 
 	// Payload buffer for READ data, WRITE data or block status
 	// descriptors; nothing is allocated before the budget allows it.
@@ -290,12 +272,7 @@ func (t *transmission) dispatch(req request, headerAt time.Time) error {
 		}
 	}
 
-	select {
-	case t.slots <- struct{}{}:
-	default:
-		t.flushDeferred() // every worker busy: the wait may be long
-		t.slots <- struct{}{}
-	}
+	t.slots <- struct{}{}
 	j := getJob()
 	j.req = req
 	if need > 0 {
@@ -304,15 +281,9 @@ func (t *transmission) dispatch(req request, headerAt time.Time) error {
 		j.buf = t.s.pool.get(need)
 	}
 	if req.Type == cmdWrite {
-		if t.br.Buffered() < len(*j.buf) {
-			t.flushDeferred()
-		}
 		if _, err := io.ReadFull(t.br, *j.buf); err != nil {
 			t.release(j)
 			return fmt.Errorf("read write payload: %w", err)
-		}
-		if inline && t.tryInline(j, headerAt) {
-			return nil
 		}
 	}
 	j.started = true
@@ -322,69 +293,6 @@ func (t *transmission) dispatch(req request, headerAt time.Time) error {
 	t.inflight.Add(1)
 	t.handOff(j)
 	return nil
-}
-
-// tryInline serves a plain WRITE on the reader goroutine through the
-// export's TryWriter, and reports whether it did (the job is then
-// released). A success's reply is queued, not written (see flushDeferred);
-// an error is replied at once, as a worker would.
-func (t *transmission) tryInline(j *job, headerAt time.Time) bool {
-	done, err := t.tw.TryWriteAt(*j.buf, int64(j.req.Offset))
-	if !done {
-		return false
-	}
-	if err != nil {
-		code := t.errorCode(j.req, err)
-		t.log.Warn("nbd request failed", "cmd", cmdName(j.req.Type), "offset", j.req.Offset,
-			"length", j.req.Length, "errno", code, "err", err)
-		t.sendError(j, code, err.Error())
-	} else {
-		t.deferOK(j.req.Cookie)
-	}
-	if !headerAt.IsZero() {
-		now := time.Now()
-		j.tHeader, j.tQueued, j.tStart, j.tDevice = headerAt, now, now, now
-		t.observe(j)
-	}
-	t.release(j)
-	return true
-}
-
-// deferOK queues a simple OK reply without waiting for it to be written.
-// Only the reader calls it.
-func (t *transmission) deferOK(cookie uint64) {
-	t.wmu.Lock()
-	defer t.wmu.Unlock()
-	if t.werr != nil {
-		return
-	}
-	n := len(t.deferBuf)
-	t.deferBuf = appendSimpleReply(t.deferBuf, 0, cookie)
-	t.queue = append(t.queue, t.deferBuf[n:len(t.deferBuf):len(t.deferBuf)])
-	t.queued++
-	t.deferred = t.queued
-}
-
-// flushDeferred writes the queued inline replies (and whatever else is
-// queued) and returns once they are written or the connection failed.
-// Only the reader calls it; deferBuf is reused only after its replies
-// are on the wire.
-func (t *transmission) flushDeferred() {
-	t.wmu.Lock()
-	for t.written < t.deferred && t.werr == nil {
-		if t.writing {
-			t.wdone.Wait()
-		} else {
-			t.writeQueued()
-		}
-	}
-	t.deferred = 0
-	err := t.werr
-	t.wmu.Unlock()
-	t.deferBuf = t.deferBuf[:0]
-	if err != nil {
-		t.fail(err)
-	}
 }
 
 // handOff gives a request to an idle worker, or to a new one while fewer

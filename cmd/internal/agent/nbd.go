@@ -609,19 +609,6 @@ func (e *export) WriteAt(p []byte, off int64) (int, error) {
 	}
 	return n, beyondEnd(err)
 }
-// TryWriteAt is WriteAt when it needs no waiting (nbdfront.TryWriter):
-// the lease checks are the same.
-func (e *export) TryWriteAt(p []byte, off int64) (bool, error) {
-	if err := e.st.lease.check(); err != nil {
-		return true, err
-	}
-	done, err := e.st.dcd.TryWriteAt(p, off)
-	if done && err == nil {
-		err = e.st.lease.check()
-	}
-	return done, beyondEnd(err)
-}
-
 func (e *export) Flush() error {
 	if err := e.st.lease.check(); err != nil {
 		return err
