@@ -501,8 +501,9 @@ func (v *Volume) submit(op *pendingOp, data []byte) (uint64, error) {
 		// bound holds and the lock stays short.
 		v.reserved += cost
 		v.mu.Unlock()
-		op.data = make([]byte, len(data))
-		copy(op.data, data)
+		// Cloned by append, which leaves the copied part unzeroed
+		// (make then copy writes every byte twice).
+		op.data = append([]byte(nil), data...)
 		op.backing = len(data)
 		v.mu.Lock()
 		v.reserved -= cost
