@@ -65,7 +65,7 @@ func (n *Node) clearFresh(why string) error {
 	if n.fresh.Swap(false) {
 		n.log.Info("site is no longer fresh: it votes from now on", "site", n.cfg.Name, "why", why)
 		if n.gossip != nil {
-			n.refreshMeta() // tell the leader at once
+			n.gossip.refreshMeta() // tell the leader at once
 		}
 	}
 	return nil
