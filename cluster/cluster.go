@@ -30,10 +30,10 @@ import (
 const logCacheEntries = 32
 
 // Node is this site's membership in the cluster. Its methods are safe for
-// concurrent use. It owns Raft, the log store and the transport, and the
-// site's identity (fresh state, identity.go); everything else is a role
-// with its own state and lock, which Open wires together through narrow
-// interfaces (see DESIGN.md, "Roles"). The exported methods delegate.
+// concurrent use. It owns Raft, the log store, the transport and the
+// goroutines' lifetime (stop, wg); everything else is a role with its own
+// state and lock, which Open wires together through narrow interfaces (see
+// DESIGN.md, "Roles"). The exported methods delegate.
 type Node struct {
 	cfg   Config
 	log   *slog.Logger
@@ -42,6 +42,7 @@ type Node struct {
 	store io.Closer  // the Raft log and stable store (openLogStore)
 	trans *voteGuard // the Raft transport; keeps a fresh site out of elections
 
+	id       *identity       // fresh state, refusals, cluster ID (identity.go)
 	watch    *leaderWatch    // leader changes (leader.go)
 	gossip   *membership     // gossip members and addresses (members.go)
 	prop     *proposer       // propose and forward (propose.go)
@@ -52,9 +53,7 @@ type Node struct {
 	reporter *statusReporter // cluster status (status.go)
 	verify   *verifier       // verify coordination (verify.go)
 
-	needBootstrap bool        // set by openRaft: wait for BootstrapExpect sites
-	fresh         atomic.Bool // joined with an empty raft directory, not yet a non-voter (identity.go)
-	refused       refusals    // sites of other clusters, logged once each
+	needBootstrap bool // set by openRaft: wait for BootstrapExpect sites
 	stop          chan struct{}
 	wg            sync.WaitGroup
 	closeOnce     sync.Once
@@ -75,6 +74,7 @@ func Open(cfg Config, f *fsm.FSM) (*Node, error) {
 		fsm:   f,
 		stop:  make(chan struct{}),
 		watch: newLeaderWatch(),
+		id:    &identity{self: cfg.Name, dir: filepath.Join(cfg.DataDir, "raft"), log: cfg.Logger, ids: f},
 	}
 	if err := n.openRaft(); err != nil {
 		return nil, err
@@ -107,7 +107,7 @@ func (n *Node) wire() {
 	rpc := &rpcClient{http: cfg.HTTPClient}
 	lead := raftLeader{n.raft}
 	n.admin = &admin{self: cfg.Name, log: n.log, raft: n.raft, leader: lead, rpc: rpc}
-	n.gossip = &membership{cfg: cfg, log: n.log, ids: n.fsm, fresh: &n.fresh, refused: &n.refused, config: n.raft,
+	n.gossip = &membership{cfg: cfg, log: n.log, ids: n.fsm, fresh: &n.id.fresh, refused: &n.id.refused, config: n.raft,
 		left: n.admin, events: make(chan struct{}, 1), stop: n.stop, wg: &n.wg}
 	n.admin.book, n.admin.members, n.admin.gossip = n.gossip, n.gossip, n.gossip
 	n.prop = &proposer{self: cfg.Name, log: n.log, raft: n.raft, leader: lead, book: n.gossip, changes: n.watch,
@@ -118,9 +118,10 @@ func (n *Node) wire() {
 	}
 	n.leases = &leaseArbiter{self: cfg.Name, ttl: cfg.LeaseTTL, log: n.log, raft: n.raft, state: n.fsm, prop: n.prop,
 		leader: lead, book: n.gossip, rpc: rpc, stop: n.stop, now: time.Now}
-	n.rec = &reconciler{self: cfg.Name, log: n.log, raft: n.raft, ids: n.fsm, members: n.gossip, refused: &n.refused, rpc: rpc}
-	n.reporter = &statusReporter{cfg: cfg, raft: n.raft, leader: lead, fsm: n.fsm, fresh: &n.fresh, stages: cfg.Stages,
+	n.rec = &reconciler{self: cfg.Name, log: n.log, raft: n.raft, ids: n.fsm, members: n.gossip, refused: &n.id.refused, rpc: rpc}
+	n.reporter = &statusReporter{cfg: cfg, raft: n.raft, leader: lead, fsm: n.fsm, fresh: &n.id.fresh, stages: cfg.Stages,
 		members: n.gossip, rpc: rpc}
+	n.id.config, n.id.barrier, n.id.prop, n.id.meta = n.raft, n.raft, n.prop, n.gossip
 	n.verify = &verifier{self: cfg.Name, prop: n.prop, config: n.raft, fsm: n.fsm, book: n.gossip, rpc: rpc}
 }
 
@@ -208,19 +209,19 @@ func (n *Node) openRaft() error {
 	// bootstraps (bootstrapExpectLoop), as it may instead join an existing
 	// cluster.
 	oneSite := !hasState && len(n.cfg.Join) == 0 && n.cfg.BootstrapExpect <= 1
-	if _, err := os.Stat(n.freshFile()); err == nil {
-		n.fresh.Store(true)
+	if _, err := os.Stat(n.id.freshFile()); err == nil {
+		n.id.fresh.Store(true)
 	}
 	if !hasState && !oneSite {
-		if err := n.markFresh(); err != nil {
+		if err := n.id.markFresh(); err != nil {
 			store.Close()
 			return err
 		}
 	}
 	switch {
-	case n.fresh.Load() && n.cfg.BootstrapExpect > 1 && !hasState:
+	case n.id.fresh.Load() && n.cfg.BootstrapExpect > 1 && !hasState:
 		n.log.Info("fresh site: no raft history; founding the cluster with the others, or joining an existing one as a non-voter", "site", n.cfg.Name)
-	case n.fresh.Load():
+	case n.id.fresh.Load():
 		n.log.Warn("fresh site: no raft history; joining as a non-voter and voting only once caught up", "site", n.cfg.Name)
 	}
 	var tr guardedTransport = &timedTransport{stages: n.cfg.Stages, guardedTransport: raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
@@ -232,7 +233,7 @@ func (n *Node) openRaft() error {
 	if lsync != nil {
 		tr = &syncedTransport{guardedTransport: tr, sync: lsync}
 	}
-	n.trans = newVoteGuard(tr, &n.fresh, func(id string) bool { return foreign(n.fsm.ClusterID(), n.refused.clusterOf(id)) }, n.log)
+	n.trans = newVoteGuard(tr, &n.id.fresh, func(id string) bool { return foreign(n.fsm.ClusterID(), n.id.refused.clusterOf(id)) }, n.log)
 	var machine raft.FSM = n.fsm
 	if n.cfg.Stages != nil {
 		machine = timedFSM{FSM: n.fsm, stages: n.cfg.Stages}
@@ -247,7 +248,7 @@ func (n *Node) openRaft() error {
 	running.Store(r)
 	if oneSite {
 		n.log.Info("bootstrapping a new one-site cluster", "site", n.cfg.Name)
-		if err := n.clearFresh("founding a one-site cluster"); err != nil { // a marker left behind
+		if err := n.id.clearFresh("founding a one-site cluster"); err != nil { // a marker left behind
 			n.shutdownRaft()
 			return err
 		}

@@ -238,6 +238,9 @@ func (m *membership) ownMeta() siteMeta {
 // refreshMeta gossips this site's metadata again when it changed (the
 // cluster ID became known, the site stopped being fresh).
 func (m *membership) refreshMeta() {
+	if m.gossip == nil {
+		return // gossip not started (yet)
+	}
 	b, err := json.Marshal(m.ownMeta())
 	if err != nil || !m.gossip.setMeta(b) {
 		return

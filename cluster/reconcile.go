@@ -80,7 +80,7 @@ func (n *Node) bootstrapExpectLoop() {
 		}
 		n.log.Info("bootstrapping cluster", "sites", len(servers))
 		// A founding voter: its empty vote record and log are the truth.
-		if err := n.clearFresh("founding voter"); err != nil {
+		if err := n.id.clearFresh("founding voter"); err != nil {
 			n.log.Error("bootstrap failed", "err", err)
 			return
 		}
@@ -113,12 +113,12 @@ func (n *Node) reconcileLoop() {
 		if !n.admin.hasLeft() {
 			n.gossip.rememberPeers()
 		}
-		n.checkFresh()
+		n.id.checkFresh()
 		n.gossip.refreshMeta()
 		if n.raft.State() != raft.Leader {
 			continue
 		}
-		n.ensureClusterID()
+		n.id.ensureClusterID()
 		if err := n.rec.reconcile(); err != nil {
 			n.log.Warn("reconciling members", "err", err)
 		}
