@@ -19,7 +19,7 @@ import (
 // batch carries, so the FSM rejects the batches of a holder that lost it.
 //
 // Liveness is the leader's business and is not replicated: the holder
-// renews its lease with the leader every LeaseTTL/4 (a small RPC, not a log
+// renews its lease with the leader every LeaseTTL/8 (a small RPC, not a log
 // entry), and the leader grants the lease to another site only when the
 // holder has not renewed for LeaseTTL. A new leader knows nothing of past
 // renewals, so it counts every lease as renewed when it took office: a
