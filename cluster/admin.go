@@ -100,9 +100,7 @@ func (a *admin) onLeader(ctx context.Context, local func() error, path string, b
 	}
 }
 
-// RemoveSite removes a dead site from the cluster (an operator's decision:
-// nothing removes a voter silently). A site that is alive must leave by
-// itself with Leave, so that gossip does not add it back.
+// RemoveSite implements Node.RemoveSite.
 func (a *admin) RemoveSite(ctx context.Context, site string) error {
 	if site == a.self {
 		return fmt.Errorf("%w: use leave to remove the site you are talking to", ErrInvalid)
@@ -115,10 +113,7 @@ func (a *admin) RemoveSite(ctx context.Context, site string) error {
 	return a.onLeader(ctx, func() error { return a.removeServerLocal(site) }, pathRemoveServer, siteRequest{Site: site})
 }
 
-// Leave removes this site from the cluster cleanly: it leaves gossip (so
-// the leader does not add it back), then has the leader remove it from the
-// Raft configuration. Its data stays on disk; the agent should be stopped
-// afterwards.
+// Leave implements Node.Leave.
 func (a *admin) Leave(ctx context.Context) error {
 	a.leftMu.Lock()
 	defer a.leftMu.Unlock()
@@ -177,8 +172,7 @@ func (a *admin) transferLocal(site string) error {
 	return nil
 }
 
-// TransferLeadership moves leadership to site ("" lets Raft pick) and
-// waits until a new leader is known.
+// TransferLeadership implements Node.TransferLeadership.
 func (a *admin) TransferLeadership(ctx context.Context, site string) (string, error) {
 	old := a.leader.Leader()
 	if site != "" && site == old {

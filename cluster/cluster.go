@@ -350,8 +350,10 @@ func (n *Node) Apply(ctx context.Context, cmd fsm.Command) (*fsm.Result, error) 
 }
 
 // ApplyAndWait is Apply followed by waiting until this site has applied the
-// command too, retrying transient conditions until ctx ends (admin
-// commands only; see proposer.ApplyAndWait).
+// command too, so the caller's next local read sees it. It retries
+// transient conditions (no leader, leader change) until ctx ends; use it for
+// admin commands, never for write batches (their retries need the writer's
+// ordering, see dcd).
 func (n *Node) ApplyAndWait(ctx context.Context, cmd fsm.Command) (*fsm.Result, error) {
 	return n.prop.ApplyAndWait(ctx, cmd)
 }
@@ -368,38 +370,57 @@ func (n *Node) WaitApplied(ctx context.Context, index uint64) error {
 }
 
 // AcquireLease takes the read-write lease of volume (incarnation created)
-// for this site; see leaseArbiter.AcquireLease.
+// for this site. A lease this site already holds is taken again at a new
+// epoch, which fences this site's own earlier writers. It fails with
+// ErrLeaseHeld while another site holds the lease and renews it; transient
+// conditions are retried until ctx ends.
 func (n *Node) AcquireLease(ctx context.Context, volume string, created int64) (Grant, error) {
 	return n.leases.AcquireLease(ctx, volume, created)
 }
 
 // RenewLease tells the leader this site still holds volume's lease at
-// epoch; ErrLeaseLost means the caller must stop writing.
+// epoch. ErrLeaseLost means another site took it (or it was released):
+// the caller must stop writing. Other errors are transient; it makes one
+// attempt.
 func (n *Node) RenewLease(ctx context.Context, volume string, epoch uint64) error {
 	return n.leases.RenewLease(ctx, volume, epoch)
 }
 
-// ReleaseLease gives up this site's lease on volume at epoch.
+// ReleaseLease gives up this site's lease on volume at epoch (after its
+// writes are committed). Releasing a lease that moved on is not an error.
 func (n *Node) ReleaseLease(ctx context.Context, volume string, epoch uint64) error {
 	return n.leases.ReleaseLease(ctx, volume, epoch)
 }
 
 // ReadIndex returns a log index that covers every command committed before
-// the call; see leaseArbiter.ReadIndex.
+// the call: the leader's FSM applied index, read after a Raft barrier (an
+// entry that commits only with a majority behind this leader, and returns
+// once every entry before it is applied here). A site whose FSM has applied
+// it reads nothing older than what was acknowledged before the call. The
+// index is a command's (or 0), so every site's FSM reaches it: the leader's
+// last log index may be a no-op or barrier entry, which FSMs never see.
+// It fails (retryably) when no leader can be reached.
 func (n *Node) ReadIndex(ctx context.Context) (uint64, error) { return n.leases.ReadIndex(ctx) }
 
 // LocalStatus is this site's own view.
 func (n *Node) LocalStatus() SiteStatus { return n.reporter.LocalStatus() }
 
-// Status collects every site's view; see statusReporter.Status.
+// Status collects every site's view: the Raft voters plus any gossiping
+// site not (yet) a voter. Unreachable sites are listed with State
+// "unreachable".
 func (n *Node) Status(ctx context.Context) (Status, error) { return n.reporter.Status(ctx) }
 
-// RemoveSite removes a dead site from the cluster; see admin.RemoveSite.
+// RemoveSite removes a dead site from the cluster (an operator's decision:
+// nothing removes a voter silently). A site that is alive must leave by
+// itself with Leave, so that gossip does not add it back.
 func (n *Node) RemoveSite(ctx context.Context, site string) error {
 	return n.admin.RemoveSite(ctx, site)
 }
 
-// Leave removes this site from the cluster cleanly; see admin.Leave.
+// Leave removes this site from the cluster cleanly: it leaves gossip (so
+// the leader does not add it back), then has the leader remove it from the
+// Raft configuration. Its data stays on disk; the agent should be stopped
+// afterwards.
 func (n *Node) Leave(ctx context.Context) error { return n.admin.Leave(ctx) }
 
 // TransferLeadership moves leadership to site ("" lets Raft pick) and
@@ -408,8 +429,9 @@ func (n *Node) TransferLeadership(ctx context.Context, site string) (string, err
 	return n.admin.TransferLeadership(ctx, site)
 }
 
-// VerifyRange has every site hash a range of vol at the same log index and
-// reports the chunks that differ; see verifier.VerifyRange.
+// VerifyRange has every site hash [off, off+length) of vol in chunks at the
+// same log index (the VerifyChunks command's), collects the hashes and
+// reports every chunk that differs. Callers walk a volume range by range.
 func (n *Node) VerifyRange(ctx context.Context, vol string, off, length, chunk int64) (VerifyResult, error) {
 	return n.verify.VerifyRange(ctx, vol, off, length, chunk)
 }

@@ -155,11 +155,7 @@ type leaseArbiter struct {
 	table leaseTable // the leader's view of lease renewals
 }
 
-// AcquireLease takes the read-write lease of volume (incarnation created)
-// for this site. A lease this site already holds is taken again at a new
-// epoch, which fences this site's own earlier writers. It fails with
-// ErrLeaseHeld while another site holds the lease and renews it; transient
-// conditions are retried until ctx ends.
+// AcquireLease implements Node.AcquireLease.
 func (a *leaseArbiter) AcquireLease(ctx context.Context, volume string, created int64) (Grant, error) {
 	req := leaseRequest{Volume: volume, Site: a.self, Created: created}
 	var g Grant
@@ -172,14 +168,7 @@ func (a *leaseArbiter) AcquireLease(ctx context.Context, volume string, created 
 	return g, err
 }
 
-// ReadIndex returns a log index that covers every command committed before
-// the call: the leader's FSM applied index, read after a Raft barrier (an
-// entry that commits only with a majority behind this leader, and returns
-// once every entry before it is applied here). A site whose FSM has applied
-// it reads nothing older than what was acknowledged before the call. The
-// index is a command's (or 0), so every site's FSM reaches it: the leader's
-// last log index may be a no-op or barrier entry, which FSMs never see.
-// It fails (retryably) when no leader can be reached.
+// ReadIndex implements Node.ReadIndex.
 func (a *leaseArbiter) ReadIndex(ctx context.Context) (uint64, error) {
 	var idx uint64
 	err := a.onLeaderCall(ctx, func(time.Time) error {
@@ -204,10 +193,7 @@ func (a *leaseArbiter) readIndexLocal() (uint64, error) {
 	return a.state.AppliedIndex(), nil
 }
 
-// RenewLease tells the leader this site still holds volume's lease at
-// epoch. ErrLeaseLost means another site took it (or it was released):
-// the caller must stop writing. Other errors are transient; it makes one
-// attempt.
+// RenewLease implements Node.RenewLease.
 func (a *leaseArbiter) RenewLease(ctx context.Context, volume string, epoch uint64) error {
 	req := leaseRequest{Volume: volume, Site: a.self, Epoch: epoch}
 	if a.leader.IsLeader() {
@@ -221,8 +207,7 @@ func (a *leaseArbiter) RenewLease(ctx context.Context, volume string, epoch uint
 	return err
 }
 
-// ReleaseLease gives up this site's lease on volume at epoch (after its
-// writes are committed). Releasing a lease that moved on is not an error.
+// ReleaseLease implements Node.ReleaseLease.
 func (a *leaseArbiter) ReleaseLease(ctx context.Context, volume string, epoch uint64) error {
 	_, err := a.prop.ApplyAndWait(ctx, &fsm.ReleaseLease{Volume: volume, Site: a.self, Epoch: epoch})
 	if errors.Is(err, fsm.ErrLeaseConflict) || errors.Is(err, fsm.ErrUnknownVolume) {

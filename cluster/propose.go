@@ -60,11 +60,7 @@ type proposer struct {
 	stepDownOnce sync.Once
 }
 
-// Apply proposes one command and returns once it is committed on a majority
-// of sites and applied by the leader, with its log index. It makes one
-// attempt: on the leader it appends to Raft, elsewhere it forwards to the
-// leader. Retryable failures wrap ErrRetry; the FSM's verdict comes back as
-// its own error (fsm.ErrUnknownVolume, ...).
+// Apply implements Node.Apply.
 func (p *proposer) Apply(ctx context.Context, cmd fsm.Command) (*fsm.Result, error) {
 	data, err := fsm.Encode(cmd)
 	if err != nil {
@@ -73,11 +69,7 @@ func (p *proposer) Apply(ctx context.Context, cmd fsm.Command) (*fsm.Result, err
 	return p.propose(ctx, cmd, data)
 }
 
-// ApplyAndWait is Apply followed by waiting until this site has applied the
-// command too, so the caller's next local read sees it. It retries
-// transient conditions (no leader, leader change) until ctx ends; use it for
-// admin commands, never for write batches (their retries need the writer's
-// ordering, see dcd).
+// ApplyAndWait implements Node.ApplyAndWait.
 func (p *proposer) ApplyAndWait(ctx context.Context, cmd fsm.Command) (*fsm.Result, error) {
 	data, err := fsm.Encode(cmd)
 	if err != nil {
@@ -106,8 +98,7 @@ func (p *proposer) ApplyAndWait(ctx context.Context, cmd fsm.Command) (*fsm.Resu
 	}
 }
 
-// Commit replicates a write batch (dcd.Committer). It returns once the
-// batch is committed on a majority, with the index where it took effect.
+// Commit implements Node.Commit.
 func (p *proposer) Commit(ctx context.Context, b *fsm.WriteBatch) (uint64, error) {
 	res, err := p.Apply(ctx, b)
 	if err != nil {
@@ -116,7 +107,7 @@ func (p *proposer) Commit(ctx context.Context, b *fsm.WriteBatch) (uint64, error
 	return res.Index, res.Err
 }
 
-// WaitApplied blocks until this site's FSM applied index (dcd.Committer).
+// WaitApplied implements Node.WaitApplied.
 func (p *proposer) WaitApplied(ctx context.Context, index uint64) error {
 	return p.applied.WaitApplied(ctx, index)
 }

@@ -81,7 +81,7 @@ type statusReporter struct {
 	rpc     jsonGetter
 }
 
-// LocalStatus is this site's own view.
+// LocalStatus implements Node.LocalStatus.
 func (r *statusReporter) LocalStatus() SiteStatus {
 	st := r.raft.Stats()
 	num := func(k string) uint64 { v, _ := strconv.ParseUint(st[k], 10, 64); return v }
@@ -105,9 +105,7 @@ func (r *statusReporter) LocalStatus() SiteStatus {
 	}
 }
 
-// Status collects every site's view: the Raft voters plus any gossiping
-// site not (yet) a voter. Unreachable sites are listed with State
-// "unreachable".
+// Status implements Node.Status.
 func (r *statusReporter) Status(ctx context.Context) (Status, error) {
 	voters := map[string]raft.Server{}
 	if fut := r.raft.GetConfiguration(); fut.Error() == nil {

@@ -64,9 +64,7 @@ type verifier struct {
 	rpc    jsonGetter
 }
 
-// VerifyRange has every site hash [off, off+length) of vol in chunks at the
-// same log index (the VerifyChunks command's), collects the hashes and
-// reports every chunk that differs. Callers walk a volume range by range.
+// VerifyRange implements Node.VerifyRange.
 func (v *verifier) VerifyRange(ctx context.Context, vol string, off, length, chunk int64) (VerifyResult, error) {
 	if length <= 0 || length > MaxVerifyRange || chunk <= 0 || off < 0 {
 		return VerifyResult{}, fmt.Errorf("%w: verify range %d+%d chunk %d (at most %d bytes per range)", ErrInvalid, off, length, chunk, MaxVerifyRange)
