@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"net/http"
+	"net/http/httptest"
 	"slices"
 	"sync"
 	"testing"
@@ -173,5 +175,43 @@ func TestAdminLiveVoter(t *testing.T) {
 	a.raft.(*scriptRaft).servers[1].Suffrage = raft.Nonvoter
 	if a.isLiveVoter("b") {
 		t.Error("a non-voter is a live voter")
+	}
+}
+
+// The admin endpoints: a malformed body is ErrInvalid at the caller, a
+// non-member ErrUnknownSite, a follower's answer retryable.
+func TestAdminEndpoints(t *testing.T) {
+	serve := func(a *admin) (string, *rpcClient) {
+		mux := http.NewServeMux()
+		mux.HandleFunc("POST "+pathRemoveServer, a.handleRemoveServer)
+		mux.HandleFunc("POST "+pathTransfer, a.handleTransfer)
+		srv := httptest.NewServer(mux)
+		t.Cleanup(srv.Close)
+		return srv.Listener.Addr().String(), &rpcClient{http: srv.Client()}
+	}
+	ctx := context.Background()
+	leader, r, _ := newScriptAdmin(true, "a", "a")
+	addr, c := serve(leader)
+	for _, path := range []string{pathRemoveServer, pathTransfer} {
+		if err := c.postJSON(ctx, addr, path, "not an object"); !errors.Is(err, ErrInvalid) {
+			t.Errorf("%s with a malformed body: %v, want ErrInvalid", path, err)
+		}
+		if err := c.postJSON(ctx, addr, path, siteRequest{Site: "z"}); !errors.Is(err, ErrUnknownSite) {
+			t.Errorf("%s of a non-member: %v, want ErrUnknownSite", path, err)
+		}
+	}
+	if err := c.postJSON(ctx, addr, pathRemoveServer, siteRequest{Site: "c"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.postJSON(ctx, addr, pathTransfer, siteRequest{Site: "b"}); err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"remove c", "transfer b"}; !slices.Equal(r.calls, want) {
+		t.Fatalf("calls %q, want %q", r.calls, want)
+	}
+	follower, _, _ := newScriptAdmin(false, "b", "a")
+	faddr, fc := serve(follower)
+	if err := fc.postJSON(ctx, faddr, pathTransfer, siteRequest{Site: "b"}); !IsRetryable(err) {
+		t.Fatalf("transfer at a follower: %v, want retryable", err)
 	}
 }

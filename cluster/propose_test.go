@@ -4,12 +4,14 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/hashicorp/raft"
 	"github.com/robib/robib/fsm"
 )
 
@@ -310,5 +312,94 @@ func TestApplyAndWaitRetriesUntilDeadline(t *testing.T) {
 	_, err := p.ApplyAndWait(ctx, &fsm.EndSession{Session: 1})
 	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), ErrNoLeader.Error()) {
 		t.Fatalf("got %v, want the deadline with the last error (no leader)", err)
+	}
+}
+
+// countingRaft counts appends and hands over leadership on request.
+type countingRaft struct {
+	mu        sync.Mutex
+	applies   int
+	transfers int
+	resp      *fsm.Result
+}
+
+func (r *countingRaft) Apply([]byte, time.Duration) raft.ApplyFuture {
+	r.mu.Lock()
+	r.applies++
+	r.mu.Unlock()
+	return errFuture{resp: r.resp}
+}
+
+func (r *countingRaft) LeadershipTransfer() raft.Future {
+	r.mu.Lock()
+	r.transfers++
+	r.mu.Unlock()
+	return errFuture{}
+}
+
+func (r *countingRaft) counts() (applies, transfers int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.applies, r.transfers
+}
+
+func leaderProposerOver(r proposeRaft, origins originCounter) *proposer {
+	return &proposer{self: "a", log: slog.New(slog.DiscardHandler), raft: r, leader: &fakeLeadership{leading: true, leaders: []string{"a"}},
+		origins: origins, stop: make(chan struct{}), seq: newSequencer(time.Millisecond)}
+}
+
+// On the leader, write batches are counted by origin (placement) and
+// nothing else is; a batch whose sender already gave up is not appended.
+func TestApplyLocalOriginsAndGivenUp(t *testing.T) {
+	r := &countingRaft{resp: &fsm.Result{Index: 3}}
+	pl := &placement{}
+	p := leaderProposerOver(r, pl)
+	batch := &fsm.WriteBatch{Volume: "v", Session: 1, Seq: 1, Ops: []fsm.Op{{Kind: fsm.OpWrite, Len: 1, Data: []byte{1}}}}
+	data, err := fsm.Encode(batch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, origin := range []string{"b", "b", "", strings.Repeat("x", maxOriginName+1)} {
+		if _, err := p.applyLocal(context.Background(), batch, data, origin); err != nil {
+			t.Fatal(err)
+		}
+	}
+	end := &fsm.EndSession{Session: 1}
+	endData, _ := fsm.Encode(end)
+	if _, err := p.applyLocal(context.Background(), end, endData, "b"); err != nil {
+		t.Fatal(err)
+	}
+	if got := pl.origins.take(); len(got) != 1 || got["b"] != 2 {
+		t.Fatalf("origins %v, want b: 2 (batches only, sane names only)", got)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	before, _ := r.counts()
+	if _, err := p.applyLocal(ctx, batch, data, "b"); !errors.Is(err, context.Canceled) {
+		t.Fatalf("a batch whose sender gave up: %v, want context.Canceled", err)
+	}
+	if after, _ := r.counts(); after != before {
+		t.Fatal("a batch whose sender gave up was appended")
+	}
+	// Without LeaderFollowsWrites nothing is counted (and nothing breaks).
+	if _, err := leaderProposerOver(r, nil).applyLocal(context.Background(), batch, data, "b"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A leader whose own copy failed to apply a committed entry hands over
+// leadership, once, and still reports the entry's result.
+func TestApplyLocalFailedCopyStepsDownOnce(t *testing.T) {
+	r := &countingRaft{resp: &fsm.Result{Index: 4, Err: fmt.Errorf("%w: disk", fsm.ErrFailed)}}
+	p := leaderProposerOver(r, nil)
+	for range 3 {
+		res, err := p.Apply(context.Background(), &fsm.EndSession{Session: 1})
+		if err != nil || res.Index != 4 || !errors.Is(res.Err, fsm.ErrFailed) || !IsRetryable(res.Err) {
+			t.Fatalf("result %+v, %v; want the failed verdict (retryable)", res, err)
+		}
+	}
+	waitFor(t, "the leadership transfer", 5*time.Second, func() bool { _, n := r.counts(); return n == 1 })
+	if _, n := r.counts(); n != 1 {
+		t.Fatalf("%d leadership transfers, want 1", n)
 	}
 }
