@@ -287,8 +287,8 @@ func (a *leaseArbiter) renewLocal(req leaseRequest) error {
 	return nil
 }
 
-// onLeaderCall is onLeader for the lease endpoints, which answer a body.
-// Both callbacks get the time the attempt was sent.
+// onLeaderCall is admin.onLeader for the lease endpoints, which answer a
+// body. Both callbacks get the time the attempt was sent.
 func (a *leaseArbiter) onLeaderCall(ctx context.Context, local func(sent time.Time) error, path string, req leaseRequest, ok func(rep leaseReply, sent time.Time)) error {
 	backoff := 20 * time.Millisecond
 	for {
