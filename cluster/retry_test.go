@@ -231,7 +231,7 @@ func TestRetryClassificationLeases(t *testing.T) {
 	}
 }
 
-func TestRetryClassificationAdmin(t *testing.T) {
+func TestRetryClassificationAdminAndMembership(t *testing.T) {
 	adm := func(leading bool, r *fakeRaft) *admin {
 		return &admin{self: "a", log: slog.New(slog.DiscardHandler), raft: r, leader: &fakeLeadership{leading: leading, leaders: []string{"a"}}, book: fakeBook{}}
 	}
@@ -243,6 +243,16 @@ func TestRetryClassificationAdmin(t *testing.T) {
 		{"transfer at a follower", adm(false, &fakeRaft{}).transferLocal("b"), true, ErrNotLeader},
 		{"transfer to a non-member", adm(true, &fakeRaft{}).transferLocal("z"), false, ErrUnknownSite},
 		{"remove of this site by name", adm(true, &fakeRaft{}).RemoveSite(context.Background(), "a"), false, ErrInvalid},
+	})
+	gossipOpen := func(addr string) error {
+		m := newTestMembership(t, "")
+		m.cfg.GossipAddr = addr
+		return m.open()
+	}
+	checkClassified(t, []classified{
+		{"gossip address without a port", gossipOpen("10.0.0.1"), false, ErrInvalid},
+		{"gossip address with a bad port", gossipOpen("10.0.0.1:gossip"), false, ErrInvalid},
+		{"foreign member", (&delegate{m: newTestMembership(t, "c1")}).checkPeer(gossipPeer(t, "x", "10.0.0.2", siteMeta{Raft: "x:1", Cluster: "c2"}), "test"), false, ErrForeignCluster},
 	})
 	if err := adm(true, &fakeRaft{}).transferLocal("a"); err != nil {
 		t.Fatalf("transfer to the leader itself: %v", err)
