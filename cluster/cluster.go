@@ -21,7 +21,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/hashicorp/memberlist"
 	"github.com/hashicorp/raft"
 
 	"github.com/robib/robib/fsm"
@@ -31,39 +30,33 @@ import (
 const logCacheEntries = 32
 
 // Node is this site's membership in the cluster. Its methods are safe for
-// concurrent use.
+// concurrent use. It owns Raft, the log store, the transport and the
+// goroutines' lifetime (stop, wg); everything else is a role with its own
+// state and lock, which Open wires together through narrow interfaces (see
+// DESIGN.md, "Roles"). The exported methods delegate.
 type Node struct {
-	cfg     Config
-	log     *slog.Logger
-	fsm     *fsm.FSM
-	raft    *raft.Raft
-	store   io.Closer  // the Raft log and stable store (openLogStore)
-	trans   *voteGuard // the Raft transport; keeps a fresh site out of elections
-	ml      *memberlist.Memberlist
-	gossip  *delegate // this site's copy of the gossip member table
-	rpc     *rpcClient
-	seq     *sequencer
-	leases  leaseTable   // the leader's view of lease renewals
-	origins writeOrigins // the leader's count of write batches per originating site
+	cfg   Config
+	log   *slog.Logger
+	fsm   *fsm.FSM
+	raft  *raft.Raft
+	store io.Closer  // the Raft log and stable store (openLogStore)
+	trans *voteGuard // the Raft transport; keeps a fresh site out of elections
 
-	leaderMu      sync.Mutex
-	leaderChanged chan struct{} // closed (and replaced) whenever the known leader changes
+	id       *identity       // fresh state, refusals, cluster ID (identity.go)
+	watch    *leaderWatch    // leader changes (leader.go)
+	gossip   *membership     // gossip members and addresses (members.go)
+	prop     *proposer       // propose and forward (propose.go)
+	leases   *leaseArbiter   // volume leases and read index (lease.go)
+	place    *placement      // leader placement (placement.go); nil unless LeaderFollowsWrites
+	rec      *reconciler     // the leader's membership policy (reconcile.go)
+	admin    *admin          // leave, remove, transfer (admin.go)
+	reporter *statusReporter // cluster status (status.go)
+	verify   *verifier       // verify coordination (verify.go)
 
-	needBootstrap bool          // set by openRaft: wait for BootstrapExpect sites
-	fresh         atomic.Bool   // joined with an empty raft directory, not yet a non-voter (identity.go)
-	refused       refusals      // sites of other clusters, logged once each
-	events        chan struct{} // nudges the reconcile loop on membership changes
+	needBootstrap bool // set by openRaft: wait for BootstrapExpect sites
 	stop          chan struct{}
 	wg            sync.WaitGroup
-
-	peersMu sync.Mutex        // guards peers
-	peers   map[string]string // site name -> gossip address, remembered on disk
-
-	closeOnce    sync.Once
-	stepDownOnce sync.Once
-	leftMu       sync.Mutex  // serialises Leave
-	left         atomic.Bool // Leave finished
-	leaving      atomic.Bool // Leave started: gossip must not rejoin
+	closeOnce     sync.Once
 }
 
 // Open starts Raft and gossip for this site over f. A site with no Raft
@@ -76,19 +69,18 @@ func Open(cfg Config, f *fsm.FSM) (*Node, error) {
 		return nil, fmt.Errorf("%w: RaftListener and Dial are required", ErrInvalidRequest)
 	}
 	n := &Node{
-		cfg:    cfg,
-		log:    cfg.Logger,
-		fsm:    f,
-		events: make(chan struct{}, 1),
-		stop:   make(chan struct{}),
+		cfg:   cfg,
+		log:   cfg.Logger,
+		fsm:   f,
+		stop:  make(chan struct{}),
+		watch: newLeaderWatch(),
+		id:    &identity{self: cfg.Name, dir: filepath.Join(cfg.DataDir, "raft"), log: cfg.Logger, ids: f},
 	}
-	n.rpc = &rpcClient{http: cfg.HTTPClient}
-	n.leaderChanged = make(chan struct{})
-	n.seq = newSequencer(500 * time.Millisecond)
 	if err := n.openRaft(); err != nil {
 		return nil, err
 	}
-	if err := n.openGossip(); err != nil {
+	n.wire()
+	if err := n.gossip.open(); err != nil {
 		n.shutdownRaft()
 		return nil, err
 	}
@@ -98,49 +90,39 @@ func Open(cfg Config, f *fsm.FSM) (*Node, error) {
 	}
 	n.wg.Add(1)
 	go n.reconcileLoop()
-	if cfg.LeaderFollowsWrites {
+	if n.place != nil {
 		n.wg.Add(1)
-		go n.placementLoop()
+		go func() {
+			defer n.wg.Done()
+			n.place.loop(n.stop)
+		}()
 	}
-	n.watchLeader()
+	n.watch.run(n.raft, n.stop, &n.wg)
 	return n, nil
 }
 
-// watchLeader follows Raft's leader observations so that requests
-// forwarded to a leader that went away are abandoned as soon as this site
-// learns of the change, instead of waiting for their timeout (a dead host
-// never answers).
-func (n *Node) watchLeader() {
-	ch := make(chan raft.Observation, 16)
-	obs := raft.NewObserver(ch, false, func(o *raft.Observation) bool {
-		_, ok := o.Data.(raft.LeaderObservation)
-		return ok
-	})
-	n.raft.RegisterObserver(obs)
-	n.wg.Add(1)
-	go func() {
-		defer n.wg.Done()
-		defer n.raft.DeregisterObserver(obs)
-		for {
-			select {
-			case <-n.stop:
-				return
-			case <-ch:
-				n.leaderMu.Lock()
-				close(n.leaderChanged)
-				n.leaderChanged = make(chan struct{})
-				n.leaderMu.Unlock()
-			}
-		}
-	}()
-}
-
-// leaderChange returns a channel that is closed at the next change of the
-// known leader.
-func (n *Node) leaderChange() <-chan struct{} {
-	n.leaderMu.Lock()
-	defer n.leaderMu.Unlock()
-	return n.leaderChanged
+// wire builds the roles over the running Raft; nothing runs yet.
+func (n *Node) wire() {
+	cfg := n.cfg
+	rpc := &rpcClient{http: cfg.HTTPClient}
+	lead := raftLeader{n.raft}
+	n.admin = &admin{self: cfg.Name, log: n.log, raft: n.raft, leader: lead, rpc: rpc}
+	n.gossip = &membership{cfg: cfg, log: n.log, ids: n.fsm, fresh: &n.id.fresh, refused: &n.id.refused, config: n.raft,
+		left: n.admin, events: make(chan struct{}, 1), stop: n.stop, wg: &n.wg}
+	n.admin.book, n.admin.members, n.admin.gossip = n.gossip, n.gossip, n.gossip
+	n.prop = &proposer{self: cfg.Name, log: n.log, raft: n.raft, leader: lead, book: n.gossip, changes: n.watch,
+		fwd: rpc, applied: n.fsm, stages: cfg.Stages, stop: n.stop, seq: newSequencer(500 * time.Millisecond)}
+	if cfg.LeaderFollowsWrites {
+		n.place = &placement{self: cfg.Name, log: n.log, leader: lead, mover: n.admin}
+		n.prop.origins = n.place
+	}
+	n.leases = &leaseArbiter{self: cfg.Name, ttl: cfg.LeaseTTL, log: n.log, raft: n.raft, state: n.fsm, prop: n.prop,
+		leader: lead, book: n.gossip, rpc: rpc, stop: n.stop, now: time.Now}
+	n.rec = &reconciler{self: cfg.Name, log: n.log, raft: n.raft, ids: n.fsm, members: n.gossip, refused: &n.id.refused, rpc: rpc}
+	n.reporter = &statusReporter{cfg: cfg, raft: n.raft, leader: lead, fsm: n.fsm, fresh: &n.id.fresh, stages: cfg.Stages,
+		members: n.gossip, rpc: rpc}
+	n.id.config, n.id.barrier, n.id.prop, n.id.meta = n.raft, n.raft, n.prop, n.gossip
+	n.verify = &verifier{self: cfg.Name, prop: n.prop, config: n.raft, fsm: n.fsm, book: n.gossip, rpc: rpc}
 }
 
 func (n *Node) openRaft() error {
@@ -227,19 +209,19 @@ func (n *Node) openRaft() error {
 	// bootstraps (bootstrapExpectLoop), as it may instead join an existing
 	// cluster.
 	oneSite := !hasState && len(n.cfg.Join) == 0 && n.cfg.BootstrapExpect <= 1
-	if _, err := os.Stat(n.freshFile()); err == nil {
-		n.fresh.Store(true)
+	if _, err := os.Stat(n.id.freshFile()); err == nil {
+		n.id.fresh.Store(true)
 	}
 	if !hasState && !oneSite {
-		if err := n.markFresh(); err != nil {
+		if err := n.id.markFresh(); err != nil {
 			store.Close()
 			return err
 		}
 	}
 	switch {
-	case n.fresh.Load() && n.cfg.BootstrapExpect > 1 && !hasState:
+	case n.id.fresh.Load() && n.cfg.BootstrapExpect > 1 && !hasState:
 		n.log.Info("fresh site: no raft history; founding the cluster with the others, or joining an existing one as a non-voter", "site", n.cfg.Name)
-	case n.fresh.Load():
+	case n.id.fresh.Load():
 		n.log.Warn("fresh site: no raft history; joining as a non-voter and voting only once caught up", "site", n.cfg.Name)
 	}
 	var tr guardedTransport = &timedTransport{stages: n.cfg.Stages, guardedTransport: raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
@@ -251,7 +233,7 @@ func (n *Node) openRaft() error {
 	if lsync != nil {
 		tr = &syncedTransport{guardedTransport: tr, sync: lsync}
 	}
-	n.trans = newVoteGuard(tr, &n.fresh, func(id string) bool { return foreign(n.fsm.ClusterID(), n.refused.clusterOf(id)) }, n.log)
+	n.trans = newVoteGuard(tr, &n.id.fresh, func(id string) bool { return foreign(n.fsm.ClusterID(), n.id.refused.clusterOf(id)) }, n.log)
 	var machine raft.FSM = n.fsm
 	if n.cfg.Stages != nil {
 		machine = timedFSM{FSM: n.fsm, stages: n.cfg.Stages}
@@ -266,7 +248,7 @@ func (n *Node) openRaft() error {
 	running.Store(r)
 	if oneSite {
 		n.log.Info("bootstrapping a new one-site cluster", "site", n.cfg.Name)
-		if err := n.clearFresh("founding a one-site cluster"); err != nil { // a marker left behind
+		if err := n.id.clearFresh("founding a one-site cluster"); err != nil { // a marker left behind
 			n.shutdownRaft()
 			return err
 		}
@@ -319,18 +301,13 @@ func (n *Node) Close() error {
 	n.closeOnce.Do(func() {
 		close(n.stop)
 		n.wg.Wait()
-		if n.ml != nil {
-			if err := n.ml.Shutdown(); err != nil {
-				n.log.Warn("gossip shutdown", "err", err)
-			}
+		if n.gossip != nil {
+			n.gossip.shutdown()
 		}
 		n.shutdownRaft()
 	})
 	return nil
 }
-
-// hasLeft reports whether this site left (or is leaving) the cluster.
-func (n *Node) hasLeft() bool { return n.leaving.Load() || n.left.Load() }
 
 // Name is this site's name.
 func (n *Node) Name() string { return n.cfg.Name }
@@ -339,13 +316,10 @@ func (n *Node) Name() string { return n.cfg.Name }
 func (n *Node) FSM() *fsm.FSM { return n.fsm }
 
 // IsLeader reports whether this site currently leads.
-func (n *Node) IsLeader() bool { return n.raft.State() == raft.Leader }
+func (n *Node) IsLeader() bool { return raftLeader{n.raft}.IsLeader() }
 
 // Leader returns the current leader's site name, or "" when unknown.
-func (n *Node) Leader() string {
-	_, id := n.raft.LeaderWithID()
-	return string(id)
-}
+func (n *Node) Leader() string { return raftLeader{n.raft}.Leader() }
 
 // WaitForLeader blocks until some site leads (this one or another), or ctx
 // ends.
@@ -364,4 +338,100 @@ func (n *Node) WaitForLeader(ctx context.Context) (string, error) {
 		case <-t.C:
 		}
 	}
+}
+
+// Apply proposes one command and returns once it is committed on a majority
+// of sites and applied by the leader, with its log index. It makes one
+// attempt: on the leader it appends to Raft, elsewhere it forwards to the
+// leader. Retryable failures wrap ErrRetry; the FSM's verdict comes back as
+// its own error (fsm.ErrUnknownVolume, ...).
+func (n *Node) Apply(ctx context.Context, cmd fsm.Command) (*fsm.Result, error) {
+	return n.prop.Apply(ctx, cmd)
+}
+
+// ApplyAndWait is Apply followed by waiting until this site has applied the
+// command too, so the caller's next local read sees it. It retries
+// transient conditions (no leader, leader change) until ctx ends; use it for
+// admin commands, never for write batches (their retries need the writer's
+// ordering, see dcd).
+func (n *Node) ApplyAndWait(ctx context.Context, cmd fsm.Command) (*fsm.Result, error) {
+	return n.prop.ApplyAndWait(ctx, cmd)
+}
+
+// Commit replicates a write batch (dcd.Committer). It returns once the
+// batch is committed on a majority, with the index where it took effect.
+func (n *Node) Commit(ctx context.Context, b *fsm.WriteBatch) (uint64, error) {
+	return n.prop.Commit(ctx, b)
+}
+
+// WaitApplied blocks until this site's FSM applied index (dcd.Committer).
+func (n *Node) WaitApplied(ctx context.Context, index uint64) error {
+	return n.prop.WaitApplied(ctx, index)
+}
+
+// AcquireLease takes the read-write lease of volume (incarnation created)
+// for this site. A lease this site already holds is taken again at a new
+// epoch, which fences this site's own earlier writers. It fails with
+// ErrLeaseHeld while another site holds the lease and renews it; transient
+// conditions are retried until ctx ends.
+func (n *Node) AcquireLease(ctx context.Context, volume string, created int64) (Grant, error) {
+	return n.leases.AcquireLease(ctx, volume, created)
+}
+
+// RenewLease tells the leader this site still holds volume's lease at
+// epoch. ErrLeaseLost means another site took it (or it was released):
+// the caller must stop writing. Other errors are transient; it makes one
+// attempt.
+func (n *Node) RenewLease(ctx context.Context, volume string, epoch uint64) error {
+	return n.leases.RenewLease(ctx, volume, epoch)
+}
+
+// ReleaseLease gives up this site's lease on volume at epoch (after its
+// writes are committed). Releasing a lease that moved on is not an error.
+func (n *Node) ReleaseLease(ctx context.Context, volume string, epoch uint64) error {
+	return n.leases.ReleaseLease(ctx, volume, epoch)
+}
+
+// ReadIndex returns a log index that covers every command committed before
+// the call: the leader's FSM applied index, read after a Raft barrier (an
+// entry that commits only with a majority behind this leader, and returns
+// once every entry before it is applied here). A site whose FSM has applied
+// it reads nothing older than what was acknowledged before the call. The
+// index is a command's (or 0), so every site's FSM reaches it: the leader's
+// last log index may be a no-op or barrier entry, which FSMs never see.
+// It fails (retryably) when no leader can be reached.
+func (n *Node) ReadIndex(ctx context.Context) (uint64, error) { return n.leases.ReadIndex(ctx) }
+
+// LocalStatus is this site's own view.
+func (n *Node) LocalStatus() SiteStatus { return n.reporter.LocalStatus() }
+
+// Status collects every site's view: the Raft voters plus any gossiping
+// site not (yet) a voter. Unreachable sites are listed with State
+// "unreachable".
+func (n *Node) Status(ctx context.Context) (Status, error) { return n.reporter.Status(ctx) }
+
+// RemoveSite removes a dead site from the cluster (an operator's decision:
+// nothing removes a voter silently). A site that is alive must leave by
+// itself with Leave, so that gossip does not add it back.
+func (n *Node) RemoveSite(ctx context.Context, site string) error {
+	return n.admin.RemoveSite(ctx, site)
+}
+
+// Leave removes this site from the cluster cleanly: it leaves gossip (so
+// the leader does not add it back), then has the leader remove it from the
+// Raft configuration. Its data stays on disk; the agent should be stopped
+// afterwards.
+func (n *Node) Leave(ctx context.Context) error { return n.admin.Leave(ctx) }
+
+// TransferLeadership moves leadership to site ("" lets Raft pick) and
+// waits until a new leader is known.
+func (n *Node) TransferLeadership(ctx context.Context, site string) (string, error) {
+	return n.admin.TransferLeadership(ctx, site)
+}
+
+// VerifyRange has every site hash [off, off+length) of vol in chunks at the
+// same log index (the VerifyChunks command's), collects the hashes and
+// reports every chunk that differs. Callers walk a volume range by range.
+func (n *Node) VerifyRange(ctx context.Context, vol string, off, length, chunk int64) (VerifyResult, error) {
+	return n.verify.VerifyRange(ctx, vol, off, length, chunk)
 }

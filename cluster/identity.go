@@ -39,33 +39,69 @@ const freshFileName = "fresh"
 // still promoted.
 const promoteMaxLag = 256
 
-func (n *Node) freshFile() string { return filepath.Join(n.cfg.DataDir, "raft", freshFileName) }
+// identity is this site's incarnation and its cluster's identity: the
+// fresh state (the marker file, and the atomic that the vote guard, gossip
+// and status read), the refusals of other clusters' sites (refused, under
+// its own lock), ending the fresh state, and fixing the cluster ID on the
+// leader. The fields after the blank line are set by Node.wire once Raft
+// runs; only the reconcile and bootstrap loops, started after that, use
+// them.
+type identity struct {
+	self    string
+	dir     string // DataDir/raft
+	log     *slog.Logger
+	ids     clusterIDs
+	fresh   atomic.Bool
+	refused refusals
+
+	config  configReader
+	barrier barrierRaft
+	prop    applier
+	meta    metaRefresher // nil until gossip is wired
+}
+
+// barrierRaft commits a barrier (Raft).
+type barrierRaft interface {
+	Barrier(timeout time.Duration) raft.Future
+}
+
+// applier proposes one command (proposer).
+type applier interface {
+	Apply(ctx context.Context, cmd fsm.Command) (*fsm.Result, error)
+}
+
+// metaRefresher gossips this site's metadata again (membership).
+type metaRefresher interface {
+	refreshMeta()
+}
+
+func (i *identity) freshFile() string { return filepath.Join(i.dir, freshFileName) }
 
 // markFresh records, durably and before Raft starts, that this site has no
 // Raft history it could vouch for: its votes and its log are empty.
-func (n *Node) markFresh() error {
-	if err := volume.WriteFileSync(n.freshFile(), []byte("this site joined with an empty raft directory; it votes once it was a non-voter\n")); err != nil {
+func (i *identity) markFresh() error {
+	if err := volume.WriteFileSync(i.freshFile(), []byte("this site joined with an empty raft directory; it votes once it was a non-voter\n")); err != nil {
 		return fmt.Errorf("writing the fresh-site marker: %w", err)
 	}
-	if err := volume.SyncDir(filepath.Dir(n.freshFile())); err != nil {
+	if err := volume.SyncDir(filepath.Dir(i.freshFile())); err != nil {
 		return fmt.Errorf("writing the fresh-site marker: %w", err)
 	}
-	n.fresh.Store(true)
+	i.fresh.Store(true)
 	return nil
 }
 
 // clearFresh removes the marker (durably) and lets this site vote.
-func (n *Node) clearFresh(why string) error {
-	if err := os.Remove(n.freshFile()); err != nil && !errors.Is(err, os.ErrNotExist) {
+func (i *identity) clearFresh(why string) error {
+	if err := os.Remove(i.freshFile()); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("removing the fresh-site marker: %w", err)
 	}
-	if err := volume.SyncDir(filepath.Dir(n.freshFile())); err != nil {
+	if err := volume.SyncDir(filepath.Dir(i.freshFile())); err != nil {
 		return fmt.Errorf("removing the fresh-site marker: %w", err)
 	}
-	if n.fresh.Swap(false) {
-		n.log.Info("site is no longer fresh: it votes from now on", "site", n.cfg.Name, "why", why)
-		if n.gossip != nil {
-			n.refreshMeta() // tell the leader at once
+	if i.fresh.Swap(false) {
+		i.log.Info("site is no longer fresh: it votes from now on", "site", i.self, "why", why)
+		if i.meta != nil {
+			i.meta.refreshMeta() // tell the leader at once
 		}
 	}
 	return nil
@@ -75,18 +111,18 @@ func (n *Node) clearFresh(why string) error {
 // itself as a non-voter in its latest Raft configuration: that entry (a
 // demotion or the non-voter join) is in its log, and so is everything
 // before it.
-func (n *Node) checkFresh() {
-	if !n.fresh.Load() {
+func (i *identity) checkFresh() {
+	if !i.fresh.Load() {
 		return
 	}
-	fut := n.raft.GetConfiguration()
+	fut := i.config.GetConfiguration()
 	if fut.Error() != nil {
 		return
 	}
 	for _, s := range fut.Configuration().Servers {
-		if s.ID == raft.ServerID(n.cfg.Name) && s.Suffrage == raft.Nonvoter {
-			if err := n.clearFresh("listed as a non-voter"); err != nil {
-				n.log.Warn("leaving the fresh state", "err", err)
+		if s.ID == raft.ServerID(i.self) && s.Suffrage == raft.Nonvoter {
+			if err := i.clearFresh("listed as a non-voter"); err != nil {
+				i.log.Warn("leaving the fresh state", "err", err)
 			}
 			return
 		}
@@ -95,7 +131,7 @@ func (n *Node) checkFresh() {
 
 // Fresh reports whether this site is fresh (joined with an empty Raft
 // directory and not yet accepted as a non-voter).
-func (n *Node) Fresh() bool { return n.fresh.Load() }
+func (n *Node) Fresh() bool { return n.id.fresh.Load() }
 
 // ClusterID is the cluster's ID as this site's state holds it ("" until
 // known).
@@ -114,31 +150,31 @@ func newClusterID() (string, error) {
 // none yet: after a barrier (so this FSM has applied every earlier entry)
 // it proposes SetClusterID, a compare-and-set. Two leaders racing both
 // propose; the first entry wins everywhere, the second gets a verdict.
-func (n *Node) ensureClusterID() {
-	if n.fsm.ClusterID() != "" {
+func (i *identity) ensureClusterID() {
+	if i.ids.ClusterID() != "" {
 		return
 	}
-	if err := n.raft.Barrier(5 * time.Second).Error(); err != nil {
+	if err := i.barrier.Barrier(5 * time.Second).Error(); err != nil {
 		return // not the leader any more, or slow: the next round tries again
 	}
-	if n.fsm.ClusterID() != "" {
+	if i.ids.ClusterID() != "" {
 		return
 	}
 	id, err := newClusterID()
 	if err != nil {
-		n.log.Warn("generating a cluster ID", "err", err)
+		i.log.Warn("generating a cluster ID", "err", err)
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	res, err := n.Apply(ctx, &fsm.SetClusterID{ID: id})
+	res, err := i.prop.Apply(ctx, &fsm.SetClusterID{ID: id})
 	switch {
 	case err != nil:
-		n.log.Warn("proposing the cluster ID", "err", err)
+		i.log.Warn("proposing the cluster ID", "err", err)
 	case res.Err != nil && !errors.Is(res.Err, fsm.ErrClusterIDSet):
-		n.log.Warn("proposing the cluster ID", "err", res.Err)
+		i.log.Warn("proposing the cluster ID", "err", res.Err)
 	case res.Err == nil:
-		n.log.Info("cluster ID fixed", "cluster_id", id)
+		i.log.Info("cluster ID fixed", "cluster_id", id)
 	}
 }
 

@@ -5,10 +5,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"sync"
 	"time"
 
+	"github.com/hashicorp/raft"
 	"github.com/robib/robib/fsm"
 )
 
@@ -17,7 +19,7 @@ import (
 // batch carries, so the FSM rejects the batches of a holder that lost it.
 //
 // Liveness is the leader's business and is not replicated: the holder
-// renews its lease with the leader every LeaseTTL/4 (a small RPC, not a log
+// renews its lease with the leader every LeaseTTL/8 (a small RPC, not a log
 // entry), and the leader grants the lease to another site only when the
 // holder has not renewed for LeaseTTL. A new leader knows nothing of past
 // renewals, so it counts every lease as renewed when it took office: a
@@ -108,36 +110,70 @@ type Grant struct {
 	Sent time.Time
 }
 
-// AcquireLease takes the read-write lease of volume (incarnation created)
-// for this site. A lease this site already holds is taken again at a new
-// epoch, which fences this site's own earlier writers. It fails with
-// ErrLeaseHeld while another site holds the lease and renews it; transient
-// conditions are retried until ctx ends.
-func (n *Node) AcquireLease(ctx context.Context, volume string, created int64) (Grant, error) {
-	req := leaseRequest{Volume: volume, Site: n.cfg.Name, Created: created}
+// leaseRaft is what lease arbitration needs of Raft on the leader.
+type leaseRaft interface {
+	CurrentTerm() uint64
+	VerifyLeader() raft.Future
+	Barrier(timeout time.Duration) raft.Future
+}
+
+// leaseState reads the replicated lease table and applied index (fsm.FSM).
+type leaseState interface {
+	Lease(volume string) (fsm.Lease, bool)
+	AppliedIndex() uint64
+}
+
+// leaderProposer proposes on the leader without forwarding, and proposes
+// admin commands with retries (proposer).
+type leaderProposer interface {
+	applyLocal(ctx context.Context, cmd fsm.Command, data []byte, origin string) (*fsm.Result, error)
+	ApplyAndWait(ctx context.Context, cmd fsm.Command) (*fsm.Result, error)
+}
+
+// leaseCaller calls the leader's lease endpoints (rpcClient).
+type leaseCaller interface {
+	lease(ctx context.Context, addr, path string, req leaseRequest) (leaseReply, error)
+}
+
+// leaseArbiter is lease arbitration: on the leader it decides acquisitions
+// and counts renewals (its leaseTable, under the table's own lock); on any
+// site it sends this site's lease requests and read-index requests to the
+// leader and serves them (handleLease).
+type leaseArbiter struct {
+	self   string
+	ttl    time.Duration
+	log    *slog.Logger
+	raft   leaseRaft
+	state  leaseState
+	prop   leaderProposer
+	leader leadership
+	book   addressBook
+	rpc    leaseCaller
+	stop   <-chan struct{}
+	now    func() time.Time // time.Now; tests step it
+
+	table leaseTable // the leader's view of lease renewals
+}
+
+// AcquireLease implements Node.AcquireLease.
+func (a *leaseArbiter) AcquireLease(ctx context.Context, volume string, created int64) (Grant, error) {
+	req := leaseRequest{Volume: volume, Site: a.self, Created: created}
 	var g Grant
-	err := n.onLeaderCall(ctx, func(sent time.Time) error {
+	err := a.onLeaderCall(ctx, func(sent time.Time) error {
 		var err error
-		g, err = n.acquireLocal(ctx, req)
+		g, err = a.acquireLocal(ctx, req)
 		g.Sent = sent
 		return err
 	}, pathLeaseAcquire, req, func(rep leaseReply, sent time.Time) { g = Grant{Epoch: rep.Epoch, Index: rep.Index, Sent: sent} })
 	return g, err
 }
 
-// ReadIndex returns a log index that covers every command committed before
-// the call: the leader's FSM applied index, read after a Raft barrier (an
-// entry that commits only with a majority behind this leader, and returns
-// once every entry before it is applied here). A site whose FSM has applied
-// it reads nothing older than what was acknowledged before the call. The
-// index is a command's (or 0), so every site's FSM reaches it: the leader's
-// last log index may be a no-op or barrier entry, which FSMs never see.
-// It fails (retryably) when no leader can be reached.
-func (n *Node) ReadIndex(ctx context.Context) (uint64, error) {
+// ReadIndex implements Node.ReadIndex.
+func (a *leaseArbiter) ReadIndex(ctx context.Context) (uint64, error) {
 	var idx uint64
-	err := n.onLeaderCall(ctx, func(time.Time) error {
+	err := a.onLeaderCall(ctx, func(time.Time) error {
 		var err error
-		idx, err = n.readIndexLocal()
+		idx, err = a.readIndexLocal()
 		return err
 	}, pathReadIndex, leaseRequest{}, func(rep leaseReply, _ time.Time) { idx = rep.Index })
 	return idx, err
@@ -147,37 +183,33 @@ func (n *Node) ReadIndex(ctx context.Context) (uint64, error) {
 const readIndexTimeout = 5 * time.Second
 
 // readIndexLocal is ReadIndex on the leader.
-func (n *Node) readIndexLocal() (uint64, error) {
-	if !n.IsLeader() {
+func (a *leaseArbiter) readIndexLocal() (uint64, error) {
+	if !a.leader.IsLeader() {
 		return 0, ErrNotLeader
 	}
-	if err := n.raft.Barrier(readIndexTimeout).Error(); err != nil {
+	if err := a.raft.Barrier(readIndexTimeout).Error(); err != nil {
 		return 0, raftErr(err)
 	}
-	return n.fsm.AppliedIndex(), nil
+	return a.state.AppliedIndex(), nil
 }
 
-// RenewLease tells the leader this site still holds volume's lease at
-// epoch. ErrLeaseLost means another site took it (or it was released):
-// the caller must stop writing. Other errors are transient; it makes one
-// attempt.
-func (n *Node) RenewLease(ctx context.Context, volume string, epoch uint64) error {
-	req := leaseRequest{Volume: volume, Site: n.cfg.Name, Epoch: epoch}
-	if n.IsLeader() {
-		return n.renewLocal(req)
+// RenewLease implements Node.RenewLease.
+func (a *leaseArbiter) RenewLease(ctx context.Context, volume string, epoch uint64) error {
+	req := leaseRequest{Volume: volume, Site: a.self, Epoch: epoch}
+	if a.leader.IsLeader() {
+		return a.renewLocal(req)
 	}
-	addr, err := n.leaderAPI()
+	_, addr, err := leaderAPI(a.leader, a.book)
 	if err != nil {
 		return err
 	}
-	_, err = n.rpc.lease(ctx, addr, pathLeaseRenew, req)
+	_, err = a.rpc.lease(ctx, addr, pathLeaseRenew, req)
 	return err
 }
 
-// ReleaseLease gives up this site's lease on volume at epoch (after its
-// writes are committed). Releasing a lease that moved on is not an error.
-func (n *Node) ReleaseLease(ctx context.Context, volume string, epoch uint64) error {
-	_, err := n.ApplyAndWait(ctx, &fsm.ReleaseLease{Volume: volume, Site: n.cfg.Name, Epoch: epoch})
+// ReleaseLease implements Node.ReleaseLease.
+func (a *leaseArbiter) ReleaseLease(ctx context.Context, volume string, epoch uint64) error {
+	_, err := a.prop.ApplyAndWait(ctx, &fsm.ReleaseLease{Volume: volume, Site: a.self, Epoch: epoch})
 	if errors.Is(err, fsm.ErrLeaseConflict) || errors.Is(err, fsm.ErrUnknownVolume) {
 		return nil
 	}
@@ -185,20 +217,20 @@ func (n *Node) ReleaseLease(ctx context.Context, volume string, epoch uint64) er
 }
 
 // acquireLocal decides and proposes an acquisition; leader only.
-func (n *Node) acquireLocal(ctx context.Context, req leaseRequest) (Grant, error) {
-	if !n.IsLeader() {
+func (a *leaseArbiter) acquireLocal(ctx context.Context, req leaseRequest) (Grant, error) {
+	if !a.leader.IsLeader() {
 		return Grant{}, ErrNotLeader
 	}
-	term := n.raft.CurrentTerm()
-	cur, _ := n.fsm.Lease(req.Volume)
+	term := a.raft.CurrentTerm()
+	cur, _ := a.state.Lease(req.Volume)
 	if cur.Holder != "" && cur.Holder != req.Site {
-		now := time.Now()
-		last := n.leases.lastRenewal(term, req.Volume, cur, now)
-		if left := n.cfg.LeaseTTL - now.Sub(last); left > 0 {
+		now := a.now()
+		last := a.table.lastRenewal(term, req.Volume, cur, now)
+		if left := a.ttl - now.Sub(last); left > 0 {
 			return Grant{}, fmt.Errorf("%w: volume %s is attached read-write at site %s (lease epoch %d, expires in %v unless renewed)",
 				ErrLeaseHeld, req.Volume, cur.Holder, cur.Epoch, left.Round(100*time.Millisecond))
 		}
-		n.log.Warn("volume lease expired; granting it to another site", "volume", req.Volume,
+		a.log.Warn("volume lease expired; granting it to another site", "volume", req.Volume,
 			"old_holder", cur.Holder, "epoch", cur.Epoch, "new_holder", req.Site, "unrenewed_for", now.Sub(last).Round(time.Millisecond))
 	}
 	cmd := &fsm.AcquireLease{Volume: req.Volume, Site: req.Site, Created: req.Created, Prev: cur.Epoch}
@@ -208,7 +240,7 @@ func (n *Node) acquireLocal(ctx context.Context, req leaseRequest) (Grant, error
 	}
 	// Proposed here, never forwarded: the expiry was judged by this
 	// leader's view of renewals.
-	res, err := n.applyLocal(ctx, cmd, data, n.cfg.Name)
+	res, err := a.prop.applyLocal(ctx, cmd, data, a.self)
 	if err != nil {
 		return Grant{}, err
 	}
@@ -220,8 +252,8 @@ func (n *Node) acquireLocal(ctx context.Context, req leaseRequest) (Grant, error
 		return Grant{}, res.Err
 	}
 	g := Grant{Epoch: cur.Epoch + 1, Index: res.Index}
-	n.leases.renewed(term, req.Volume, req.Site, g.Epoch, time.Now())
-	n.log.Info("volume lease granted", "volume", req.Volume, "holder", req.Site, "epoch", g.Epoch, "index", g.Index)
+	a.table.renewed(term, req.Volume, req.Site, g.Epoch, a.now())
+	a.log.Info("volume lease granted", "volume", req.Volume, "holder", req.Site, "epoch", g.Epoch, "index", g.Index)
 	return g, nil
 }
 
@@ -230,19 +262,19 @@ func (n *Node) acquireLocal(ctx context.Context, req leaseRequest) (Grant, error
 // request arrived: a deposed leader that has not noticed yet must not extend
 // a lease its successor may already be expiring (see DESIGN.md, "Leases and
 // self-fencing").
-func (n *Node) renewLocal(req leaseRequest) error {
-	if !n.IsLeader() {
+func (a *leaseArbiter) renewLocal(req leaseRequest) error {
+	if !a.leader.IsLeader() {
 		return ErrNotLeader
 	}
-	term := n.raft.CurrentTerm()
-	at := time.Now()
-	if err := n.raft.VerifyLeader().Error(); err != nil {
+	term := a.raft.CurrentTerm()
+	at := a.now()
+	if err := a.raft.VerifyLeader().Error(); err != nil {
 		return raftErr(err)
 	}
-	if n.raft.CurrentTerm() != term {
+	if a.raft.CurrentTerm() != term {
 		return fmt.Errorf("%w: term changed during renewal", ErrNotLeader)
 	}
-	cur, _ := n.fsm.Lease(req.Volume)
+	cur, _ := a.state.Lease(req.Volume)
 	switch {
 	case cur.Epoch > req.Epoch || cur.Epoch == req.Epoch && cur.Holder != req.Site:
 		return fmt.Errorf("%w: volume %s: site %s held epoch %d; the lease is now at epoch %d (holder %q)",
@@ -251,37 +283,24 @@ func (n *Node) renewLocal(req leaseRequest) error {
 		// This leader has not applied the acquisition yet; it is
 		// committed (the holder learned its epoch from a commit).
 	}
-	n.leases.renewed(term, req.Volume, req.Site, req.Epoch, at)
+	a.table.renewed(term, req.Volume, req.Site, req.Epoch, at)
 	return nil
 }
 
-// leaderAPI returns the leader's API address.
-func (n *Node) leaderAPI() (string, error) {
-	leader := n.Leader()
-	if leader == "" {
-		return "", ErrNoLeader
-	}
-	meta, ok := n.memberMeta(leader)
-	if !ok || meta.API == "" {
-		return "", fmt.Errorf("%w: leader %s has no known API address yet", ErrNoLeader, leader)
-	}
-	return meta.API, nil
-}
-
-// onLeaderCall is onLeader for the lease endpoints, which answer a body.
-// Both callbacks get the time the attempt was sent.
-func (n *Node) onLeaderCall(ctx context.Context, local func(sent time.Time) error, path string, req leaseRequest, ok func(rep leaseReply, sent time.Time)) error {
+// onLeaderCall is admin.onLeader for the lease endpoints, which answer a
+// body. Both callbacks get the time the attempt was sent.
+func (a *leaseArbiter) onLeaderCall(ctx context.Context, local func(sent time.Time) error, path string, req leaseRequest, ok func(rep leaseReply, sent time.Time)) error {
 	backoff := 20 * time.Millisecond
 	for {
 		var err error
-		sent := time.Now()
-		if n.IsLeader() {
+		sent := a.now()
+		if a.leader.IsLeader() {
 			err = local(sent)
-		} else if addr, aerr := n.leaderAPI(); aerr != nil {
+		} else if _, addr, aerr := leaderAPI(a.leader, a.book); aerr != nil {
 			err = aerr
 		} else {
 			var rep leaseReply
-			if rep, err = n.rpc.lease(ctx, addr, path, req); err == nil {
+			if rep, err = a.rpc.lease(ctx, addr, path, req); err == nil {
 				ok(rep, sent)
 			}
 		}
@@ -291,7 +310,7 @@ func (n *Node) onLeaderCall(ctx context.Context, local func(sent time.Time) erro
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("%w (last: %v)", ctx.Err(), err)
-		case <-n.stop:
+		case <-a.stop:
 			return ErrClosed
 		case <-time.After(backoff):
 		}
@@ -299,7 +318,7 @@ func (n *Node) onLeaderCall(ctx context.Context, local func(sent time.Time) erro
 	}
 }
 
-func (n *Node) handleLease(w http.ResponseWriter, r *http.Request) {
+func (a *leaseArbiter) handleLease(w http.ResponseWriter, r *http.Request) {
 	var req leaseRequest
 	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4096)).Decode(&req); err != nil {
 		writeJSON(w, http.StatusBadRequest, leaseReply{Code: "invalid", Error: err.Error()})
@@ -312,12 +331,12 @@ func (n *Node) handleLease(w http.ResponseWriter, r *http.Request) {
 	switch r.URL.Path {
 	case pathLeaseAcquire:
 		var g Grant
-		g, err = n.acquireLocal(r.Context(), req)
+		g, err = a.acquireLocal(r.Context(), req)
 		rep.Epoch, rep.Index = g.Epoch, g.Index
 	case pathLeaseRenew:
-		err = n.renewLocal(req)
+		err = a.renewLocal(req)
 	case pathReadIndex:
-		rep.Index, err = n.readIndexLocal()
+		rep.Index, err = a.readIndexLocal()
 	}
 	if err != nil {
 		rep.Code, rep.Error = leaseCode(err), err.Error()

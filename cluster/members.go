@@ -1,11 +1,11 @@
 package cluster
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"log"
+	"log/slog"
 	"maps"
 	"net"
 	"os"
@@ -14,10 +14,10 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/memberlist"
-	"github.com/hashicorp/raft"
 )
 
 // siteMeta is what each site gossips about itself.
@@ -43,7 +43,7 @@ type siteMeta struct {
 // outside its lock is a data race. Events hand over a node while
 // memberlist holds that lock, so copying there is safe.
 type delegate struct {
-	n *Node
+	m *membership
 
 	mu    sync.Mutex // guards meta and nodes
 	meta  []byte     // this site's encoded siteMeta
@@ -59,12 +59,12 @@ type gossipNode struct {
 func (d *delegate) set(n *memberlist.Node) {
 	var meta siteMeta
 	if json.Unmarshal(n.Meta, &meta) == nil {
-		d.n.refused.advertised(n.Name, meta.Cluster)
+		d.m.refused.advertised(n.Name, meta.Cluster)
 	}
 	d.mu.Lock()
 	d.nodes[n.Name] = gossipNode{Addr: n.Address(), Meta: slices.Clone(n.Meta)}
 	d.mu.Unlock()
-	d.n.nudge()
+	d.m.nudge()
 }
 
 // snapshot returns a copy of the live member table.
@@ -113,17 +113,17 @@ func (d *delegate) NotifyMerge(peers []*memberlist.Node) error {
 }
 
 func (d *delegate) checkPeer(peer *memberlist.Node, by string) error {
-	if peer.Name == d.n.cfg.Name {
+	if peer.Name == d.m.cfg.Name {
 		return nil
 	}
 	var meta siteMeta
 	if json.Unmarshal(peer.Meta, &meta) != nil {
 		return nil // not a robib site's metadata (yet): members() skips it
 	}
-	d.n.refused.advertised(peer.Name, meta.Cluster)
-	ours := d.n.fsm.ClusterID()
+	d.m.refused.advertised(peer.Name, meta.Cluster)
+	ours := d.m.ids.ClusterID()
 	if foreign(ours, meta.Cluster) {
-		d.n.refused.once(d.n.log, peer.Name, meta.Cluster, ours, by)
+		d.m.refused.once(d.m.log, peer.Name, meta.Cluster, ours, by)
 		return fmt.Errorf("%w: %s is in cluster %s, this is %s", ErrForeignCluster, peer.Name, meta.Cluster, ours)
 	}
 	return nil
@@ -137,43 +137,78 @@ func (d *delegate) NotifyLeave(n *memberlist.Node) {
 	d.mu.Lock()
 	delete(d.nodes, n.Name)
 	d.mu.Unlock()
-	d.n.nudge()
+	d.m.nudge()
 }
 func (d *delegate) NotifyUpdate(n *memberlist.Node) { d.set(n) }
 
-func (n *Node) nudge() {
+// clusterIDs reads the cluster ID this site's state holds (fsm.FSM).
+type clusterIDs interface {
+	ClusterID() string
+}
+
+// leaveState tells whether this site left (or is leaving) the cluster.
+type leaveState interface {
+	hasLeft() bool
+}
+
+// membership is this site's part in gossip: it runs memberlist (with the
+// delegate, which guards this site's metadata and its copy of the member
+// table under its own lock), keeps the remembered peers (peersMu) and
+// rejoins missing voters, and answers who is alive and where
+// (members, memberMeta). Membership events nudge the reconcile loop
+// through events.
+type membership struct {
+	cfg     Config // Name, the addresses, Join, DataDir
+	log     *slog.Logger
+	ids     clusterIDs
+	fresh   *atomic.Bool // this site is fresh (identity.go); gossiped
+	refused *refusals
+	config  configReader
+	left    leaveState
+	events  chan struct{} // nudges the reconcile loop
+	stop    <-chan struct{}
+	wg      *sync.WaitGroup
+
+	ml     *memberlist.Memberlist
+	gossip *delegate
+
+	peersMu sync.Mutex        // guards peers
+	peers   map[string]string // site name -> gossip address, remembered on disk
+}
+
+func (m *membership) nudge() {
 	select {
-	case n.events <- struct{}{}:
+	case m.events <- struct{}{}:
 	default:
 	}
 }
 
-func (n *Node) openGossip() error {
-	host, portStr, err := net.SplitHostPort(n.cfg.GossipAddr)
+func (m *membership) open() error {
+	host, portStr, err := net.SplitHostPort(m.cfg.GossipAddr)
 	if err != nil {
-		return fmt.Errorf("%w: gossip address %q: %v", ErrInvalidRequest, n.cfg.GossipAddr, err)
+		return fmt.Errorf("%w: gossip address %q: %v", ErrInvalidRequest, m.cfg.GossipAddr, err)
 	}
 	port, err := strconv.Atoi(portStr)
 	if err != nil {
 		return fmt.Errorf("%w: gossip port %q", ErrInvalidRequest, portStr)
 	}
-	meta, err := json.Marshal(n.ownMeta())
+	meta, err := json.Marshal(m.ownMeta())
 	if err != nil {
 		return err
 	}
 	mc := memberlist.DefaultLANConfig()
-	mc.Name = n.cfg.Name
+	mc.Name = m.cfg.Name
 	mc.BindAddr = host
 	mc.BindPort = port
 	mc.AdvertiseAddr = host
 	mc.AdvertisePort = port
-	d := &delegate{meta: meta, n: n, nodes: map[string]gossipNode{}}
-	n.gossip = d
+	d := &delegate{meta: meta, m: m, nodes: map[string]gossipNode{}}
+	m.gossip = d
 	mc.Delegate = d
 	mc.Events = d
 	mc.Alive = d
 	mc.Merge = d
-	mc.Logger = log.New(&logWriter{log: n.log, component: "gossip"}, "", 0)
+	mc.Logger = log.New(&logWriter{log: m.log, component: "gossip"}, "", 0)
 	// Faster failure detection than the LAN default: sites are few.
 	mc.ProbeInterval = 500 * time.Millisecond
 	mc.ProbeTimeout = 250 * time.Millisecond
@@ -186,29 +221,32 @@ func (n *Node) openGossip() error {
 	mc.TCPTimeout = 3 * time.Second // bounds each join attempt, and so shutdown
 	ml, err := memberlist.Create(mc)
 	if err != nil {
-		return fmt.Errorf("starting gossip on %s: %w", n.cfg.GossipAddr, err)
+		return fmt.Errorf("starting gossip on %s: %w", m.cfg.GossipAddr, err)
 	}
-	n.ml = ml
-	n.loadPeers()
-	n.wg.Add(1)
-	go n.gossipLoop()
+	m.ml = ml
+	m.loadPeers()
+	m.wg.Add(1)
+	go m.gossipLoop()
 	return nil
 }
 
 // ownMeta is what this site gossips about itself now.
-func (n *Node) ownMeta() siteMeta {
-	return siteMeta{Raft: n.cfg.RaftAddr, API: n.cfg.APIAddr, NBD: n.cfg.NBDAddr, Cluster: n.fsm.ClusterID(), Fresh: n.fresh.Load()}
+func (m *membership) ownMeta() siteMeta {
+	return siteMeta{Raft: m.cfg.RaftAddr, API: m.cfg.APIAddr, NBD: m.cfg.NBDAddr, Cluster: m.ids.ClusterID(), Fresh: m.fresh.Load()}
 }
 
 // refreshMeta gossips this site's metadata again when it changed (the
 // cluster ID became known, the site stopped being fresh).
-func (n *Node) refreshMeta() {
-	b, err := json.Marshal(n.ownMeta())
-	if err != nil || !n.gossip.setMeta(b) {
+func (m *membership) refreshMeta() {
+	if m.gossip == nil {
+		return // gossip not started (yet)
+	}
+	b, err := json.Marshal(m.ownMeta())
+	if err != nil || !m.gossip.setMeta(b) {
 		return
 	}
-	if err := n.ml.UpdateNode(2 * time.Second); err != nil {
-		n.log.Warn("gossiping updated site metadata", "err", err)
+	if err := m.ml.UpdateNode(2 * time.Second); err != nil {
+		m.log.Warn("gossiping updated site metadata", "err", err)
 	}
 }
 
@@ -219,36 +257,36 @@ func (n *Node) refreshMeta() {
 // address on disk and, whenever a Raft voter is missing from gossip, joins
 // through the --join addresses and the remembered addresses of the missing
 // sites.
-func (n *Node) gossipLoop() {
-	defer n.wg.Done()
-	joined := len(n.cfg.Join) == 0 // with --join, first reach one of them
+func (m *membership) gossipLoop() {
+	defer m.wg.Done()
+	joined := len(m.cfg.Join) == 0 // with --join, first reach one of them
 	wait := 100 * time.Millisecond
 	warned := false
 	for {
 		select {
-		case <-n.stop:
+		case <-m.stop:
 			return
 		case <-time.After(wait):
 		}
-		if n.hasLeft() {
+		if m.left.hasLeft() {
 			return // a site that left must not find its way back
 		}
-		n.rememberPeers()
-		targets := n.rejoinTargets(!joined)
+		m.rememberPeers()
+		targets := m.rejoinTargets(!joined)
 		if len(targets) == 0 {
 			wait = 2 * time.Second
 			continue
 		}
-		if _, err := n.ml.Join(targets); err != nil {
+		if _, err := m.ml.Join(targets); err != nil {
 			if !warned {
-				n.log.Warn("cannot reach other sites through gossip; retrying", "via", targets, "err", err)
+				m.log.Warn("cannot reach other sites through gossip; retrying", "via", targets, "err", err)
 				warned = true
 			}
 			wait = min(2*wait, 5*time.Second)
 			continue
 		}
 		if !joined || warned {
-			n.log.Info("joined gossip", "via", targets)
+			m.log.Info("joined gossip", "via", targets)
 		}
 		joined, warned = true, false
 		wait = 2 * time.Second
@@ -258,14 +296,14 @@ func (n *Node) gossipLoop() {
 // rejoinTargets lists gossip addresses to join: all known ones when
 // initial is set, else those of Raft voters missing from gossip (plus the
 // --join addresses), or nothing when every voter gossips.
-func (n *Node) rejoinTargets(initial bool) []string {
+func (m *membership) rejoinTargets(initial bool) []string {
 	alive := map[string]bool{}
-	for name := range n.gossip.snapshot() {
+	for name := range m.gossip.snapshot() {
 		alive[name] = true
 	}
 	missing := initial
 	if !initial {
-		if fut := n.raft.GetConfiguration(); fut.Error() == nil {
+		if fut := m.config.GetConfiguration(); fut.Error() == nil {
 			for _, s := range fut.Configuration().Servers {
 				if !alive[string(s.ID)] {
 					missing = true
@@ -277,17 +315,17 @@ func (n *Node) rejoinTargets(initial bool) []string {
 		return nil
 	}
 	set := map[string]bool{}
-	for _, a := range n.cfg.Join {
+	for _, a := range m.cfg.Join {
 		set[a] = true
 	}
-	n.peersMu.Lock()
-	for name, addr := range n.peers {
+	m.peersMu.Lock()
+	for name, addr := range m.peers {
 		if !alive[name] {
 			set[addr] = true
 		}
 	}
-	n.peersMu.Unlock()
-	delete(set, n.cfg.GossipAddr)
+	m.peersMu.Unlock()
+	delete(set, m.cfg.GossipAddr)
 	out := make([]string, 0, len(set))
 	for a := range set {
 		out = append(out, a)
@@ -297,52 +335,54 @@ func (n *Node) rejoinTargets(initial bool) []string {
 }
 
 // peersFile holds the gossip addresses of the sites this one has seen.
-func (n *Node) peersFile() string { return filepath.Join(n.cfg.DataDir, "raft", "gossip-peers.json") }
+func (m *membership) peersFile() string {
+	return filepath.Join(m.cfg.DataDir, "raft", "gossip-peers.json")
+}
 
 // loadPeers reads the remembered gossip addresses; a missing or unreadable
 // file only costs the automatic rejoin, so it is logged, not fatal.
-func (n *Node) loadPeers() {
-	n.peers = map[string]string{}
-	b, err := os.ReadFile(n.peersFile())
+func (m *membership) loadPeers() {
+	m.peers = map[string]string{}
+	b, err := os.ReadFile(m.peersFile())
 	if err != nil {
 		if !errors.Is(err, os.ErrNotExist) {
-			n.log.Warn("reading remembered gossip peers", "err", err)
+			m.log.Warn("reading remembered gossip peers", "err", err)
 		}
 		return
 	}
-	if err := json.Unmarshal(b, &n.peers); err != nil {
-		n.log.Warn("ignoring corrupt gossip peers file", "file", n.peersFile(), "err", err)
-		n.peers = map[string]string{}
+	if err := json.Unmarshal(b, &m.peers); err != nil {
+		m.log.Warn("ignoring corrupt gossip peers file", "file", m.peersFile(), "err", err)
+		m.peers = map[string]string{}
 	}
 }
 
 // rememberPeers records the gossip address of every live member and saves
 // the list when it changed (write to a temporary file, then rename).
-func (n *Node) rememberPeers() {
+func (m *membership) rememberPeers() {
 	changed := false
-	n.peersMu.Lock()
-	defer n.peersMu.Unlock()
-	for name, g := range n.gossip.snapshot() {
-		if name == n.cfg.Name {
+	m.peersMu.Lock()
+	defer m.peersMu.Unlock()
+	for name, g := range m.gossip.snapshot() {
+		if name == m.cfg.Name {
 			continue
 		}
-		if n.peers[name] != g.Addr {
-			n.peers[name] = g.Addr
+		if m.peers[name] != g.Addr {
+			m.peers[name] = g.Addr
 			changed = true
 		}
 	}
 	if !changed {
 		return
 	}
-	b, err := json.MarshalIndent(n.peers, "", "  ")
+	b, err := json.MarshalIndent(m.peers, "", "  ")
 	if err == nil {
-		tmp := n.peersFile() + ".tmp"
+		tmp := m.peersFile() + ".tmp"
 		if err = os.WriteFile(tmp, b, 0o600); err == nil {
-			err = os.Rename(tmp, n.peersFile())
+			err = os.Rename(tmp, m.peersFile())
 		}
 	}
 	if err != nil {
-		n.log.Warn("saving gossip peers", "err", err)
+		m.log.Warn("saving gossip peers", "err", err)
 	}
 }
 
@@ -353,9 +393,9 @@ type member struct {
 }
 
 // members lists the sites gossip currently knows as alive (or suspect).
-func (n *Node) members() []member {
+func (m *membership) members() []member {
 	var out []member
-	for name, g := range n.gossip.snapshot() {
+	for name, g := range m.gossip.snapshot() {
 		var meta siteMeta
 		if err := json.Unmarshal(g.Meta, &meta); err != nil || meta.Raft == "" {
 			continue
@@ -367,210 +407,27 @@ func (n *Node) members() []member {
 }
 
 // memberMeta returns the gossiped addresses of a site.
-func (n *Node) memberMeta(name string) (siteMeta, bool) {
-	if name == n.cfg.Name {
-		return n.ownMeta(), true
+func (m *membership) memberMeta(name string) (siteMeta, bool) {
+	if name == m.cfg.Name {
+		return m.ownMeta(), true
 	}
-	for _, m := range n.members() {
-		if m.Name == name {
-			return m.Meta, true
+	for _, x := range m.members() {
+		if x.Name == name {
+			return x.Meta, true
 		}
 	}
 	return siteMeta{}, false
 }
 
-// bootstrapExpectLoop waits until BootstrapExpect sites gossip, then
-// bootstraps Raft with exactly those sites. Every starting site does the same
-// with the same sorted list, which Raft accepts as one configuration.
-func (n *Node) bootstrapExpectLoop() {
-	defer n.wg.Done()
-	t := time.NewTicker(200 * time.Millisecond)
-	defer t.Stop()
-	for {
-		select {
-		case <-n.stop:
-			return
-		case <-t.C:
-		}
-		if n.Leader() != "" {
-			return // someone else bootstrapped and we were added
-		}
-		ms := n.members()
-		if i := slices.IndexFunc(ms, func(m member) bool { return m.Meta.Cluster != "" }); i >= 0 {
-			// A cluster exists already: this site (with no Raft state) is
-			// a new or wiped one, and joins it as a fresh non-voter.
-			n.log.Warn("a cluster exists already; joining it instead of bootstrapping",
-				"member", ms[i].Name, "cluster_id", ms[i].Meta.Cluster)
-			return
-		}
-		if len(ms) < n.cfg.BootstrapExpect {
-			continue
-		}
-		var servers []raft.Server
-		for _, m := range ms[:n.cfg.BootstrapExpect] {
-			servers = append(servers, raft.Server{Suffrage: raft.Voter, ID: raft.ServerID(m.Name), Address: raft.ServerAddress(m.Meta.Raft)})
-		}
-		if !slices.ContainsFunc(servers, func(s raft.Server) bool { return s.ID == raft.ServerID(n.cfg.Name) }) {
-			n.log.Warn("more sites than --bootstrap-expect are gossiping; waiting to be added by the leader")
-			return
-		}
-		n.log.Info("bootstrapping cluster", "sites", len(servers))
-		// A founding voter: its empty vote record and log are the truth.
-		if err := n.clearFresh("founding voter"); err != nil {
-			n.log.Error("bootstrap failed", "err", err)
-			return
-		}
-		if err := n.bootstrap(servers); err != nil {
-			n.log.Error("bootstrap failed", "err", err)
-		}
+// leave announces this site's departure to gossip.
+func (m *membership) leave(timeout time.Duration) error { return m.ml.Leave(timeout) }
+
+// shutdown stops gossip without announcing a leave.
+func (m *membership) shutdown() {
+	if m.ml == nil {
 		return
 	}
-}
-
-// reconcileLoop keeps this site's gossip metadata current and ends its
-// fresh state when due; on the leader it fixes the cluster ID and
-// reconciles the Raft configuration with the live gossip members. A site
-// that dies stays a voter: it is a backup, and only an operator removes it
-// (cluster leave / cluster remove).
-func (n *Node) reconcileLoop() {
-	defer n.wg.Done()
-	t := time.NewTicker(500 * time.Millisecond)
-	defer t.Stop()
-	for {
-		select {
-		case <-n.stop:
-			return
-		case <-t.C:
-		case <-n.events:
-		}
-		// Remember new peers' gossip addresses at once (membership events
-		// nudge this loop): a site restarted soon after it first joined must
-		// still find them, or it waits for the others' next push/pull.
-		if !n.hasLeft() {
-			n.rememberPeers()
-		}
-		n.checkFresh()
-		n.refreshMeta()
-		if n.raft.State() != raft.Leader {
-			continue
-		}
-		n.ensureClusterID()
-		if err := n.reconcile(); err != nil {
-			n.log.Warn("reconciling members", "err", err)
-		}
+	if err := m.ml.Shutdown(); err != nil {
+		m.log.Warn("gossip shutdown", "err", err)
 	}
-}
-
-// reconcile, on the leader, brings the Raft configuration in line with the
-// live gossip members, one change per member and round:
-//
-//   - a member of another cluster (another cluster ID) is never added;
-//     neither is any member advertising an ID while this site knows none;
-//   - a member not in the configuration joins as a non-voter;
-//   - a fresh member listed as a voter (its data directory was wiped) is
-//     demoted to non-voter first;
-//   - a non-voter that is not fresh and is caught up (applied within
-//     promoteMaxLag entries of the leader's commit index) becomes a voter;
-//   - a changed address is updated, keeping the suffrage.
-func (n *Node) reconcile() error {
-	fut := n.raft.GetConfiguration()
-	if err := fut.Error(); err != nil {
-		return err
-	}
-	known := map[raft.ServerID]raft.Server{}
-	for _, s := range fut.Configuration().Servers {
-		known[s.ID] = s
-	}
-	ours := n.fsm.ClusterID()
-	for _, m := range n.members() {
-		id, addr := raft.ServerID(m.Name), raft.ServerAddress(m.Meta.Raft)
-		if m.Name == n.cfg.Name {
-			continue
-		}
-		if foreign(ours, m.Meta.Cluster) {
-			n.refused.once(n.log, m.Name, m.Meta.Cluster, ours, "raft membership")
-			continue
-		}
-		if ours == "" && m.Meta.Cluster != "" {
-			continue // cannot tell yet whether it is ours
-		}
-		cur, inConfig := known[id]
-		switch {
-		case !inConfig:
-			n.log.Info("adding site as non-voter; it becomes a voter once caught up", "site", m.Name, "raft", m.Meta.Raft, "fresh", m.Meta.Fresh)
-			if err := n.raft.AddNonvoter(id, addr, 0, 10*time.Second).Error(); err != nil {
-				return fmt.Errorf("adding %s: %w", m.Name, err)
-			}
-		case m.Meta.Fresh && cur.Suffrage == raft.Voter:
-			// Gossip may still carry the metadata of a founding voter's
-			// first moments (fresh until it bootstrapped): the site's own
-			// answer decides.
-			if s, err := n.memberStatus(m); err != nil || !s.Fresh {
-				continue
-			}
-			n.log.Error("site restarted with an empty raft directory but is listed as a voter: demoting it to non-voter "+
-				"until it caught up (its old votes and log are gone)", "site", m.Name)
-			if err := n.raft.DemoteVoter(id, 0, 10*time.Second).Error(); err != nil {
-				return fmt.Errorf("demoting %s: %w", m.Name, err)
-			}
-		case cur.Address != addr && cur.Suffrage == raft.Voter:
-			n.log.Info("updating a voter's address", "site", m.Name, "raft", m.Meta.Raft)
-			if err := n.raft.AddVoter(id, addr, 0, 10*time.Second).Error(); err != nil {
-				return fmt.Errorf("updating %s: %w", m.Name, err)
-			}
-		case cur.Address != addr:
-			n.log.Info("updating a non-voter's address", "site", m.Name, "raft", m.Meta.Raft)
-			if err := n.raft.AddNonvoter(id, addr, 0, 10*time.Second).Error(); err != nil {
-				return fmt.Errorf("updating %s: %w", m.Name, err)
-			}
-		case cur.Suffrage == raft.Nonvoter && !m.Meta.Fresh:
-			lag, err := n.nonvoterLag(m)
-			if err != nil {
-				n.log.Debug("non-voter progress unknown", "site", m.Name, "err", err)
-				continue
-			}
-			if lag > promoteMaxLag {
-				continue
-			}
-			n.log.Info("promoting caught-up non-voter to voter", "site", m.Name, "lag", lag)
-			if err := n.raft.AddVoter(id, addr, 0, 10*time.Second).Error(); err != nil {
-				return fmt.Errorf("promoting %s: %w", m.Name, err)
-			}
-		}
-	}
-	return nil
-}
-
-// memberStatus asks a member for its own status (its local view).
-func (n *Node) memberStatus(m member) (SiteStatus, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	var s SiteStatus
-	if err := n.rpc.getJSON(ctx, m.Meta.API, pathLocalStatus, &s); err != nil {
-		return SiteStatus{}, err
-	}
-	if s.Name != m.Name || foreign(n.fsm.ClusterID(), s.ClusterID) {
-		return SiteStatus{}, fmt.Errorf("%w: %s answers as %s of cluster %q", ErrForeignCluster, m.Meta.API, s.Name, s.ClusterID)
-	}
-	return s, nil
-}
-
-// nonvoterLag asks a member how far it has applied and returns how many
-// entries that is behind this leader's commit index.
-func (n *Node) nonvoterLag(m member) (uint64, error) {
-	s, err := n.memberStatus(m)
-	if err != nil {
-		return 0, err
-	}
-	if s.Fresh {
-		return 0, fmt.Errorf("%s is still fresh", m.Name)
-	}
-	commit, err := strconv.ParseUint(n.raft.Stats()["commit_index"], 10, 64)
-	if err != nil {
-		return 0, err
-	}
-	if s.AppliedIndex >= commit {
-		return 0, nil
-	}
-	return commit - s.AppliedIndex, nil
 }

@@ -1,10 +1,9 @@
 package cluster
 
 import (
+	"log/slog"
 	"sync"
 	"time"
-
-	"github.com/hashicorp/raft"
 )
 
 // Leader placement: with Config.LeaderFollowsWrites the leader hands
@@ -118,43 +117,47 @@ func (p *placer) observe(now time.Time, leader bool, counts map[string]int) stri
 	return site
 }
 
-// placementLoop runs the placer every window while the node is open.
-func (n *Node) placementLoop() {
-	defer n.wg.Done()
-	t := time.NewTicker(placementWindow)
-	defer t.Stop()
-	p := placer{self: n.cfg.Name}
-	for {
-		select {
-		case <-n.stop:
-			return
-		case now := <-t.C:
-			leader := n.IsLeader() && !n.hasLeft()
-			site := p.observe(now, leader, n.origins.take())
-			if site == "" || !n.isLiveVoter(site) {
-				continue
-			}
-			n.log.Info("moving leadership to the site that writes", "site", site)
-			if err := n.transferLocal(site); err != nil {
-				n.log.Warn("leadership transfer to the writing site failed", "site", site, "err", err)
-			}
-		}
-	}
+// leaderMover is what placement needs to move leadership (admin).
+type leaderMover interface {
+	hasLeft() bool
+	isLiveVoter(site string) bool
+	transferLocal(site string) error
 }
 
-// isLiveVoter reports whether site is a voter that gossip sees alive.
-func (n *Node) isLiveVoter(site string) bool {
-	if _, ok := n.memberMeta(site); !ok {
-		return false
-	}
-	cfg := n.raft.GetConfiguration()
-	if cfg.Error() != nil {
-		return false
-	}
-	for _, s := range cfg.Configuration().Servers {
-		if string(s.ID) == site {
-			return s.Suffrage == raft.Voter
+// placement is leader placement: the leader's count of write batches by
+// origin (origins, under its own lock, written by every proposal) and the
+// loop that runs the placer on it every window (the placer is the loop's
+// alone).
+type placement struct {
+	self    string
+	log     *slog.Logger
+	leader  leadership
+	mover   leaderMover
+	origins writeOrigins
+}
+
+// note counts one write batch from site (originCounter).
+func (p *placement) note(site string) { p.origins.note(site) }
+
+// loop runs the placer every window until stop is closed.
+func (p *placement) loop(stop <-chan struct{}) {
+	t := time.NewTicker(placementWindow)
+	defer t.Stop()
+	pl := placer{self: p.self}
+	for {
+		select {
+		case <-stop:
+			return
+		case now := <-t.C:
+			leader := p.leader.IsLeader() && !p.mover.hasLeft()
+			site := pl.observe(now, leader, p.origins.take())
+			if site == "" || !p.mover.isLiveVoter(site) {
+				continue
+			}
+			p.log.Info("moving leadership to the site that writes", "site", site)
+			if err := p.mover.transferLocal(site); err != nil {
+				p.log.Warn("leadership transfer to the writing site failed", "site", site, "err", err)
+			}
 		}
 	}
-	return false
 }

@@ -4,6 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
+	"net/http"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -14,37 +17,72 @@ import (
 // defaultApplyTimeout bounds a proposal whose ctx has no deadline.
 const defaultApplyTimeout = 30 * time.Second
 
-// Apply proposes one command and returns once it is committed on a majority
-// of sites and applied by the leader, with its log index. It makes one
-// attempt: on the leader it appends to Raft, elsewhere it forwards to the
-// leader. Retryable failures wrap ErrRetry; the FSM's verdict comes back as
-// its own error (fsm.ErrUnknownVolume, ...).
-func (n *Node) Apply(ctx context.Context, cmd fsm.Command) (*fsm.Result, error) {
+// proposeRaft is what the proposer needs of Raft on the leader.
+type proposeRaft interface {
+	Apply(cmd []byte, timeout time.Duration) raft.ApplyFuture
+	LeadershipTransfer() raft.Future
+}
+
+// forwarder carries an encoded command to the leader's API (rpcClient).
+type forwarder interface {
+	apply(ctx context.Context, addr, origin string, data []byte) (*fsm.Result, time.Duration, error)
+}
+
+// appliedWaiter waits until this site's FSM applied an index (fsm.FSM).
+type appliedWaiter interface {
+	WaitApplied(ctx context.Context, index uint64) error
+}
+
+// originCounter counts write batches by the site they came from
+// (placement.go).
+type originCounter interface {
+	note(site string)
+}
+
+// proposer gets commands committed: it appends them to the Raft log on the
+// leader, or forwards them to the leader from any other site, and serves
+// forwarded ones (handleApply). Its own state is the sequencer (its own
+// lock) and stepDownOnce; everything else it reads through the interfaces.
+type proposer struct {
+	self    string
+	log     *slog.Logger
+	raft    proposeRaft
+	leader  leadership
+	book    addressBook
+	changes leaderChanges
+	fwd     forwarder
+	applied appliedWaiter
+	origins originCounter // nil: not counted (no LeaderFollowsWrites)
+	stages  *Stages       // nil records nothing
+	stop    <-chan struct{}
+
+	seq          *sequencer
+	stepDownOnce sync.Once
+}
+
+// Apply implements Node.Apply.
+func (p *proposer) Apply(ctx context.Context, cmd fsm.Command) (*fsm.Result, error) {
 	data, err := fsm.Encode(cmd)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalidRequest, err)
 	}
-	return n.propose(ctx, cmd, data)
+	return p.propose(ctx, cmd, data)
 }
 
-// ApplyAndWait is Apply followed by waiting until this site has applied the
-// command too, so the caller's next local read sees it. It retries
-// transient conditions (no leader, leader change) until ctx ends; use it for
-// admin commands, never for write batches (their retries need the writer's
-// ordering, see dcd).
-func (n *Node) ApplyAndWait(ctx context.Context, cmd fsm.Command) (*fsm.Result, error) {
+// ApplyAndWait implements Node.ApplyAndWait.
+func (p *proposer) ApplyAndWait(ctx context.Context, cmd fsm.Command) (*fsm.Result, error) {
 	data, err := fsm.Encode(cmd)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalidRequest, err)
 	}
 	backoff := 20 * time.Millisecond
 	for {
-		res, err := n.propose(ctx, cmd, data)
+		res, err := p.propose(ctx, cmd, data)
 		if err == nil {
 			if res.Err != nil {
 				return res, res.Err
 			}
-			return res, n.fsm.WaitApplied(ctx, res.Index)
+			return res, p.applied.WaitApplied(ctx, res.Index)
 		}
 		if !errors.Is(err, ErrRetry) {
 			return nil, err
@@ -52,7 +90,7 @@ func (n *Node) ApplyAndWait(ctx context.Context, cmd fsm.Command) (*fsm.Result, 
 		select {
 		case <-ctx.Done():
 			return nil, fmt.Errorf("%w (last: %v)", ctx.Err(), err)
-		case <-n.stop:
+		case <-p.stop:
 			return nil, ErrClosed
 		case <-time.After(backoff):
 		}
@@ -60,44 +98,39 @@ func (n *Node) ApplyAndWait(ctx context.Context, cmd fsm.Command) (*fsm.Result, 
 	}
 }
 
-// Commit replicates a write batch (dcd.Committer). It returns once the
-// batch is committed on a majority, with the index where it took effect.
-func (n *Node) Commit(ctx context.Context, b *fsm.WriteBatch) (uint64, error) {
-	res, err := n.Apply(ctx, b)
+// Commit implements Node.Commit.
+func (p *proposer) Commit(ctx context.Context, b *fsm.WriteBatch) (uint64, error) {
+	res, err := p.Apply(ctx, b)
 	if err != nil {
 		return 0, err
 	}
 	return res.Index, res.Err
 }
 
-// WaitApplied blocks until this site's FSM applied index (dcd.Committer).
-func (n *Node) WaitApplied(ctx context.Context, index uint64) error {
-	return n.fsm.WaitApplied(ctx, index)
+// WaitApplied implements Node.WaitApplied.
+func (p *proposer) WaitApplied(ctx context.Context, index uint64) error {
+	return p.applied.WaitApplied(ctx, index)
 }
 
 // propose applies encoded data on the leader, locally or by forwarding.
-func (n *Node) propose(ctx context.Context, cmd fsm.Command, data []byte) (*fsm.Result, error) {
+func (p *proposer) propose(ctx context.Context, cmd fsm.Command, data []byte) (*fsm.Result, error) {
 	select {
-	case <-n.stop:
+	case <-p.stop:
 		return nil, ErrClosed
 	default:
 	}
-	if n.raft.State() == raft.Leader {
-		return n.applyLocal(ctx, cmd, data, n.cfg.Name)
+	if p.leader.IsLeader() {
+		return p.applyLocal(ctx, cmd, data, p.self)
 	}
-	leader := n.Leader()
-	if leader == "" {
-		return nil, ErrNoLeader
-	}
-	meta, ok := n.memberMeta(leader)
-	if !ok || meta.API == "" {
-		return nil, fmt.Errorf("%w: leader %s has no known API address yet", ErrNoLeader, leader)
+	leader, api, err := leaderAPI(p.leader, p.book)
+	if err != nil {
+		return nil, err
 	}
 	// Abandon the forward when the leader changes: the old one may be
 	// dead or cut off and never answer. The entry may still have been
 	// committed; writers resend and the FSM deduplicates.
-	changed := n.leaderChange()
-	if n.Leader() != leader {
+	changed := p.changes.change()
+	if p.leader.Leader() != leader {
 		return nil, fmt.Errorf("%w: leader changed", ErrNotLeader)
 	}
 	fctx, cancel := context.WithCancel(ctx)
@@ -110,13 +143,13 @@ func (n *Node) propose(ctx context.Context, cmd fsm.Command, data []byte) (*fsm.
 		}
 	}()
 	start := time.Now()
-	res, leaderTook, err := n.rpc.apply(fctx, meta.API, n.cfg.Name, data)
+	res, leaderTook, err := p.fwd.apply(fctx, api, p.self, data)
 	if err != nil && ctx.Err() == nil && fctx.Err() != nil {
 		return nil, fmt.Errorf("%w: leader %s replaced while a request to it was in flight", ErrNotLeader, leader)
 	}
 	if err == nil && leaderTook > 0 {
 		if _, ok := cmd.(*fsm.WriteBatch); ok {
-			n.cfg.Stages.Record("forward", max(time.Since(start)-leaderTook, 0))
+			p.stages.Record("forward", max(time.Since(start)-leaderTook, 0))
 		}
 	}
 	return res, err
@@ -126,7 +159,7 @@ func (n *Node) propose(ctx context.Context, cmd fsm.Command, data []byte) (*fsm.
 // for it to be committed and applied. Write batches pass the sequencer so a
 // session's pipelined batches enter the log in Seq order, and are counted
 // by origin, the site that sent them (leader placement).
-func (n *Node) applyLocal(ctx context.Context, cmd fsm.Command, data []byte, origin string) (*fsm.Result, error) {
+func (p *proposer) applyLocal(ctx context.Context, cmd fsm.Command, data []byte, origin string) (*fsm.Result, error) {
 	timeout := defaultApplyTimeout
 	if dl, ok := ctx.Deadline(); ok {
 		timeout = time.Until(dl)
@@ -138,27 +171,27 @@ func (n *Node) applyLocal(ctx context.Context, cmd fsm.Command, data []byte, ori
 	var fut raft.ApplyFuture
 	switch c := cmd.(type) {
 	case *fsm.WriteBatch:
-		if n.cfg.LeaderFollowsWrites {
-			n.origins.note(origin)
+		if p.origins != nil {
+			p.origins.note(origin)
 		}
 		// A forward whose sender gave up (leader change, timeout) while it
 		// waited here is dropped before it reaches the log: the sender
 		// resends it, and a copy appended after the resend would reach the
 		// FSM late. (Safety does not depend on it, see "Late copies of a
 		// batch" in fsm/DESIGN.md, but it keeps them out of the log.)
-		n.seq.append(c.Session, c.Seq, func() {
+		p.seq.append(c.Session, c.Seq, func() {
 			if ctx.Err() == nil {
-				fut = n.raft.Apply(data, timeout)
+				fut = p.raft.Apply(data, timeout)
 			}
 		})
 		if fut == nil {
 			return nil, ctx.Err()
 		}
 	case *fsm.EndSession:
-		n.seq.forget(c.Session)
-		fut = n.raft.Apply(data, timeout)
+		p.seq.forget(c.Session)
+		fut = p.raft.Apply(data, timeout)
 	default:
-		fut = n.raft.Apply(data, timeout)
+		fut = p.raft.Apply(data, timeout)
 	}
 	done := make(chan error, 1)
 	go func() { done <- fut.Error() }()
@@ -176,15 +209,45 @@ func (n *Node) applyLocal(ctx context.Context, cmd fsm.Command, data []byte, ori
 		return nil, fmt.Errorf("unexpected FSM response %T", fut.Response())
 	}
 	if _, ok := cmd.(*fsm.WriteBatch); ok {
-		n.cfg.Stages.Record("leader.propose", time.Since(proposed))
+		p.stages.Record("leader.propose", time.Since(proposed))
 	}
 	if errors.Is(res.Err, fsm.ErrFailed) {
-		n.stepDownOnce.Do(func() {
-			n.log.Error("this site's copy failed to apply a committed entry; handing over leadership", "err", res.Err)
-			go n.raft.LeadershipTransfer()
+		p.stepDownOnce.Do(func() {
+			p.log.Error("this site's copy failed to apply a committed entry; handing over leadership", "err", res.Err)
+			go p.raft.LeadershipTransfer()
 		})
 	}
 	return res, nil
+}
+
+// handleApply serves a forwarded proposal: on the leader it proposes it
+// (never forwarding it again), elsewhere it answers "retry".
+func (p *proposer) handleApply(w http.ResponseWriter, r *http.Request) {
+	data, err := readBody(w, r, maxForwardBody)
+	if err != nil {
+		writeJSON(w, http.StatusBadRequest, applyReply{Code: "invalid", Error: err.Error()})
+		return
+	}
+	if !p.leader.IsLeader() {
+		writeJSON(w, http.StatusOK, applyReply{Retry: true, Error: "not the leader"})
+		return
+	}
+	cmd, err := fsm.Decode(data)
+	if err != nil {
+		writeJSON(w, http.StatusOK, applyReply{Code: fsm.ErrorCode(err), Error: err.Error()})
+		return
+	}
+	start := time.Now()
+	res, err := p.applyLocal(r.Context(), cmd, data, r.Header.Get(headerOrigin))
+	if err != nil {
+		writeJSON(w, http.StatusOK, applyReply{Retry: IsRetryable(err) || errors.Is(err, ErrClosed), Error: err.Error()})
+		return
+	}
+	rep := applyReply{Index: res.Index, Duplicate: res.Duplicate, LeaderNanos: int64(time.Since(start))}
+	if res.Err != nil {
+		rep.Code, rep.Error = fsm.ErrorCode(res.Err), res.Err.Error()
+	}
+	writeJSON(w, http.StatusOK, rep)
 }
 
 // raftErr marks Raft's transient errors as retryable.

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"strconv"
 	"time"
 
 	"github.com/robib/robib/fsm"
@@ -47,45 +46,17 @@ type applyReply struct {
 // Handler serves the internal endpoints. Mount it at /internal/.
 func (n *Node) Handler() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("POST "+pathApply, n.handleApply)
+	mux.HandleFunc("POST "+pathApply, n.prop.handleApply)
 	mux.HandleFunc("GET "+pathLocalStatus, func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, http.StatusOK, n.LocalStatus())
+		writeJSON(w, http.StatusOK, n.reporter.LocalStatus())
 	})
-	mux.HandleFunc("GET "+pathVerify+"{id}", n.handleVerify)
-	mux.HandleFunc("POST "+pathRemoveServer, n.handleRemoveServer)
-	mux.HandleFunc("POST "+pathTransfer, n.handleTransfer)
-	mux.HandleFunc("POST "+pathLeaseAcquire, n.handleLease)
-	mux.HandleFunc("POST "+pathLeaseRenew, n.handleLease)
-	mux.HandleFunc("POST "+pathReadIndex, n.handleLease)
+	mux.HandleFunc("GET "+pathVerify+"{id}", n.verify.handleVerify)
+	mux.HandleFunc("POST "+pathRemoveServer, n.admin.handleRemoveServer)
+	mux.HandleFunc("POST "+pathTransfer, n.admin.handleTransfer)
+	mux.HandleFunc("POST "+pathLeaseAcquire, n.leases.handleLease)
+	mux.HandleFunc("POST "+pathLeaseRenew, n.leases.handleLease)
+	mux.HandleFunc("POST "+pathReadIndex, n.leases.handleLease)
 	return mux
-}
-
-func (n *Node) handleApply(w http.ResponseWriter, r *http.Request) {
-	data, err := readBody(w, r, maxForwardBody)
-	if err != nil {
-		writeJSON(w, http.StatusBadRequest, applyReply{Code: "invalid", Error: err.Error()})
-		return
-	}
-	if !n.IsLeader() {
-		writeJSON(w, http.StatusOK, applyReply{Retry: true, Error: "not the leader"})
-		return
-	}
-	cmd, err := fsm.Decode(data)
-	if err != nil {
-		writeJSON(w, http.StatusOK, applyReply{Code: fsm.ErrorCode(err), Error: err.Error()})
-		return
-	}
-	start := time.Now()
-	res, err := n.applyLocal(r.Context(), cmd, data, r.Header.Get(headerOrigin))
-	if err != nil {
-		writeJSON(w, http.StatusOK, applyReply{Retry: IsRetryable(err) || errors.Is(err, ErrClosed), Error: err.Error()})
-		return
-	}
-	rep := applyReply{Index: res.Index, Duplicate: res.Duplicate, LeaderNanos: int64(time.Since(start))}
-	if res.Err != nil {
-		rep.Code, rep.Error = fsm.ErrorCode(res.Err), res.Err.Error()
-	}
-	writeJSON(w, http.StatusOK, rep)
 }
 
 // readBody reads a request body of at most limit bytes. With a
@@ -104,51 +75,8 @@ func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, erro
 	return io.ReadAll(body)
 }
 
-func (n *Node) handleVerify(w http.ResponseWriter, r *http.Request) {
-	id := r.PathValue("id")
-	idx, _ := strconv.ParseUint(r.URL.Query().Get("index"), 10, 64)
-	ctx, cancel := context.WithTimeout(r.Context(), 60*time.Second)
-	defer cancel()
-	if err := n.fsm.WaitApplied(ctx, idx); err != nil {
-		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"error": fmt.Sprintf("site %s has not applied index %d: %v", n.cfg.Name, idx, err)})
-		return
-	}
-	rep, ok := n.fsm.VerifyResult(id)
-	if !ok {
-		writeJSON(w, http.StatusNotFound, map[string]string{"error": "no verify result " + id + " at site " + n.cfg.Name})
-		return
-	}
-	writeJSON(w, http.StatusOK, rep)
-}
-
 type siteRequest struct {
 	Site string `json:"site"`
-}
-
-func (n *Node) handleRemoveServer(w http.ResponseWriter, r *http.Request) {
-	var req siteRequest
-	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4096)).Decode(&req); err != nil {
-		writeJSON(w, http.StatusBadRequest, map[string]string{"error": err.Error()})
-		return
-	}
-	if err := n.removeServerLocal(req.Site); err != nil {
-		writeJSON(w, statusFor(err), map[string]string{"error": err.Error()})
-		return
-	}
-	w.WriteHeader(http.StatusNoContent)
-}
-
-func (n *Node) handleTransfer(w http.ResponseWriter, r *http.Request) {
-	var req siteRequest
-	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4096)).Decode(&req); err != nil {
-		writeJSON(w, http.StatusBadRequest, map[string]string{"error": err.Error()})
-		return
-	}
-	if err := n.transferLocal(req.Site); err != nil {
-		writeJSON(w, statusFor(err), map[string]string{"error": err.Error()})
-		return
-	}
-	w.WriteHeader(http.StatusNoContent)
 }
 
 func statusFor(err error) int {

@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -52,42 +53,68 @@ type Status struct {
 	Sites       []SiteStatus `json:"sites"`
 }
 
-// LocalStatus is this site's own view.
-func (n *Node) LocalStatus() SiteStatus {
-	st := n.raft.Stats()
+// statusRaft is what status reads of Raft (all lock-free or internally
+// locked in Raft).
+type statusRaft interface {
+	configReader
+	Stats() map[string]string
+	State() raft.RaftState
+	AppliedIndex() uint64
+}
+
+// statusFSM is what status reads of the FSM.
+type statusFSM interface {
+	AppliedIndex() uint64
+	ClusterID() string
+}
+
+// statusReporter is cluster status: this site's own view and the
+// collection of every site's. It has no state of its own.
+type statusReporter struct {
+	cfg     Config // Name and the advertised addresses
+	raft    statusRaft
+	leader  leadership
+	fsm     statusFSM
+	fresh   *atomic.Bool
+	stages  *Stages
+	members memberLister
+	rpc     jsonGetter
+}
+
+// LocalStatus implements Node.LocalStatus.
+func (r *statusReporter) LocalStatus() SiteStatus {
+	st := r.raft.Stats()
 	num := func(k string) uint64 { v, _ := strconv.ParseUint(st[k], 10, 64); return v }
 	return SiteStatus{
-		Name:              n.cfg.Name,
-		State:             n.raft.State().String(),
-		RaftAddr:          n.cfg.RaftAddr,
-		APIAddr:           n.cfg.APIAddr,
-		NBDAddr:           n.cfg.NBDAddr,
+		Name:              r.cfg.Name,
+		State:             r.raft.State().String(),
+		RaftAddr:          r.cfg.RaftAddr,
+		APIAddr:           r.cfg.APIAddr,
+		NBDAddr:           r.cfg.NBDAddr,
 		Term:              num("term"),
-		AppliedIndex:      n.raft.AppliedIndex(), // counts no-op and configuration entries too, unlike the FSM's
-		FSMIndex:          n.fsm.AppliedIndex(),
+		AppliedIndex:      r.raft.AppliedIndex(), // counts no-op and configuration entries too, unlike the FSM's
+		FSMIndex:          r.fsm.AppliedIndex(),
 		CommitIndex:       num("commit_index"),
 		LastLogIndex:      num("last_log_index"),
 		LastSnapshotIndex: num("last_snapshot_index"),
-		Leader:            n.Leader(),
+		Leader:            r.leader.Leader(),
 		Gossip:            "alive",
-		ClusterID:         n.fsm.ClusterID(),
-		Fresh:             n.fresh.Load(),
-		Stages:            n.cfg.Stages.Snapshot(),
+		ClusterID:         r.fsm.ClusterID(),
+		Fresh:             r.fresh.Load(),
+		Stages:            r.stages.Snapshot(),
 	}
 }
 
-// Status collects every site's view: the Raft voters plus any gossiping
-// site not (yet) a voter. Unreachable sites are listed with State
-// "unreachable".
-func (n *Node) Status(ctx context.Context) (Status, error) {
+// Status implements Node.Status.
+func (r *statusReporter) Status(ctx context.Context) (Status, error) {
 	voters := map[string]raft.Server{}
-	if fut := n.raft.GetConfiguration(); fut.Error() == nil {
+	if fut := r.raft.GetConfiguration(); fut.Error() == nil {
 		for _, s := range fut.Configuration().Servers {
 			voters[string(s.ID)] = s
 		}
 	}
 	gossip := map[string]member{}
-	for _, m := range n.members() {
+	for _, m := range r.members.members() {
 		gossip[m.Name] = m
 	}
 	names := []string{}
@@ -107,12 +134,12 @@ func (n *Node) Status(ctx context.Context) (Status, error) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			sites[i] = n.siteStatus(ctx, name, voters, gossip)
+			sites[i] = r.siteStatus(ctx, name, voters, gossip)
 		}()
 	}
 	wg.Wait()
 
-	out := Status{Leader: n.Leader(), ClusterID: n.fsm.ClusterID(), Sites: sites}
+	out := Status{Leader: r.leader.Leader(), ClusterID: r.fsm.ClusterID(), Sites: sites}
 	for _, s := range sites {
 		if s.Name == out.Leader {
 			out.CommitIndex = s.CommitIndex
@@ -131,14 +158,14 @@ func (n *Node) Status(ctx context.Context) (Status, error) {
 	return out, nil
 }
 
-func (n *Node) siteStatus(ctx context.Context, name string, voters map[string]raft.Server, gossip map[string]member) SiteStatus {
+func (r *statusReporter) siteStatus(ctx context.Context, name string, voters map[string]raft.Server, gossip map[string]member) SiteStatus {
 	var s SiteStatus
 	m, inGossip := gossip[name]
-	if name == n.cfg.Name {
-		s = n.LocalStatus()
+	if name == r.cfg.Name {
+		s = r.LocalStatus()
 	} else if inGossip {
 		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-		err := n.rpc.getJSON(cctx, m.Meta.API, pathLocalStatus, &s)
+		err := r.rpc.getJSON(cctx, m.Meta.API, pathLocalStatus, &s)
 		cancel()
 		if err != nil {
 			s = SiteStatus{Name: name, State: "unreachable", RaftAddr: m.Meta.Raft, APIAddr: m.Meta.API, NBDAddr: m.Meta.NBD, Error: err.Error()}
@@ -148,7 +175,7 @@ func (n *Node) siteStatus(ctx context.Context, name string, voters map[string]ra
 	}
 	s.Name = name
 	switch {
-	case name == n.cfg.Name:
+	case name == r.cfg.Name:
 		s.Gossip = "alive"
 	case !inGossip:
 		s.Gossip = "gone"
@@ -166,158 +193,9 @@ func (n *Node) siteStatus(ctx context.Context, name string, voters map[string]ra
 	} else if s.State != "unreachable" {
 		s.State = "not-a-voter"
 	}
-	if inGossip && foreign(n.fsm.ClusterID(), m.Meta.Cluster) {
+	if inGossip && foreign(r.fsm.ClusterID(), m.Meta.Cluster) {
 		s.State = "refused"
 		s.Error = fmt.Sprintf("%v: its cluster ID is %s", ErrForeignCluster, m.Meta.Cluster)
 	}
 	return s
-}
-
-// removeServerLocal removes a site from the Raft configuration; leader only.
-func (n *Node) removeServerLocal(site string) error {
-	if !n.IsLeader() {
-		return ErrNotLeader
-	}
-	fut := n.raft.GetConfiguration()
-	if err := fut.Error(); err != nil {
-		return raftErr(err)
-	}
-	if !slices.ContainsFunc(fut.Configuration().Servers, func(s raft.Server) bool { return string(s.ID) == site }) {
-		return fmt.Errorf("%w: %q is not a member", ErrUnknownSite, site)
-	}
-	if err := n.raft.RemoveServer(raft.ServerID(site), 0, 10*time.Second).Error(); err != nil {
-		return raftErr(err)
-	}
-	n.log.Info("removed site from the cluster", "site", site)
-	return nil
-}
-
-// onLeader runs fn locally when this site leads, else asks the leader's
-// internal endpoint path with body. Transient failures are retried until
-// ctx ends.
-func (n *Node) onLeader(ctx context.Context, local func() error, path string, body any) error {
-	backoff := 50 * time.Millisecond
-	for {
-		var err error
-		if n.IsLeader() {
-			err = local()
-		} else if leader := n.Leader(); leader == "" {
-			err = ErrNoLeader
-		} else if meta, ok := n.memberMeta(leader); !ok {
-			err = ErrNoLeader
-		} else {
-			err = n.rpc.postJSON(ctx, meta.API, path, body)
-		}
-		if err == nil || !IsRetryable(err) {
-			return err
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("%w (last: %v)", ctx.Err(), err)
-		case <-time.After(backoff):
-		}
-		backoff = min(2*backoff, time.Second)
-	}
-}
-
-// RemoveSite removes a dead site from the cluster (an operator's decision:
-// nothing removes a voter silently). A site that is alive must leave by
-// itself with Leave, so that gossip does not add it back.
-func (n *Node) RemoveSite(ctx context.Context, site string) error {
-	if site == n.cfg.Name {
-		return fmt.Errorf("%w: use leave to remove the site you are talking to", ErrInvalidRequest)
-	}
-	for _, m := range n.members() {
-		if m.Name == site {
-			return fmt.Errorf("%w: site %s is alive; run `robib cluster leave` against it", ErrInvalidRequest, site)
-		}
-	}
-	return n.onLeader(ctx, func() error { return n.removeServerLocal(site) }, pathRemoveServer, siteRequest{Site: site})
-}
-
-// Leave removes this site from the cluster cleanly: it leaves gossip (so
-// the leader does not add it back), then has the leader remove it from the
-// Raft configuration. Its data stays on disk; the agent should be stopped
-// afterwards.
-func (n *Node) Leave(ctx context.Context) error {
-	n.leftMu.Lock()
-	defer n.leftMu.Unlock()
-	if n.left.Load() {
-		return nil
-	}
-	if n.IsLeader() {
-		if err := n.raft.LeadershipTransfer().Error(); err != nil {
-			return fmt.Errorf("handing over leadership before leaving: %w", raftErr(err))
-		}
-	}
-	n.leaving.Store(true) // stop the gossip loop from rejoining
-	if err := n.ml.Leave(5 * time.Second); err != nil {
-		n.leaving.Store(false)
-		return fmt.Errorf("leaving gossip: %w", err)
-	}
-	if err := n.onLeader(ctx, func() error { return n.removeServerLocal(n.cfg.Name) }, pathRemoveServer, siteRequest{Site: n.cfg.Name}); err != nil {
-		return err
-	}
-	n.left.Store(true)
-	n.log.Info("left the cluster", "site", n.cfg.Name)
-	return nil
-}
-
-// transferLocal hands leadership to site (or to any voter when empty);
-// leader only.
-func (n *Node) transferLocal(site string) error {
-	if !n.IsLeader() {
-		return ErrNotLeader
-	}
-	var fut raft.Future
-	if site == "" {
-		fut = n.raft.LeadershipTransfer()
-	} else {
-		cfg := n.raft.GetConfiguration()
-		if err := cfg.Error(); err != nil {
-			return raftErr(err)
-		}
-		var target *raft.Server
-		for _, s := range cfg.Configuration().Servers {
-			if string(s.ID) == site {
-				target = &s
-			}
-		}
-		if target == nil {
-			return fmt.Errorf("%w: %q is not a member", ErrUnknownSite, site)
-		}
-		if site == n.cfg.Name {
-			return nil
-		}
-		fut = n.raft.LeadershipTransferToServer(target.ID, target.Address)
-	}
-	if err := fut.Error(); err != nil {
-		return fmt.Errorf("leadership transfer: %w", err)
-	}
-	return nil
-}
-
-// TransferLeadership moves leadership to site ("" lets Raft pick) and
-// waits until a new leader is known.
-func (n *Node) TransferLeadership(ctx context.Context, site string) (string, error) {
-	old := n.Leader()
-	if site != "" && site == old {
-		return old, nil
-	}
-	if err := n.onLeader(ctx, func() error { return n.transferLocal(site) }, pathTransfer, siteRequest{Site: site}); err != nil {
-		return "", err
-	}
-	t := time.NewTicker(20 * time.Millisecond)
-	defer t.Stop()
-	for {
-		l := n.Leader()
-		if l != "" && l != old && (site == "" || l == site) {
-			return l, nil
-		}
-		select {
-		case <-ctx.Done():
-			return "", fmt.Errorf("waiting for the new leader: %w", ctx.Err())
-		case <-t.C:
-		}
-	}
 }

@@ -5,8 +5,11 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"net/http"
 	"slices"
+	"strconv"
 	"sync"
+	"time"
 
 	"github.com/hashicorp/raft"
 
@@ -38,21 +41,42 @@ type VerifyResult struct {
 // verify never stalls the apply loop for long.
 const MaxVerifyRange = 64 << 20
 
-// VerifyRange has every site hash [off, off+length) of vol in chunks at the
-// same log index (the VerifyChunks command's), collects the hashes and
-// reports every chunk that differs. Callers walk a volume range by range.
-func (n *Node) VerifyRange(ctx context.Context, vol string, off, length, chunk int64) (VerifyResult, error) {
+// verifyFSM is what verify reads of the FSM.
+type verifyFSM interface {
+	appliedWaiter
+	VerifyResult(id string) (fsm.VerifyReport, bool)
+}
+
+// adminProposer proposes admin commands with retries (proposer).
+type adminProposer interface {
+	ApplyAndWait(ctx context.Context, cmd fsm.Command) (*fsm.Result, error)
+}
+
+// verifier coordinates verify: it proposes VerifyChunks, collects every
+// voter's hashes and compares them; it also serves this site's result
+// (handleVerify). It has no state of its own.
+type verifier struct {
+	self   string
+	prop   adminProposer
+	config configReader
+	fsm    verifyFSM
+	book   addressBook
+	rpc    jsonGetter
+}
+
+// VerifyRange implements Node.VerifyRange.
+func (v *verifier) VerifyRange(ctx context.Context, vol string, off, length, chunk int64) (VerifyResult, error) {
 	if length <= 0 || length > MaxVerifyRange || chunk <= 0 || off < 0 {
 		return VerifyResult{}, fmt.Errorf("%w: verify range %d+%d chunk %d (at most %d bytes per range)", ErrInvalidRequest, off, length, chunk, MaxVerifyRange)
 	}
 	var idb [12]byte
 	_, _ = rand.Read(idb[:])
 	id := hex.EncodeToString(idb[:])
-	res, err := n.ApplyAndWait(ctx, &fsm.VerifyChunks{ID: id, Volume: vol, Off: off, Len: length, ChunkSize: chunk})
+	res, err := v.prop.ApplyAndWait(ctx, &fsm.VerifyChunks{ID: id, Volume: vol, Off: off, Len: length, ChunkSize: chunk})
 	if err != nil {
 		return VerifyResult{}, err
 	}
-	fut := n.raft.GetConfiguration()
+	fut := v.config.GetConfiguration()
 	if err := fut.Error(); err != nil {
 		return VerifyResult{}, raftErr(err)
 	}
@@ -72,7 +96,7 @@ func (n *Node) VerifyRange(ctx context.Context, vol string, off, length, chunk i
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			rep, err := n.fetchVerify(ctx, site, id, res.Index)
+			rep, err := v.fetchVerify(ctx, site, id, res.Index)
 			mu.Lock()
 			defer mu.Unlock()
 			if err != nil {
@@ -114,23 +138,23 @@ func (n *Node) VerifyRange(ctx context.Context, vol string, off, length, chunk i
 	return out, nil
 }
 
-func (n *Node) fetchVerify(ctx context.Context, site, id string, index uint64) (fsm.VerifyReport, error) {
-	if site == n.cfg.Name {
-		if err := n.fsm.WaitApplied(ctx, index); err != nil {
+func (v *verifier) fetchVerify(ctx context.Context, site, id string, index uint64) (fsm.VerifyReport, error) {
+	if site == v.self {
+		if err := v.fsm.WaitApplied(ctx, index); err != nil {
 			return fsm.VerifyReport{}, err
 		}
-		rep, ok := n.fsm.VerifyResult(id)
+		rep, ok := v.fsm.VerifyResult(id)
 		if !ok {
 			return fsm.VerifyReport{}, fmt.Errorf("no local verify result %s", id)
 		}
 		return rep, checkReport(rep)
 	}
-	meta, ok := n.memberMeta(site)
+	meta, ok := v.book.memberMeta(site)
 	if !ok {
 		return fsm.VerifyReport{}, fmt.Errorf("site %s is not in gossip (down or cut off)", site)
 	}
 	var rep fsm.VerifyReport
-	if err := n.rpc.getJSON(ctx, meta.API, fmt.Sprintf("%s%s?index=%d", pathVerify, id, index), &rep); err != nil {
+	if err := v.rpc.getJSON(ctx, meta.API, fmt.Sprintf("%s%s?index=%d", pathVerify, id, index), &rep); err != nil {
 		return rep, err
 	}
 	return rep, checkReport(rep)
@@ -145,4 +169,21 @@ func checkReport(rep fsm.VerifyReport) error {
 		return fmt.Errorf("site is still replaying its log (after a restart or a snapshot install); its copy is not exact at index %d yet, retry", rep.Index)
 	}
 	return nil
+}
+
+func (v *verifier) handleVerify(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	idx, _ := strconv.ParseUint(r.URL.Query().Get("index"), 10, 64)
+	ctx, cancel := context.WithTimeout(r.Context(), 60*time.Second)
+	defer cancel()
+	if err := v.fsm.WaitApplied(ctx, idx); err != nil {
+		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"error": fmt.Sprintf("site %s has not applied index %d: %v", v.self, idx, err)})
+		return
+	}
+	rep, ok := v.fsm.VerifyResult(id)
+	if !ok {
+		writeJSON(w, http.StatusNotFound, map[string]string{"error": "no verify result " + id + " at site " + v.self})
+		return
+	}
+	writeJSON(w, http.StatusOK, rep)
 }
