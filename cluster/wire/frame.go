@@ -81,13 +81,10 @@ func (h *header) put(b []byte) {
 // then the header checksum, then the fields.
 func parseHeader(b []byte, maxFrame int) (header, error) {
 	var h header
-	if [4]byte(b[0:4]) != magic {
-		return h, fmt.Errorf("%w: first bytes %x", ErrMagic, b[0:4])
+	if err := checkPrefix(b[:prefixSize]); err != nil {
+		return h, err
 	}
 	h.version = binary.LittleEndian.Uint16(b[4:])
-	if h.version != Version {
-		return h, fmt.Errorf("%w: peer speaks version %d, this side version %d", ErrVersion, h.version, Version)
-	}
 	if got, want := binary.LittleEndian.Uint32(b[28:]), crc32.Checksum(b[:28], castagnoli); got != want {
 		return h, fmt.Errorf("%w: header crc %08x, computed %08x", ErrChecksum, got, want)
 	}
@@ -112,6 +109,24 @@ func parseHeader(b []byte, maxFrame int) (header, error) {
 		return h, fmt.Errorf("%w: body of %d bytes, limit %d", ErrTooLarge, size, maxFrame)
 	}
 	return h, nil
+}
+
+// prefixSize is the part of the header that is the same in every version:
+// magic and version.
+const prefixSize = 6
+
+// checkPrefix checks the magic of b (at least 4 bytes) and, if b holds
+// it, the version.
+func checkPrefix(b []byte) error {
+	if [4]byte(b[0:4]) != magic {
+		return fmt.Errorf("%w: first bytes %x", ErrMagic, b[0:4])
+	}
+	if len(b) >= prefixSize {
+		if v := binary.LittleEndian.Uint16(b[4:]); v != Version {
+			return fmt.Errorf("%w: peer speaks version %d, this side version %d", ErrVersion, v, Version)
+		}
+	}
+	return nil
 }
 
 // frame is a decoded frame: its header and its body (metadata then
@@ -169,10 +184,46 @@ func decodeFrame(b []byte, maxFrame int) (frame, error) {
 	return f, f.check()
 }
 
-// truncated turns an EOF inside a frame into ErrTruncated. A clean EOF
-// before a header is the peer closing between frames and stays io.EOF.
+// readHeader fills hdr, of which the first n bytes are already read. It
+// checks magic and version as soon as it has them, so that a stranger is
+// told at once, not after the rest of a header it may never send. A
+// clean EOF before the first byte is io.EOF (a peer closing between
+// frames); an EOF after it is ErrTruncated.
+func readHeader(r io.Reader, hdr *[headerSize]byte, n int) error {
+	if n < prefixSize {
+		m, err := io.ReadFull(r, hdr[n:prefixSize])
+		n += m
+		if err != nil {
+			return headerErr(hdr[:n], err)
+		}
+	}
+	if err := checkPrefix(hdr[:prefixSize]); err != nil {
+		return err
+	}
+	if m, err := io.ReadFull(r, hdr[n:]); err != nil {
+		return headerErr(hdr[:n+m], err)
+	}
+	return nil
+}
+
+func headerErr(got []byte, err error) error {
+	if len(got) >= len(magic) {
+		if e := checkPrefix(got); e != nil {
+			return e
+		}
+	}
+	if len(got) == 0 && errors.Is(err, io.EOF) {
+		return io.EOF
+	}
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+		return fmt.Errorf("%w: connection ended inside a frame header (%d of %d bytes)", ErrTruncated, len(got), headerSize)
+	}
+	return err
+}
+
+// truncated turns an EOF inside a frame's body into ErrTruncated.
 func truncated(err error, what string) error {
-	if errors.Is(err, io.ErrUnexpectedEOF) || (errors.Is(err, io.EOF) && what != "header") {
+	if errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) {
 		return fmt.Errorf("%w: connection ended inside the frame %s", ErrTruncated, what)
 	}
 	return err

@@ -34,6 +34,7 @@ func (t *Transport) listen() {
 			}
 		}
 		delay = 0
+		t.accepted.Add(1)
 		if !t.track(nc) {
 			return
 		}
@@ -83,8 +84,8 @@ func (s *serverConn) readRequest() (frame, error) {
 	if err := s.nc.SetReadDeadline(time.Now().Add(s.t.cfg.Timeout)); err != nil {
 		return frame{}, err
 	}
-	if _, err := io.ReadFull(s.nc, s.hdr[n:]); err != nil {
-		return frame{}, slow(truncated(err, "body"))
+	if err := readHeader(s.nc, &s.hdr, n); err != nil {
+		return frame{}, slow(err)
 	}
 	h, err := parseHeader(s.hdr[:], s.t.cfg.MaxFrame)
 	if err != nil {
@@ -117,6 +118,7 @@ func (s *serverConn) serve() (again bool, err error) {
 	if err == nil {
 		var msg any
 		if msg, err = decodeRequest(f); err == nil {
+			s.t.received.Add(1)
 			return s.dispatch(f.kind, msg)
 		}
 	}
@@ -142,8 +144,23 @@ func (s *serverConn) reject(why error) {
 		return
 	}
 	_ = s.nc.SetWriteDeadline(time.Now().Add(s.t.cfg.Timeout))
-	_, _ = bufs.WriteTo(s.nc)
+	if _, err := bufs.WriteTo(s.nc); err != nil {
+		return
+	}
+	// Closing with the peer's bytes unread would reset the connection and
+	// could destroy the reject frame before the peer reads it: end our
+	// side, then drain a bounded amount of what the peer still sends.
+	if cw, ok := s.nc.(interface{ CloseWrite() error }); ok && cw.CloseWrite() == nil {
+		_ = s.nc.SetReadDeadline(time.Now().Add(min(s.t.cfg.Timeout, rejectDrainTime)))
+		_, _ = io.CopyN(io.Discard, s.nc, rejectDrainBytes)
+	}
 }
+
+// How long and how much a rejecting server reads after its reject frame.
+const (
+	rejectDrainTime  = 2 * time.Second
+	rejectDrainBytes = 1 << 20
+)
 
 // dispatch hands a decoded request to raft (or the heartbeat handler)
 // and writes its response.

@@ -20,6 +20,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -83,6 +84,8 @@ type Transport struct {
 	dialCtx    context.Context
 	cancel     context.CancelFunc
 	wg         sync.WaitGroup // the accept loop and the connection handlers
+
+	accepted, received atomic.Int64 // connections accepted, requests decoded (tests)
 
 	hbMu sync.Mutex
 	hbFn func(raft.RPC)
@@ -306,8 +309,8 @@ func (t *Transport) send(c *conn, msg any, deadline func(size int64) time.Time) 
 // readFrame reads one frame: the header, then the body in one read into
 // one buffer.
 func readFrame(r io.Reader, hdr *[headerSize]byte, maxFrame int) (frame, error) {
-	if _, err := io.ReadFull(r, hdr[:]); err != nil {
-		return frame{}, truncated(err, "header")
+	if err := readHeader(r, hdr, 0); err != nil {
+		return frame{}, err
 	}
 	h, err := parseHeader(hdr[:], maxFrame)
 	if err != nil {
