@@ -6,6 +6,7 @@ import (
 	"errors"
 	"flag"
 	"hash/crc32"
+	"io"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -378,6 +379,42 @@ func FuzzDecodeFrame(f *testing.F) {
 		}
 		if got := reencode(t, msg, rpcErr, fr); !bytes.Equal(got, b) {
 			t.Fatalf("decode then encode differs:\n got %x\nwant %x", got, b)
+		}
+	})
+}
+
+// FuzzDecodeStream reads frames off a byte stream the way a connection
+// is read (header first, magic and version as soon as they arrive, then
+// the body): any input ends in io.EOF between frames or an error of the
+// package, never a panic or a body past the cap.
+func FuzzDecodeStream(f *testing.F) {
+	var two []byte
+	for _, s := range samples()[:3] {
+		two = append(two, frameBytes(f, s.msg, s.rpcErr, s.crc)...)
+	}
+	f.Add(two)
+	f.Add(two[:len(two)-5])
+	f.Add([]byte("RBWF\x02\x00"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		r := bytes.NewReader(b)
+		var h [headerSize]byte
+		for {
+			fr, err := readFrame(r, &h, 4096)
+			if errors.Is(err, io.EOF) {
+				return
+			}
+			if err != nil {
+				if !isFrameErr(err) {
+					t.Fatalf("error outside the package's set: %v", err)
+				}
+				return
+			}
+			if len(fr.body) > 4096 {
+				t.Fatalf("body of %d bytes past the cap", len(fr.body))
+			}
+			if fr.kind&respFlag == 0 && fr.kind != kindReject {
+				_, _ = decodeRequest(fr)
+			}
 		}
 	})
 }
