@@ -35,6 +35,10 @@ func (e *encoder) reset() {
 	e.plen = 0
 }
 
+// drop forgets the caller's payload slices once written, so that an idle
+// pooled connection does not keep entries alive.
+func (e *encoder) drop() { clear(e.bufs) }
+
 func (e *encoder) u8(v uint8)   { e.meta = append(e.meta, v) }
 func (e *encoder) u32(v uint32) { e.meta = binary.LittleEndian.AppendUint32(e.meta, v) }
 func (e *encoder) u64(v uint64) { e.meta = binary.LittleEndian.AppendUint64(e.meta, v) }
@@ -103,6 +107,7 @@ func (e *encoder) message(msg any, rpcErr string) (kind uint8, err error) {
 		} else {
 			e.u32(uint32(len(m.Entries)))
 		}
+		var side uint32
 		for _, l := range m.Entries {
 			if l == nil {
 				return 0, fmt.Errorf("%w: nil log entry", ErrInvalid)
@@ -113,7 +118,9 @@ func (e *encoder) message(msg any, rpcErr string) (kind uint8, err error) {
 			e.time(l.AppendedAt)
 			e.payloadRef(l.Data)
 			e.payloadRef(l.Extensions)
+			side = sideCRC(side, l)
 		}
+		e.u32(side)
 		return kindAppendEntries, nil
 	case *raft.RequestVoteRequest:
 		e.rpcHeader(m.RPCHeader)
@@ -221,6 +228,18 @@ func (e *encoder) finish(kind uint8, maxFrame int, payloadCRC bool) (net.Buffers
 	h.put(e.meta[:headerSize])
 	e.bufs[0] = e.meta
 	return e.bufs, nil
+}
+
+// sideCRC extends crc over the payload bytes of l that robib's own
+// end-to-end checksum does not cover: the Data of entries other than
+// LogCommand (configurations, no-ops, barriers) and all Extensions. They
+// are small; the metadata carries this crc whether or not the frame has a
+// payload crc.
+func sideCRC(crc uint32, l *raft.Log) uint32 {
+	if l.Type != raft.LogCommand {
+		crc = crc32.Update(crc, castagnoli, l.Data)
+	}
+	return crc32.Update(crc, castagnoli, l.Extensions)
 }
 
 // decoder reads a frame's metadata and slices the payload section; its
@@ -379,6 +398,13 @@ func decodeRequest(f frame) (any, error) {
 				l.Extensions = d.payloadRef()
 				m.Entries[i] = l
 			}
+		}
+		var side uint32
+		for _, l := range m.Entries {
+			side = sideCRC(side, l)
+		}
+		if got := d.u32(); d.err == nil && got != side {
+			return nil, fmt.Errorf("%w: crc of the non-command payload %08x, computed %08x", ErrChecksum, got, side)
 		}
 		msg = m
 	case kindRequestVote:

@@ -300,7 +300,9 @@ func (t *Transport) send(c *conn, msg any, deadline func(size int64) time.Time) 
 			return true, err
 		}
 	}
-	if _, err := bufs.WriteTo(c.nc); err != nil {
+	_, err = bufs.WriteTo(c.nc)
+	c.enc.drop()
+	if err != nil {
 		return true, fmt.Errorf("wire: sending to %s: %w", c.target, err)
 	}
 	return true, nil
