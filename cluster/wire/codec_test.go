@@ -314,6 +314,9 @@ func TestDecodeBadFrames(t *testing.T) {
 		{"metadata too long", corrupt(append(bytes.Clone(vote), 0), func(b []byte) {
 			binary.LittleEndian.PutUint32(b[8:], binary.LittleEndian.Uint32(b[8:])+1)
 		}), ErrMalformed},
+		{"error text past the end", corrupt(frameBytes(t, samples()[4].msg, samples()[4].rpcErr, false), func(b []byte) {
+			binary.LittleEndian.PutUint32(b[headerSize:], 1000)
+		}), ErrMalformed},
 		{"field past the end", corrupt(vote, func(b []byte) { binary.LittleEndian.PutUint32(b[headerSize+8:], 1000) }), ErrMalformed},
 		{"entry count past the end", corrupt(ae, func(b []byte) {
 			off := headerSize + 8 + 4 + 6 + 4 + 13 + 8 + 4 + 13 + 8 + 8 + 8

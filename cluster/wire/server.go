@@ -54,8 +54,14 @@ func (t *Transport) handleConn(nc net.Conn) {
 	for {
 		again, err := s.serve()
 		if err != nil {
-			if !errors.Is(err, io.EOF) && !t.isClosed() {
-				t.log.Warn("raft wire: closing connection", "remote", nc.RemoteAddr().String(), "error", err)
+			// A refused frame is worth a warning; a peer that went away
+			// (reset, closed mid-response) is routine when sites restart.
+			switch {
+			case errors.Is(err, io.EOF), t.isClosed():
+			case isFrameErr(err):
+				t.log.Warn("raft wire: refused a frame, closing the connection", "remote", nc.RemoteAddr().String(), "error", err)
+			default:
+				t.log.Debug("raft wire: connection ended", "remote", nc.RemoteAddr().String(), "error", err)
 			}
 			return
 		}

@@ -325,7 +325,7 @@ func readFrame(r io.Reader, hdr *[headerSize]byte, maxFrame int) (frame, error) 
 func (t *Transport) readResponse(c *conn, kind uint8, resp any) (rpcErr string, err error) {
 	f, err := readFrame(c.nc, &c.hdr, t.cfg.MaxFrame)
 	if errors.Is(err, io.EOF) {
-		err = fmt.Errorf("%w: the peer closed the connection without answering (does it speak wire version %d?)", ErrTruncated, Version)
+		err = fmt.Errorf("%w: the peer closed the connection without answering (it restarted or shut down, or does not speak wire version %d)", ErrTruncated, Version)
 	}
 	if err != nil {
 		return "", fmt.Errorf("wire: response from %s: %w", c.target, t.shutdownErr(err))

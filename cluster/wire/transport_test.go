@@ -751,3 +751,51 @@ func TestPoolReuse(t *testing.T) {
 		t.Fatalf("%d connections for 20 sequential RPCs", n)
 	}
 }
+
+// TestPipelineBroken: a follower that answers one request and then drops
+// the connection fails the next futures with a clear error, in order; an
+// oversized request is refused without breaking the pipeline.
+func TestPipelineBroken(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	reply := frameBytes(t, &raft.AppendEntriesResponse{LastLog: 1, Success: true}, "", false)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		var h [headerSize]byte
+		for range 2 {
+			if _, err := readFrame(c, &h, DefaultMaxFrame); err != nil {
+				return
+			}
+		}
+		c.Write(reply)
+	}()
+	client := newNode(t, func(c *Config) { c.MaxRPCsInFlight = 4; c.MaxFrame = 1 << 20 })
+	p, err := client.AppendEntriesPipeline("s", raft.ServerAddress(ln.Addr().String()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	if _, err := p.AppendEntries(&raft.AppendEntriesRequest{Entries: []*raft.Log{{Data: make([]byte, 1<<20)}}}, new(raft.AppendEntriesResponse)); !errors.Is(err, ErrTooLarge) {
+		t.Fatalf("oversized: %v", err)
+	}
+	for i := range 2 {
+		if _, err := p.AppendEntries(&raft.AppendEntriesRequest{PrevLogEntry: uint64(i)}, new(raft.AppendEntriesResponse)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f := <-p.Consumer()
+	if err := f.Error(); err != nil || f.Request().PrevLogEntry != 0 || !f.Response().Success {
+		t.Fatalf("first future: %v, %#v", err, f.Response())
+	}
+	f = <-p.Consumer()
+	if err := f.Error(); !errors.Is(err, ErrTruncated) || f.Request().PrevLogEntry != 1 {
+		t.Fatalf("second future: %v", err)
+	}
+}
