@@ -14,6 +14,7 @@ import (
 	"net"
 	"os"
 	"reflect"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -798,4 +799,65 @@ func TestPipelineBroken(t *testing.T) {
 	if err := f.Error(); !errors.Is(err, ErrTruncated) || f.Request().PrevLogEntry != 1 {
 		t.Fatalf("second future: %v", err)
 	}
+}
+
+// TestCloseLeaksNothing: after Close, none of the transports' goroutines
+// (accept loops, connection handlers, pipeline readers) is left.
+func TestCloseLeaksNothing(t *testing.T) {
+	before := runtime.NumGoroutine()
+	server, client := newNode(t, nil), newNode(t, nil)
+	stop := make(chan struct{})
+	stopped := make(chan struct{})
+	go func() {
+		defer close(stopped)
+		for {
+			select {
+			case rpc := <-server.Consumer():
+				if rpc.Reader != nil {
+					io.Copy(io.Discard, rpc.Reader)
+				}
+				rpc.Respond(responseFor(kindOf(rpc.Command)), nil)
+			case <-stop:
+				return
+			}
+		}
+	}()
+	p, err := client.AppendEntriesPipeline("s", server.LocalAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.AppendEntries(&raft.AppendEntriesRequest{Term: 1}, new(raft.AppendEntriesResponse)); err != nil {
+		t.Fatal(err)
+	}
+	if err := (<-p.Consumer()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	for _, req := range []any{&raft.RequestVoteRequest{}, &raft.InstallSnapshotRequest{Size: 100}, &raft.TimeoutNowRequest{}} {
+		if _, err := call(client.Transport, server.LocalAddr(), req); err != nil {
+			t.Fatal(err)
+		}
+	}
+	client.Close() // closes the pipeline too
+	server.Close()
+	close(stop)
+	<-stopped
+	// Close has waited for them; they may still be returning (after
+	// their WaitGroup Done), hence the poll.
+	waitFor(t, "the transports' goroutines to end", func() bool { return runtime.NumGoroutine() <= before })
+}
+
+func kindOf(cmd any) uint8 {
+	switch cmd.(type) {
+	case *raft.AppendEntriesRequest:
+		return kindAppendEntries
+	case *raft.RequestVoteRequest:
+		return kindRequestVote
+	case *raft.InstallSnapshotRequest:
+		return kindInstallSnap
+	case *raft.TimeoutNowRequest:
+		return kindTimeoutNow
+	case *raft.RequestPreVoteRequest:
+		return kindRequestPreVote
+	}
+	return 0
 }
