@@ -224,12 +224,12 @@ func (n *Node) openRaft() error {
 	case n.id.fresh.Load():
 		n.log.Warn("fresh site: no raft history; joining as a non-voter and voting only once caught up", "site", n.cfg.Name)
 	}
-	var tr guardedTransport = &timedTransport{stages: n.cfg.Stages, guardedTransport: raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
-		Stream:  &streamLayer{Listener: n.cfg.RaftListener, dial: n.cfg.Dial, advertise: n.cfg.RaftAddr},
-		MaxPool: 4,
-		Timeout: 10 * time.Second,
-		Logger:  hlog,
-	})}
+	base, err := newTransport(&n.cfg, hlog, n.log)
+	if err != nil {
+		store.Close()
+		return err
+	}
+	var tr guardedTransport = &timedTransport{stages: n.cfg.Stages, guardedTransport: base}
 	if lsync != nil {
 		tr = &syncedTransport{guardedTransport: tr, sync: lsync}
 	}

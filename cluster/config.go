@@ -23,6 +23,13 @@ type Config struct {
 	// It is fixed when DataDir/raft is created (see logstore.go).
 	LogStore string
 
+	// RaftTransport is how Raft messages travel between sites:
+	// TransportWire (the default, DefaultRaftTransport; also ""), robib's
+	// own framing (cluster/wire: no payload copies), or TransportMsgpack,
+	// hashicorp/raft's NetworkTransport. The two cannot talk to each
+	// other: every site of a cluster must use the same.
+	RaftTransport string
+
 	Join            []string // gossip addresses of existing members
 	BootstrapExpect int      // start a new cluster once this many sites gossip (0: see Open)
 
@@ -68,6 +75,7 @@ type Config struct {
 func DefaultConfig() Config {
 	return Config{
 		LogStore:            DefaultLogStore,
+		RaftTransport:       DefaultRaftTransport,
 		SnapshotThreshold:   128,
 		SnapshotInterval:    2 * time.Second,
 		TrailingLogs:        256,

@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"net"
 	"strings"
@@ -9,7 +10,42 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
+	"github.com/robib/robib/cluster/wire"
 )
+
+// Raft transports (Config.RaftTransport).
+const (
+	TransportWire    = "wire"    // cluster/wire: robib's framing, payloads never copied
+	TransportMsgpack = "msgpack" // hashicorp/raft's NetworkTransport
+)
+
+// DefaultRaftTransport is the transport of a Config that names none.
+const DefaultRaftTransport = TransportWire
+
+// newTransport builds the Raft transport cfg names over its listener and
+// dialer.
+func newTransport(cfg *Config, hlog hclog.Logger, log *slog.Logger) (guardedTransport, error) {
+	switch cfg.RaftTransport {
+	case "", TransportWire:
+		return wire.New(wire.Config{
+			Listener:  cfg.RaftListener,
+			Dial:      cfg.Dial,
+			Advertise: cfg.RaftAddr,
+			Timeout:   10 * time.Second,
+			MaxPool:   4,
+			Logger:    log.With("component", "raft-wire"),
+		})
+	case TransportMsgpack:
+		return raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
+			Stream:  &streamLayer{Listener: cfg.RaftListener, dial: cfg.Dial, advertise: cfg.RaftAddr},
+			MaxPool: 4,
+			Timeout: 10 * time.Second,
+			Logger:  hlog,
+		}), nil
+	default:
+		return nil, fmt.Errorf("%w: raft transport %q (want %s or %s)", ErrInvalidRequest, cfg.RaftTransport, TransportWire, TransportMsgpack)
+	}
+}
 
 // streamLayer adapts the caller's listener and dialer to Raft's transport.
 type streamLayer struct {

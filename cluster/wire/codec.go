@@ -112,7 +112,7 @@ func (e *encoder) message(msg any, rpcErr string) (kind uint8, err error) {
 		var side uint32
 		for _, l := range m.Entries {
 			if l == nil {
-				return 0, fmt.Errorf("%w: nil log entry", ErrInvalid)
+				return 0, fmt.Errorf("%w: nil log entry", ErrInvalidConfig)
 			}
 			e.u64(l.Index)
 			e.u64(l.Term)
@@ -134,7 +134,7 @@ func (e *encoder) message(msg any, rpcErr string) (kind uint8, err error) {
 		return kindRequestVote, nil
 	case *raft.InstallSnapshotRequest:
 		if m.Size < 0 {
-			return 0, fmt.Errorf("%w: snapshot size %d", ErrInvalid, m.Size)
+			return 0, fmt.Errorf("%w: snapshot size %d", ErrInvalidConfig, m.Size)
 		}
 		e.rpcHeader(m.RPCHeader)
 		e.i64(int64(m.SnapshotVersion))
@@ -188,7 +188,7 @@ func (e *encoder) message(msg any, rpcErr string) (kind uint8, err error) {
 		e.bool(m.Granted)
 		return kindRequestPreVote | respFlag, nil
 	}
-	return 0, fmt.Errorf("%w: cannot encode a %T", ErrInvalid, msg)
+	return 0, fmt.Errorf("%w: cannot encode a %T", ErrInvalidConfig, msg)
 }
 
 // encode builds the frame for msg; the result's first buffer is the header
@@ -508,7 +508,7 @@ func decodeResponse(f frame, req uint8, resp any) (string, error) {
 		m.Granted = d.bool()
 		return rpcErr, d.done()
 	}
-	return "", fmt.Errorf("%w: response %T to a request of kind 0x%02x", ErrInvalid, resp, req)
+	return "", fmt.Errorf("%w: response %T to a request of kind 0x%02x", ErrInvalidConfig, resp, req)
 }
 
 // responseFor returns a new zero response struct for a request kind.

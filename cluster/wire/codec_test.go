@@ -345,13 +345,13 @@ func TestDecodeBadFrames(t *testing.T) {
 	if _, err := e.encode(samples()[0].msg, "", 100, false); !errors.Is(err, ErrTooLarge) {
 		t.Fatalf("encoding over the cap: %v", err)
 	}
-	if _, err := e.encode(&raft.AppendEntriesRequest{Entries: []*raft.Log{nil}}, "", DefaultMaxFrame, false); !errors.Is(err, ErrInvalid) {
+	if _, err := e.encode(&raft.AppendEntriesRequest{Entries: []*raft.Log{nil}}, "", DefaultMaxFrame, false); !errors.Is(err, ErrInvalidConfig) {
 		t.Fatalf("nil entry: %v", err)
 	}
-	if _, err := e.encode(struct{}{}, "", DefaultMaxFrame, false); !errors.Is(err, ErrInvalid) {
+	if _, err := e.encode(struct{}{}, "", DefaultMaxFrame, false); !errors.Is(err, ErrInvalidConfig) {
 		t.Fatalf("unknown message: %v", err)
 	}
-	if _, err := e.encode(&raft.InstallSnapshotRequest{Size: -1}, "", DefaultMaxFrame, false); !errors.Is(err, ErrInvalid) {
+	if _, err := e.encode(&raft.InstallSnapshotRequest{Size: -1}, "", DefaultMaxFrame, false); !errors.Is(err, ErrInvalidConfig) {
 		t.Fatalf("negative snapshot size: %v", err)
 	}
 	// A response of the wrong kind for the request.

@@ -5,9 +5,9 @@ import "errors"
 // Errors of this package. Frame and connection errors wrap one of these
 // with %w and the detail (which peer, which field, which length).
 var (
-	// ErrInvalid: a Config or an argument that cannot work (no listener,
+	// ErrInvalidConfig: a Config or an argument that cannot work (no listener,
 	// no dialer, a negative size).
-	ErrInvalid = errors.New("wire: invalid argument")
+	ErrInvalidConfig = errors.New("wire: invalid argument")
 	// ErrMagic: the bytes received are not a frame of this protocol (a
 	// stranger, a msgpack NetworkTransport peer, garbage).
 	ErrMagic = errors.New("wire: not a robib wire frame (bad magic)")

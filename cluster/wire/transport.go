@@ -107,11 +107,11 @@ var (
 func New(cfg Config) (*Transport, error) {
 	switch {
 	case cfg.Listener == nil:
-		return nil, fmt.Errorf("%w: no listener", ErrInvalid)
+		return nil, fmt.Errorf("%w: no listener", ErrInvalidConfig)
 	case cfg.Dial == nil:
-		return nil, fmt.Errorf("%w: no dial func", ErrInvalid)
+		return nil, fmt.Errorf("%w: no dial func", ErrInvalidConfig)
 	case cfg.Timeout < 0, cfg.MaxPool < 0, cfg.MaxRPCsInFlight < 0, cfg.MaxFrame < 0:
-		return nil, fmt.Errorf("%w: negative timeout, pool, in-flight or frame size", ErrInvalid)
+		return nil, fmt.Errorf("%w: negative timeout, pool, in-flight or frame size", ErrInvalidConfig)
 	}
 	if cfg.Timeout == 0 {
 		cfg.Timeout = DefaultTimeout
@@ -406,7 +406,7 @@ func (t *Transport) TimeoutNow(_ raft.ServerID, target raft.ServerAddress, args 
 // is closed afterwards, as raft.NetworkTransport does.
 func (t *Transport) InstallSnapshot(_ raft.ServerID, target raft.ServerAddress, args *raft.InstallSnapshotRequest, resp *raft.InstallSnapshotResponse, data io.Reader) error {
 	if args.Size < 0 {
-		return fmt.Errorf("%w: snapshot size %d", ErrInvalid, args.Size)
+		return fmt.Errorf("%w: snapshot size %d", ErrInvalidConfig, args.Size)
 	}
 	c, err := t.getConn(target)
 	if err != nil {
@@ -425,7 +425,7 @@ func (t *Transport) InstallSnapshot(_ raft.ServerID, target raft.ServerAddress, 
 		return fmt.Errorf("wire: streaming the snapshot to %s: %w", target, t.shutdownErr(err))
 	}
 	if n != args.Size {
-		return fmt.Errorf("%w: snapshot reader ended after %d of %d bytes", ErrInvalid, n, args.Size)
+		return fmt.Errorf("%w: snapshot reader ended after %d of %d bytes", ErrInvalidConfig, n, args.Size)
 	}
 	if _, err := c.nc.Write(binary.LittleEndian.AppendUint32(nil, sum.Sum32())); err != nil {
 		return fmt.Errorf("wire: streaming the snapshot to %s: %w", target, t.shutdownErr(err))

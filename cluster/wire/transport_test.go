@@ -293,7 +293,7 @@ func TestInstallSnapshotShort(t *testing.T) {
 	})
 	req := &raft.InstallSnapshotRequest{Size: 1 << 20}
 	err := client.InstallSnapshot("s", server.LocalAddr(), req, &raft.InstallSnapshotResponse{}, bytes.NewReader(make([]byte, 1000)))
-	if !errors.Is(err, ErrInvalid) {
+	if !errors.Is(err, ErrInvalidConfig) {
 		t.Fatalf("sender: %v", err)
 	}
 	if err := <-got; !errors.Is(err, ErrTruncated) {
@@ -719,7 +719,7 @@ func TestNewInvalid(t *testing.T) {
 		{Listener: ln, Dial: tcpDial, MaxRPCsInFlight: -1},
 		{Listener: ln, Dial: tcpDial, MaxFrame: -1},
 	} {
-		if _, err := New(cfg); !errors.Is(err, ErrInvalid) {
+		if _, err := New(cfg); !errors.Is(err, ErrInvalidConfig) {
 			t.Errorf("%+v: %v", cfg, err)
 		}
 	}
@@ -734,7 +734,7 @@ func TestNewInvalid(t *testing.T) {
 	if got := tr.DecodePeer(tr.EncodePeer("id", "10.0.0.9:7000")); got != "10.0.0.9:7000" {
 		t.Fatalf("peer round trip: %q", got)
 	}
-	if err := tr.InstallSnapshot("s", "x", &raft.InstallSnapshotRequest{Size: -1}, &raft.InstallSnapshotResponse{}, nil); !errors.Is(err, ErrInvalid) {
+	if err := tr.InstallSnapshot("s", "x", &raft.InstallSnapshotRequest{Size: -1}, &raft.InstallSnapshotResponse{}, nil); !errors.Is(err, ErrInvalidConfig) {
 		t.Fatalf("negative snapshot size: %v", err)
 	}
 }

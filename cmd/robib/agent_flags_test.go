@@ -50,6 +50,7 @@ var recordedAgentFlags = []agentFlag{
 	{"raft-addr", "string", "127.0.0.1:10811", "ROBIB_RAFT_ADDR", "127.0.0.2:7003"},
 	{"raft-leader-overlap", "bool", "true", "ROBIB_RAFT_LEADER_OVERLAP", "false"},
 	{"raft-log-store", "string", "dcd", "ROBIB_RAFT_LOG_STORE", "wal"},
+	{"raft-transport", "string", "wire", "ROBIB_RAFT_TRANSPORT", "msgpack"},
 	{"snapshot-interval", "duration", "2s", "ROBIB_SNAPSHOT_INTERVAL", "5s"},
 	{"snapshot-threshold", "uint64", "128", "ROBIB_SNAPSHOT_THRESHOLD", "1024"},
 	{"trailing-logs", "uint64", "256", "ROBIB_TRAILING_LOGS", "512"},

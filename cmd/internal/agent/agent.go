@@ -124,6 +124,7 @@ func (a *Agent) open() error {
 		Name:                cfg.Name,
 		DataDir:             cfg.DataDir,
 		LogStore:            cfg.RaftLogStore,
+		RaftTransport:       cfg.RaftTransport,
 		RaftAddr:            cfg.RaftAddr,
 		GossipAddr:          cfg.GossipAddr,
 		APIAddr:             cfg.APIAddr,

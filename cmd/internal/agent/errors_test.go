@@ -25,6 +25,7 @@ import (
 
 	"github.com/robib/robib/cluster"
 	"github.com/robib/robib/cluster/dcdlog"
+	"github.com/robib/robib/cluster/wire"
 	"github.com/robib/robib/cmd/internal/api"
 	"github.com/robib/robib/cmd/internal/config"
 	"github.com/robib/robib/dcd"
@@ -113,6 +114,19 @@ var sentinels = []sentinel{
 	{"cluster/dcdlog.ErrNotMonotonic", dcdlog.ErrNotMonotonic, eio, s500},
 	{"cluster/dcdlog.ErrRange", dcdlog.ErrRange, eio, s500},
 	{"cluster/dcdlog.ErrFailed", dcdlog.ErrFailed, eio, s500},
+
+	// The Raft transport's errors reach users only inside raft's own
+	// (a failed replication, a lost leader): EIO / 500 like any other.
+	{"cluster/wire.ErrInvalidConfig", wire.ErrInvalidConfig, eio, s500},
+	{"cluster/wire.ErrMagic", wire.ErrMagic, eio, s500},
+	{"cluster/wire.ErrVersion", wire.ErrVersion, eio, s500},
+	{"cluster/wire.ErrChecksum", wire.ErrChecksum, eio, s500},
+	{"cluster/wire.ErrTooLarge", wire.ErrTooLarge, eio, s500},
+	{"cluster/wire.ErrMalformed", wire.ErrMalformed, eio, s500},
+	{"cluster/wire.ErrTruncated", wire.ErrTruncated, eio, s500},
+	{"cluster/wire.ErrSlow", wire.ErrSlow, eio, s500},
+	{"cluster/wire.ErrRejected", wire.ErrRejected, eio, s500},
+	{"cluster/wire.ErrShutdown", wire.ErrShutdown, eio, s500},
 
 	{"nbdfront.ErrUnknownExport", nbdfront.ErrUnknownExport, eio, s500},
 	{"nbdfront.ErrReadOnly", nbdfront.ErrReadOnly, eperm, s500},

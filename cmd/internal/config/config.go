@@ -50,6 +50,7 @@ type Config struct {
 	LeaderLease       time.Duration // Raft leader lease timeout
 	VolumeLeaseTTL    time.Duration // a read-write attach's volume lease lives this long without renewal
 	RaftLogStore      string        // Raft log store: "dcd" (default, also ""), "boltdb" or "wal"; fixed per data dir
+	RaftTransport     string        // Raft transport: "wire" (default, also "") or "msgpack"; the same at every site
 	// LeaderFollowsWrites: the leader hands leadership to a site that
 	// sends it nearly all write batches (see cluster/placement.go).
 	LeaderFollowsWrites bool
@@ -115,6 +116,7 @@ const (
 	KeyVolumeLeaseTTL    = "volume-lease-ttl"
 	KeyFlushTimeout      = "flush-timeout"
 	KeyRaftLogStore      = "raft-log-store"
+	KeyRaftTransport     = "raft-transport"
 	KeyLinkDelay         = "link-delay"
 	KeyLeaderFollows     = "leader-follows-writes"
 	KeyLeaderOverlap     = "raft-leader-overlap"

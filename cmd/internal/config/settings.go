@@ -144,6 +144,12 @@ func agentSettings(c *Config) []setting {
 			}
 			return nil
 		}),
+		opt(KeyRaftTransport, &c.RaftTransport, cl.RaftTransport, "Raft transport between sites: wire (robib's framing, no payload copies) or msgpack (hashicorp/raft's); every site of a cluster must use the same", func(v string) error {
+			if v != "" && v != cluster.TransportWire && v != cluster.TransportMsgpack {
+				return fmt.Errorf("%s %q: want %s or %s", KeyRaftTransport, v, cluster.TransportWire, cluster.TransportMsgpack)
+			}
+			return nil
+		}),
 		opt(KeyLinkDelay, &c.LinkDelay, 0, "testing/benchmark knob: emulate a WAN between sites by delaying every site-to-site connection this agent dials (Raft, API forwarding) by this much in each direction (0..1s; a round trip costs twice this); NBD and gossip are not delayed", func(v time.Duration) error {
 			if v < 0 || v > time.Second {
 				return fmt.Errorf("%s %v: want 0..1s", KeyLinkDelay, v)

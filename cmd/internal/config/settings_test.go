@@ -31,6 +31,7 @@ func TestDefaultsFromOwningPackages(t *testing.T) {
 		{KeyLeaderLease, c.LeaderLease, cl.LeaderLeaseTimeout},
 		{KeyVolumeLeaseTTL, c.VolumeLeaseTTL, cl.LeaseTTL},
 		{KeyRaftLogStore, c.RaftLogStore, cl.LogStore},
+		{KeyRaftTransport, c.RaftTransport, cl.RaftTransport},
 		{KeyLeaderFollows, c.LeaderFollowsWrites, cl.LeaderFollowsWrites},
 		{KeyLeaderOverlap, c.LeaderOverlap, cl.LeaderOverlap},
 		{KeyDCDBuffer, c.DCDBuffer, wb.MaxBufferBytes},
@@ -67,7 +68,7 @@ func TestSettingsDescribeTheFlags(t *testing.T) {
 			t.Errorf("%s: described as %+v; flag %+v", s.Key, s, f)
 		}
 	}
-	if n := len(seen); n != 25 {
+	if n := len(seen); n != 26 {
 		t.Errorf("%d settings", n)
 	}
 }
