@@ -98,7 +98,7 @@ func TestValidationMessages(t *testing.T) {
 		{append(base, "--log-format", "xml"),
 			"invalid configuration: log-format \"xml\": want text or json"},
 		{append(base, "--config", typo),
-			"invalid configuration: config file DIR/typo.yaml: unknown key \"data_dri\" (known: name, data-dir, nbd-addr, api-addr, log-level, log-format, raft-addr, gossip-addr, join, bootstrap-expect, snapshot-threshold, snapshot-interval, trailing-logs, heartbeat-timeout, election-timeout, leader-lease-timeout, dcd-buffer, dcd-inflight, volume-lease-ttl, flush-timeout, raft-log-store, link-delay, leader-follows-writes, raft-leader-overlap)"},
+			"invalid configuration: config file DIR/typo.yaml: unknown key \"data_dri\" (known: name, data-dir, nbd-addr, api-addr, log-level, log-format, raft-addr, gossip-addr, join, bootstrap-expect, snapshot-threshold, snapshot-interval, trailing-logs, heartbeat-timeout, election-timeout, leader-lease-timeout, dcd-buffer, dcd-inflight, volume-lease-ttl, flush-timeout, raft-log-store, raft-transport, link-delay, leader-follows-writes, raft-leader-overlap)"},
 		{append(base, "--config", filepath.Join(dir, "nope.yaml")),
 			"invalid configuration: reading config file DIR/nope.yaml: open DIR/nope.yaml: no such file or directory"},
 	}
