@@ -51,6 +51,37 @@ var layerRules = []layerRule{
 	{"", nil, "the module root holds only this test"},
 }
 
+// externalRule forbids a robib package imports from outside the module
+// (the standard library or a dependency): each entry of deny is an import
+// path, or a prefix ending in "/".
+type externalRule struct {
+	pkg  string
+	deny []string
+	why  string
+}
+
+var externalRules = []externalRule{
+	{"volume", []string{"github.com/hashicorp/", "net", "net/http"}, "volume is the floor: no Raft, no network"},
+	{"fsm", []string{"net", "net/http", "github.com/hashicorp/memberlist"}, "the state machine never touches the network (it implements raft.FSM, nothing else of Raft's)"},
+	{"dcd", []string{"github.com/hashicorp/", "net", "net/http"}, "the write-back stage reaches the cluster only through the Committer the agent hands it"},
+	{"nbdfront", []string{"github.com/hashicorp/", "net/http"}, "the NBD server knows nothing of Raft or the admin API"},
+}
+
+// checkExternal returns why pkg may not import the non-robib path imp.
+func checkExternal(pkg, imp string) string {
+	for _, r := range externalRules {
+		if !matchPkg(r.pkg, pkg) {
+			continue
+		}
+		for _, d := range r.deny {
+			if imp == d || (strings.HasSuffix(d, "/") && strings.HasPrefix(imp, d)) {
+				return r.why
+			}
+		}
+	}
+	return ""
+}
+
 // ruleFor returns the first rule matching pkg.
 func ruleFor(pkg string) (layerRule, bool) {
 	for _, r := range layerRules {
@@ -160,7 +191,13 @@ func TestLayers(t *testing.T) {
 		for kind, imports := range map[string][]string{"imports": p.Imports, "test imports": p.TestImports, "external test imports": p.XTestImports} {
 			for _, path := range imports {
 				imp, ok := relPkg(path)
-				if !ok || imp == pkg {
+				if !ok {
+					if why := checkExternal(pkg, path); why != "" && kind == "imports" {
+						t.Errorf("%s imports %s: forbidden: %s", p.ImportPath, path, why)
+					}
+					continue
+				}
+				if imp == pkg {
 					continue
 				}
 				if why := checkImport(pkg, imp); why != "" {
@@ -213,6 +250,27 @@ func TestLayerRules(t *testing.T) {
 		why := checkImport(c.pkg, c.imp)
 		if (why == "") != c.ok {
 			t.Errorf("%s importing %s: allowed=%v (%q), want allowed=%v", c.pkg, c.imp, why == "", why, c.ok)
+		}
+	}
+}
+
+// TestExternalRules checks the external import rules on known cases.
+func TestExternalRules(t *testing.T) {
+	for _, c := range []struct {
+		pkg, imp string
+		ok       bool
+	}{
+		{"nbdfront", "github.com/hashicorp/raft", false},
+		{"nbdfront", "net", true},
+		{"fsm", "github.com/hashicorp/raft", true},
+		{"fsm", "net/http", false},
+		{"volume", "github.com/hashicorp/go-hclog", false},
+		{"volume", "golang.org/x/sys/unix", true},
+		{"dcd", "net", false},
+		{"cluster", "net/http", true},
+	} {
+		if got := checkExternal(c.pkg, c.imp) == ""; got != c.ok {
+			t.Errorf("%s importing %s: allowed %v, want %v", c.pkg, c.imp, got, c.ok)
 		}
 	}
 }
