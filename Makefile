@@ -88,6 +88,8 @@ soak: tools
 
 bench: build tools
 	$(GO) test -run='^$$' -bench=. -benchmem ./volume ./nbdfront ./dcd ./fsm ./cluster
+	$(GO) test -run='^$$' -bench='LogStoreAppend|RawFloor' ./cluster/dcdlog > bin/logstore-bench.txt
+	tests/bench/storegoals.py < bin/logstore-bench.txt
 	ROBIB_BIN=$(CURDIR)/$(BIN) tests/bench/run.sh
 
 demo: build

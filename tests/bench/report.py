@@ -355,6 +355,23 @@ def goals(value, targets, derived):
         add(g, f3 <= fk + c3, "flush p50 robib-3site %s µs vs nbdkit %s µs + commit p50 %s µs = %s µs" % (
             fmt(f3), fmt(fk), fmt(c3), fmt(fk + c3)))
 
+    # (12) flush p50 against nbdkit and the raw floor (raw's
+    # rand-write-4k-flush: pwrite + fdatasync over written blocks).
+    g = "(12) rand-write-4k-flush: robib-3site flush p50 <= nbdkit p50 + 2 x raw floor p50 + 150 µs"
+    fr = value("rand-write-4k-flush", "flush latency p50", "raw")
+    if None in (f3, fk, fr):
+        add(g, None, "needs robib-3site, nbdkit and raw results for rand-write-4k-flush")
+    else:
+        bound = fk + 2 * fr + 150
+        add(g, f3 <= bound, "flush p50 robib-3site %s µs vs %s + 2 x %s + 150 = %s µs" % (
+            fmt(f3), fmt(fk), fmt(fr), fmt(bound)))
+    g = "(12) seq-write-1M: CPU per GiB written <= 3 CPU-s per robib-3site agent"
+    per = derived.get("seq_write_cpu_s_per_gib")
+    if not per:
+        add(g, None, "needs robib-3site's seq-write-1M phase record")
+    else:
+        add(g, max(per.values()) <= 3.0, ", ".join("%s %.2f" % (k, v) for k, v in sorted(per.items())))
+
     # (4) WAN: every robib-3site-wanNms target; the 10 ms one is the goal,
     # others are information.
     base_p50 = value("rand-write-4k-flush", "flush latency p50", "robib-3site")
@@ -586,8 +603,20 @@ def main():
                   "| target | site | commits | commit p50 (µs) | commit p99 (µs) | fio flush p50 (µs) |",
                   "| --- | --- | ---: | ---: | ---: | ---: |"] + stage_rows
 
+    # CPU per GiB of the robib-3site agents in seq-write-1M alone (issue 12).
+    seq = next((p for p in phases if p["target"] == "robib-3site" and p["phase"] == "seq-write-1M"), None)
+    js = load_fio(os.path.join(args.dir, "seq-write-1M-robib-3site.json"))
+    if seq and js and js["write"].get("io_bytes"):
+        gib = js["write"]["io_bytes"] / GIB
+        per = {}
+        for label, a in (seq.get("after") or {}).items():
+            b = (seq.get("before") or {}).get(label) or {}
+            if a.get("cpu_s") is not None and b.get("cpu_s") is not None:
+                per[label] = (a["cpu_s"] - b["cpu_s"]) / gib
+        derived["seq_write_cpu_s_per_gib"] = per
+
     gl = goals(value, targets, derived)
-    notes += ["", "**Goals** (issue 5; informational, they do not set the exit code):", ""]
+    notes += ["", "**Goals** (issues 5 and 12; informational, they do not set the exit code):", ""]
     notes += ["- %s %s: %s" % (g["status"], g["goal"], g["text"]) for g in gl]
 
     if meta.get("elapsed_s"):
