@@ -214,25 +214,22 @@ func (a *admin) isLiveVoter(site string) bool {
 }
 
 func (a *admin) handleRemoveServer(w http.ResponseWriter, r *http.Request) {
-	var req siteRequest
-	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4096)).Decode(&req); err != nil {
-		writeJSON(w, http.StatusBadRequest, map[string]string{"error": err.Error()})
-		return
-	}
-	if err := a.removeServerLocal(req.Site); err != nil {
-		writeJSON(w, statusFor(err), map[string]string{"error": err.Error()})
-		return
-	}
-	w.WriteHeader(http.StatusNoContent)
+	handleSiteRequest(w, r, a.removeServerLocal)
 }
 
 func (a *admin) handleTransfer(w http.ResponseWriter, r *http.Request) {
+	handleSiteRequest(w, r, a.transferLocal)
+}
+
+// handleSiteRequest decodes a siteRequest and answers 204 once do(site)
+// succeeded, or the error's status.
+func handleSiteRequest(w http.ResponseWriter, r *http.Request, do func(site string) error) {
 	var req siteRequest
 	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4096)).Decode(&req); err != nil {
 		writeJSON(w, http.StatusBadRequest, map[string]string{"error": err.Error()})
 		return
 	}
-	if err := a.transferLocal(req.Site); err != nil {
+	if err := do(req.Site); err != nil {
 		writeJSON(w, statusFor(err), map[string]string{"error": err.Error()})
 		return
 	}
