@@ -22,6 +22,13 @@ const (
 // DefaultRaftTransport is the transport of a Config that names none.
 const DefaultRaftTransport = TransportWire
 
+// Both transports keep up to raftPool idle connections per peer and give
+// up on an RPC after raftTimeout.
+const (
+	raftPool    = 4
+	raftTimeout = 10 * time.Second
+)
+
 // newTransport builds the Raft transport cfg names over its listener and
 // dialer.
 func newTransport(cfg *Config, hlog hclog.Logger, log *slog.Logger) (guardedTransport, error) {
@@ -31,15 +38,15 @@ func newTransport(cfg *Config, hlog hclog.Logger, log *slog.Logger) (guardedTran
 			Listener:  cfg.RaftListener,
 			Dial:      cfg.Dial,
 			Advertise: cfg.RaftAddr,
-			Timeout:   10 * time.Second,
-			MaxPool:   4,
+			Timeout:   raftTimeout,
+			MaxPool:   raftPool,
 			Logger:    log.With("component", "raft-wire"),
 		})
 	case TransportMsgpack:
 		return raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
 			Stream:  &streamLayer{Listener: cfg.RaftListener, dial: cfg.Dial, advertise: cfg.RaftAddr},
-			MaxPool: 4,
-			Timeout: 10 * time.Second,
+			MaxPool: raftPool,
+			Timeout: raftTimeout,
 			Logger:  hlog,
 		}), nil
 	default:
