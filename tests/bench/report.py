@@ -114,6 +114,16 @@ def load_phases(path):
     return out
 
 
+def phase_cpu(p):
+    """CPU seconds each process used during one phase record."""
+    out = {}
+    for label, a in (p.get("after") or {}).items():
+        b = (p.get("before") or {}).get(label) or {}
+        if a.get("cpu_s") is not None and b.get("cpu_s") is not None:
+            out[label] = a["cpu_s"] - b["cpu_s"]
+    return out
+
+
 def process_stats(targets, phases, fio_dir):
     """Per process: peak RSS, CPU total, CPU in write phases, GiB written."""
     procs = []
@@ -131,10 +141,8 @@ def process_stats(targets, phases, fio_dir):
             j = load_fio(os.path.join(fio_dir, "%s-%s.json" % (ph, t)))
             if j:
                 written += j["write"].get("io_bytes", 0)
-            for label, a in (p.get("after") or {}).items():
-                b = (p.get("before") or {}).get(label) or {}
-                if a.get("cpu_s") is not None and b.get("cpu_s") is not None:
-                    write_cpu[label] = write_cpu.get(label, 0.0) + a["cpu_s"] - b["cpu_s"]
+            for label, c in phase_cpu(p).items():
+                write_cpu[label] = write_cpu.get(label, 0.0) + c
         attached = sorted({p["attached"] for p in recs if p.get("attached") and p["phase"] != "end"})
         leader_end = end.get("leader_before")
         for label, s in end["after"].items():
@@ -608,12 +616,7 @@ def main():
     js = load_fio(os.path.join(args.dir, "seq-write-1M-robib-3site.json"))
     if seq and js and js["write"].get("io_bytes"):
         gib = js["write"]["io_bytes"] / GIB
-        per = {}
-        for label, a in (seq.get("after") or {}).items():
-            b = (seq.get("before") or {}).get(label) or {}
-            if a.get("cpu_s") is not None and b.get("cpu_s") is not None:
-                per[label] = (a["cpu_s"] - b["cpu_s"]) / gib
-        derived["seq_write_cpu_s_per_gib"] = per
+        derived["seq_write_cpu_s_per_gib"] = {label: c / gib for label, c in phase_cpu(seq).items()}
 
     gl = goals(value, targets, derived)
     notes += ["", "**Goals** (issues 5 and 12; informational, they do not set the exit code):", ""]
