@@ -13,17 +13,15 @@
 # lives in /var/tmp/robib-profile and is removed at the start of a run.
 set -euo pipefail
 [ $# -ge 3 ] || { sed -n '2,13p' "$0" >&2; exit 2; }
+# shellcheck source=tests/bench/lib.sh
+. "$(dirname "$0")/lib.sh"
 bin=$1 out=$2 fioargs=$3
 shift 3
 work=/var/tmp/robib-profile
 rm -rf "$work"
 mkdir -p "$work" "$out"
 pids=()
-cleanup() {
-  kill "${pids[@]}" 2>/dev/null || true
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT
+trap 'stop_pids "${pids[@]}"' EXIT
 for i in 1 2 3; do
   o=$((i * 10))
   args=(agent --name "site$i" --data-dir "$work/site$i" --nbd-addr "127.0.0.1:$((20000 + o))"
