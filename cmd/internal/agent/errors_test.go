@@ -27,6 +27,7 @@ import (
 	"github.com/robib/robib/cluster/dcdlog"
 	"github.com/robib/robib/cluster/wire"
 	"github.com/robib/robib/cmd/internal/api"
+	"github.com/robib/robib/cmd/internal/auth"
 	"github.com/robib/robib/cmd/internal/config"
 	"github.com/robib/robib/dcd"
 	"github.com/robib/robib/fsm"
@@ -55,6 +56,8 @@ const (
 
 	s400 = http.StatusBadRequest
 	s404 = http.StatusNotFound
+	s401 = http.StatusUnauthorized
+	s403 = http.StatusForbidden
 	s409 = http.StatusConflict
 	s500 = http.StatusInternalServerError
 	s503 = http.StatusServiceUnavailable
@@ -140,6 +143,14 @@ var sentinels = []sentinel{
 	{"cmd/internal/api.ErrExists", api.ErrExists, eio, s409},
 	{"cmd/internal/api.ErrBadRequest", api.ErrBadRequest, eio, s400},
 	{"cmd/internal/api.ErrUnavailable", api.ErrUnavailable, eio, s503},
+	{"cmd/internal/api.ErrUnauthenticated", api.ErrUnauthenticated, eio, s401},
+	{"cmd/internal/api.ErrForbidden", api.ErrForbidden, eio, s403},
+
+	// Authorization refusals: 401 / 403 on the API, NBD_REP_ERR_POLICY
+	// in the option phase (EPERM where an errno is asked for).
+	{"cmd/internal/auth.ErrUnauthenticated", auth.ErrUnauthenticated, eperm, s401},
+	{"cmd/internal/auth.ErrDenied", auth.ErrDenied, eperm, s403},
+	{"cmd/internal/auth.ErrInvalidPolicy", auth.ErrInvalidPolicy, eio, s400},
 
 	{"cmd/internal/config.ErrInvalidConfig", config.ErrInvalidConfig, eio, s500},
 	{"cmd/internal/config.ErrBadSize", config.ErrBadSize, eio, s500},
@@ -370,7 +381,7 @@ func TestHTTPStatusTableMapsEverySentinel(t *testing.T) {
 		// The client side: a status maps back to the API sentinel that
 		// produced it, and 500 to none.
 		se := &api.StatusError{Status: s.status, Message: s.err.Error()}
-		for _, cls := range []error{api.ErrNotFound, api.ErrExists, api.ErrBadRequest, api.ErrUnavailable} {
+		for _, cls := range []error{api.ErrNotFound, api.ErrExists, api.ErrBadRequest, api.ErrUnavailable, api.ErrUnauthenticated, api.ErrForbidden} {
 			if want := api.StatusOf(cls) == s.status; errors.Is(se, cls) != want {
 				t.Errorf("%s: client error for HTTP %d matches %v: %v, want %v", s.name, s.status, cls, !want, want)
 			}
@@ -397,11 +408,11 @@ func TestHTTPStatusTableMapsEverySentinel(t *testing.T) {
 	}
 	// Statuses are distinct, so the client's reverse mapping is a function.
 	var statuses []int
-	for _, cls := range []error{api.ErrNotFound, api.ErrExists, api.ErrBadRequest, api.ErrUnavailable} {
+	for _, cls := range []error{api.ErrNotFound, api.ErrExists, api.ErrBadRequest, api.ErrUnavailable, api.ErrUnauthenticated, api.ErrForbidden} {
 		statuses = append(statuses, api.StatusOf(cls))
 	}
 	slices.Sort(statuses)
-	if len(slices.Compact(statuses)) != 4 {
+	if len(slices.Compact(statuses)) != 6 {
 		t.Errorf("API sentinels share statuses: %v", statuses)
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/robib/robib/cluster"
+	"github.com/robib/robib/cmd/internal/auth"
 	"github.com/robib/robib/dcd"
 	"github.com/robib/robib/fsm"
 	"github.com/robib/robib/nbdfront"
@@ -727,4 +728,6 @@ var nbdErrors = append(nbdfront.ErrorTable{
 	{Err: dcd.ErrFailed, Code: nbdfront.EIO},
 	{Err: dcd.ErrFlushTimeout, Code: nbdfront.EIO},
 	{Err: errLeaseSuspended, Code: nbdfront.EIO},
+	{Err: auth.ErrUnauthenticated, Code: nbdfront.EPERM},
+	{Err: auth.ErrDenied, Code: nbdfront.EPERM},
 }, nbdfront.DefaultErrorTable()...)

@@ -8,6 +8,7 @@ import (
 
 	"github.com/robib/robib/cluster"
 	"github.com/robib/robib/cmd/internal/api"
+	"github.com/robib/robib/cmd/internal/auth"
 	"github.com/robib/robib/dcd"
 	"github.com/robib/robib/fsm"
 	"github.com/robib/robib/volume"
@@ -38,7 +39,7 @@ func toAPI(m volume.Meta) api.Volume {
 // apiClasses is the one table from the errors of the layers below to the
 // API's sentinels, which pick the HTTP status (the api package's
 // statusTable): 404 unknown, 409 exists, 400 invalid, 503 no leader or
-// shutting down; anything else is 500. The first row an error matches
+// shutting down, 401 no or unknown credentials, 403 not allowed; anything else is 500. The first row an error matches
 // (errors.Is) wins, in this order. errors_test.go lists every sentinel of
 // the module with the status it must get.
 var apiClasses = []struct{ err, class error }{
@@ -55,6 +56,9 @@ var apiClasses = []struct{ err, class error }{
 	{cluster.ErrRetry, api.ErrUnavailable},
 	{context.DeadlineExceeded, api.ErrUnavailable},
 	{cluster.ErrClosed, api.ErrUnavailable},
+	{auth.ErrUnauthenticated, api.ErrUnauthenticated},
+	{auth.ErrDenied, api.ErrForbidden},
+	{auth.ErrInvalidPolicy, api.ErrBadRequest},
 }
 
 // apiErr tags an error of the layers below with the API sentinel of its

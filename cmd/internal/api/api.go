@@ -21,6 +21,10 @@ var (
 	ErrExists      = errors.New("already exists")
 	ErrBadRequest  = errors.New("invalid request")
 	ErrUnavailable = errors.New("temporarily unavailable")
+	// ErrUnauthenticated: no credentials, or unknown ones (401).
+	ErrUnauthenticated = errors.New("authentication required")
+	// ErrForbidden: known credentials without the right (403).
+	ErrForbidden = errors.New("forbidden")
 )
 
 // statusTable is the one mapping between errors and HTTP statuses: the
@@ -36,6 +40,8 @@ var statusTable = []struct {
 	{ErrExists, http.StatusConflict},
 	{ErrBadRequest, http.StatusBadRequest},
 	{ErrUnavailable, http.StatusServiceUnavailable},
+	{ErrUnauthenticated, http.StatusUnauthorized},
+	{ErrForbidden, http.StatusForbidden},
 }
 
 // Volume is a volume as the API shows it.

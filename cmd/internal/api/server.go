@@ -203,12 +203,23 @@ func StatusOf(err error) int {
 }
 
 func (h *handler) fail(w http.ResponseWriter, r *http.Request, err error) {
+	WriteError(w, r, err, h.log)
+}
+
+// WriteError answers a request with err: the status of its statusTable
+// row (500 if none) and an ErrorBody, logged (errors at 5xx, refusals and
+// bad requests at info). Handlers mounted beside the API's (the
+// authorization guard) use it so every error is mapped here, once.
+func WriteError(w http.ResponseWriter, r *http.Request, err error, log *slog.Logger) {
+	if log == nil {
+		log = slog.Default()
+	}
 	status := StatusOf(err)
 	lvl := slog.LevelInfo
 	if status >= 500 {
 		lvl = slog.LevelError
 	}
-	h.log.Log(r.Context(), lvl, "api request failed", "method", r.Method, "path", r.URL.Path, "status", status, "err", err)
+	log.Log(r.Context(), lvl, "api request failed", "method", r.Method, "path", r.URL.Path, "status", status, "err", err)
 	writeJSON(w, status, ErrorBody{Error: err.Error()})
 }
 
