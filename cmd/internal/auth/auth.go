@@ -109,6 +109,7 @@ type Policy struct {
 	tokens  map[[sha256.Size]byte]string // token hash → token name
 	tokRole map[string]Role              // token name → role
 	volumes map[string]map[string]Access // volume or AnyVolume → client name → access
+	deny    map[string]bool              // revoked names (certificates and tokens)
 	source  string                       // file the policy came from, for messages
 }
 
@@ -161,6 +162,10 @@ func (p *Policy) Token(token string) (Identity, error) {
 	return Identity{}, fmt.Errorf("%w: unknown API token", ErrUnauthenticated)
 }
 
+// Denied reports whether the policy revokes name: a certificate (site or
+// client) or token of that name is refused everywhere.
+func (p *Policy) Denied(name string) bool { return p.deny[name] }
+
 // Role is what id may do on the admin API. Sites have no role there: their
 // certificates are for the site-to-site endpoints.
 func (p *Policy) Role(id Identity) Role {
@@ -207,6 +212,9 @@ func (p *Policy) Require(id Identity, n Need, what string) error {
 	if id.Anonymous() {
 		return fmt.Errorf("%w: %s needs a client certificate of the cluster or an API token", ErrUnauthenticated, what)
 	}
+	if p.Denied(id.Name) {
+		return fmt.Errorf("%w: %s is revoked (deny list of %s)", ErrDenied, id, p.source)
+	}
 	if n == NeedSite {
 		if id.Kind != KindSite {
 			return fmt.Errorf("%w: %s is for sites only, and %s is not a site", ErrDenied, what, id)
@@ -236,6 +244,9 @@ func (p *Policy) Attach(id Identity, volume string, readOnly bool) error {
 	if id.Kind != KindClient {
 		return fmt.Errorf("%w: %s is not an NBD client identity", ErrDenied, id)
 	}
+	if p.Denied(id.Name) {
+		return fmt.Errorf("%w: %s is revoked (deny list of %s)", ErrDenied, id, p.source)
+	}
 	want := AccessWrite
 	if readOnly {
 		want = AccessRead
@@ -261,6 +272,6 @@ func (p *Policy) Summary() string {
 	}
 	sort.Strings(admins)
 	sort.Strings(readers)
-	return fmt.Sprintf("%s: admins [%s], readers [%s], %d tokens, rights on %d volume entries",
-		p.source, strings.Join(admins, " "), strings.Join(readers, " "), len(p.tokens), len(p.volumes))
+	return fmt.Sprintf("%s: admins [%s], readers [%s], %d tokens, rights on %d volume entries, %d revoked",
+		p.source, strings.Join(admins, " "), strings.Join(readers, " "), len(p.tokens), len(p.volumes), len(p.deny))
 }

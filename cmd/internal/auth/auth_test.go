@@ -13,7 +13,7 @@ import (
 const samplePolicy = `
 version: 1
 api:
-  admin: [alice]
+  admin: [alice, revoked]
   read: [grafana]
 tokens:
   - name: nightly
@@ -24,7 +24,8 @@ tokens:
     role: admin
 volumes:
   db: {rw: [db-host], ro: [reporting]}
-  "*": {ro: [auditor]}
+  "*": {ro: [auditor, revoked]}
+deny: [revoked, site9]
 `
 
 func sample(t *testing.T) *Policy {
@@ -68,6 +69,8 @@ func TestRoles(t *testing.T) {
 		{site, NeedRead, ErrDenied},
 		{site, NeedAdmin, ErrDenied},
 		{deploy, NeedSite, ErrDenied},
+		{client("revoked"), NeedRead, ErrDenied},
+		{Identity{Name: "site9", Kind: KindSite}, NeedSite, ErrDenied},
 	}
 	for _, c := range cases {
 		err := p.Require(c.id, c.need, "GET /x")
@@ -102,6 +105,7 @@ func TestAttach(t *testing.T) {
 		{Identity{}, "db", true, ErrUnauthenticated},
 		{Identity{Name: "site1", Kind: KindSite}, "db", true, ErrDenied},
 		{Identity{Name: "nightly", Kind: KindToken}, "db", true, ErrDenied},
+		{client("revoked"), "db", true, ErrDenied},
 	}
 	for _, c := range cases {
 		err := p.Attach(c.id, c.vol, c.readOnly)
@@ -139,6 +143,7 @@ func TestParseErrors(t *testing.T) {
 		"version: 1\nvolumes: {\"bad/vol\": {rw: [a]}}":                                                            `bad volume name`,
 		"version: 1\nvolumes: {v: {rw: [a], ro: [a]}}":                                                             `"a" is listed twice`,
 		"version: 1\nvolumes: {v: {rx: [a]}}":                                                                      "field rx not found",
+		"version: 1\ndeny: [\"a b\"]":                                                                              "deny: bad name",
 		"version: 1\n---\nversion: 1":                                                                              "more than one document",
 		"version: [1":                                                                                              "invalid authorization policy",
 		strings.Repeat(" ", maxPolicy+1):                                                                           "at most",

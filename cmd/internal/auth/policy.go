@@ -31,6 +31,8 @@ const maxPolicy = 1 << 20
 //	volumes:                         # NBD attach rights (--nbd-tls-verify-peer)
 //	  db: {rw: [db-host], ro: [reporting]}
 //	  "*": {ro: [auditor]}           # every volume (rights add up)
+//	deny: [lost-laptop, site4]       # revoked names: refused everywhere,
+//	                                 # whatever else lists them
 //
 // Unknown keys are errors, so a misspelt right is never silently dropped.
 type policyFile struct {
@@ -48,6 +50,7 @@ type policyFile struct {
 		RW []string `yaml:"rw"`
 		RO []string `yaml:"ro"`
 	} `yaml:"volumes"`
+	Deny []string `yaml:"deny"`
 }
 
 // Parse reads a policy file's contents. Every error wraps
@@ -77,7 +80,14 @@ func Parse(b []byte) (*Policy, error) {
 		tokens:  map[[sha256.Size]byte]string{},
 		tokRole: map[string]Role{},
 		volumes: map[string]map[string]Access{},
+		deny:    map[string]bool{},
 		source:  "policy",
+	}
+	for _, n := range f.Deny {
+		if !nameRule.MatchString(n) {
+			return nil, fmt.Errorf("%w: deny: bad name %q", ErrInvalidPolicy, n)
+		}
+		p.deny[n] = true
 	}
 	for _, g := range []struct {
 		key   string
