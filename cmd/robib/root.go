@@ -37,7 +37,7 @@ func newRootCmd() *cobra.Command {
 	}
 	g.flags = root.PersistentFlags()
 	config.RegisterClientFlags(g.flags)
-	root.AddCommand(newAgentCmd(), newVolumeCmd(g), newClusterCmd(g))
+	root.AddCommand(newAgentCmd(), newVolumeCmd(g), newClusterCmd(g), newTokenCmd())
 	return root
 }
 
