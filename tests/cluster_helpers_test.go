@@ -89,7 +89,7 @@ type verifyReport struct {
 // the report and the exit code.
 func verifyVolume(t *testing.T, a *harness.Agent, name string) (verifyReport, int) {
 	t.Helper()
-	r := harness.Run(t, 5*time.Minute, nil, a.Bin, "--api", a.APIURL(), "volume", "verify", name, "--json", "-q")
+	r := harness.Run(t, 5*time.Minute, a.CLIEnv(), a.Bin, "--api", a.APIURL(), "volume", "verify", name, "--json", "-q")
 	var rep verifyReport
 	if err := json.Unmarshal([]byte(r.Stdout), &rep); err != nil {
 		t.Fatalf("volume verify %s --json at %s (exit %d): unreadable output: %v\nstdout: %s\nstderr: %s", name, a.Name, r.ExitCode, err, r.Stdout, r.Stderr)

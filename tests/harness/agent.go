@@ -56,6 +56,12 @@ type Options struct {
 	Bare bool
 	// Bin is the robib binary; default Build(t).
 	Bin string
+	// TLS runs the agent with a site certificate of this PKI (TLS and
+	// mutual authentication on every link, the product's default); the
+	// harness's CLI calls, health probes and NBD URIs then authenticate as
+	// AdminClient. Nil runs it with --insecure (ROBIB_INSECURE, so Bare
+	// agents get it too).
+	TLS *PKI
 	// StartTimeout bounds the wait for the serving line; default 30s.
 	StartTimeout time.Duration
 	// StopTimeout bounds the wait after SIGTERM before Stop kills the
@@ -173,6 +179,9 @@ func (a *Agent) args() []string {
 		if a.opts.LogLevel != "" {
 			args = append(args, "--log-level", a.opts.LogLevel)
 		}
+		if a.opts.TLS != nil {
+			args = append(args, a.opts.TLS.AgentArgs(a.opts.Name)...)
+		}
 	}
 	return append(args, a.opts.ExtraArgs...)
 }
@@ -197,7 +206,7 @@ func (a *Agent) Start() error {
 		return err
 	}
 	cmd := exec.Command(a.Bin, args...)
-	cmd.Env = append(CleanEnv(), a.opts.Env...)
+	cmd.Env = append(CleanEnv(), a.env()...)
 	cmd.Stdout, cmd.Stderr = pw, pw
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
@@ -233,7 +242,11 @@ func (a *Agent) Start() error {
 	apiAddr, nbdAddr := a.APIAddr, a.NBDAddr
 	a.mu.Unlock()
 	if apiAddr != "" && !strings.HasSuffix(apiAddr, ":0") && !strings.HasSuffix(nbdAddr, ":0") {
-		go probe(p, apiAddr, nbdAddr, healthy, stopProbe)
+		base := "http://" + apiAddr
+		if a.opts.TLS != nil {
+			base = "https://" + apiAddr
+		}
+		go probe(p, base, a.httpClient(), nbdAddr, healthy, stopProbe)
 	}
 	select {
 	case <-healthy:
@@ -260,7 +273,7 @@ func (a *Agent) Start() error {
 	}
 }
 
-func probe(p *process, apiAddr, nbdAddr string, healthy chan<- servingInfo, stop <-chan struct{}) {
+func probe(p *process, apiBase string, hc *http.Client, nbdAddr string, healthy chan<- servingInfo, stop <-chan struct{}) {
 	// Give the serving line a head start: it carries more information.
 	select {
 	case <-stop:
@@ -268,7 +281,7 @@ func probe(p *process, apiAddr, nbdAddr string, healthy chan<- servingInfo, stop
 	case <-time.After(time.Second):
 	}
 	for {
-		if healthAt(apiAddr) == nil && (nbdAddr == "" || dialable(nbdAddr)) {
+		if healthAt(apiBase, hc) == nil && (nbdAddr == "" || dialable(nbdAddr)) {
 			healthy <- servingInfo{}
 			return
 		}
@@ -557,11 +570,40 @@ func (a *Agent) cleanup() {
 	a.mu.Unlock()
 }
 
-// APIURL is the agent's admin API base URL.
-func (a *Agent) APIURL() string { return "http://" + a.APIAddr }
+// env is the agent's environment beyond CleanEnv: ROBIB_INSECURE unless it
+// runs with TLS, then Options.Env (which may override it).
+func (a *Agent) env() []string {
+	var env []string
+	if a.opts.TLS == nil {
+		env = append(env, "ROBIB_INSECURE=true")
+	}
+	return append(env, a.opts.Env...)
+}
 
-// NBDURI is the NBD URI of an export on this agent.
-func (a *Agent) NBDURI(export string) string { return "nbd://" + a.NBDAddr + "/" + export }
+// APIURL is the agent's admin API base URL.
+func (a *Agent) APIURL() string {
+	if a.opts.TLS != nil {
+		return "https://" + a.APIAddr
+	}
+	return "http://" + a.APIAddr
+}
+
+// NBDURI is the NBD URI of an export on this agent: nbds:// with the admin
+// client's certificates when the agent runs with TLS.
+func (a *Agent) NBDURI(export string) string {
+	if a.opts.TLS != nil {
+		return "nbds://" + a.NBDAddr + "/" + export + "?tls-certificates=" + a.opts.TLS.Client(AdminClient)
+	}
+	return "nbd://" + a.NBDAddr + "/" + export
+}
+
+// CLIEnv is the environment the harness's CLI calls run with.
+func (a *Agent) CLIEnv() []string {
+	if a.opts.TLS != nil {
+		return a.opts.TLS.ClientEnv(AdminClient)
+	}
+	return nil
+}
 
 // NBDPort is the port of the NBD listener.
 func (a *Agent) NBDPort() string {
@@ -570,13 +612,22 @@ func (a *Agent) NBDPort() string {
 }
 
 // Health does GET /v1/health and returns an error unless it answers 200.
-func (a *Agent) Health() error { return healthAt(a.APIAddr) }
+func (a *Agent) Health() error { return healthAt(a.APIURL(), a.httpClient()) }
 
-func healthAt(apiAddr string) error {
+// httpClient is the client for this agent's API: plain, or HTTPS as the
+// admin client.
+func (a *Agent) httpClient() *http.Client {
+	if a.opts.TLS != nil {
+		return a.opts.TLS.HTTPClient(AdminClient)
+	}
+	return http.DefaultClient
+}
+
+func healthAt(base string, hc *http.Client) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+apiAddr+"/v1/health", nil)
-	resp, err := http.DefaultClient.Do(req)
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, base+"/v1/health", nil)
+	resp, err := hc.Do(req)
 	if err != nil {
 		return err
 	}
@@ -592,7 +643,7 @@ func healthAt(apiAddr string) error {
 // is non-nil for a non-zero exit (or a timeout).
 func (a *Agent) CLI(args ...string) (stdout, stderr string, err error) {
 	a.t.Helper()
-	r := Run(a.t, time.Minute, nil, a.Bin, append([]string{"--api", a.APIURL()}, args...)...)
+	r := Run(a.t, time.Minute, a.CLIEnv(), a.Bin, append([]string{"--api", a.APIURL()}, args...)...)
 	return r.Stdout, r.Stderr, r.Err
 }
 

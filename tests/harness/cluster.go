@@ -28,6 +28,9 @@ type ClusterOptions struct {
 	Args []string
 	// DefaultTiming leaves out FastFailover (the binary's 1s timeouts).
 	DefaultTiming bool
+	// TLS runs every site with a certificate of this PKI (see
+	// Options.TLS); nil: --insecure.
+	TLS *PKI
 	// Bin is the robib binary; default Build(t).
 	Bin string
 }
@@ -169,7 +172,7 @@ func (c *Cluster) agentOptions(name string, expect int) Options {
 		args = append(args, FastFailover...)
 	}
 	args = append(args, c.opts.Args...)
-	return Options{Name: name, Bin: c.opts.Bin, ExtraArgs: args}
+	return Options{Name: name, Bin: c.opts.Bin, ExtraArgs: args, TLS: c.opts.TLS}
 }
 
 // AddSite starts a new site that joins the cluster through the gossip
@@ -206,7 +209,7 @@ func (c *Cluster) Running() []*Agent {
 
 // Status runs `robib cluster status --json` against a.
 func (c *Cluster) Status(a *Agent) (ClusterStatus, error) {
-	r := Run(c.t, 30*time.Second, nil, a.Bin, "--api", a.APIURL(), "cluster", "status", "--json")
+	r := Run(c.t, 30*time.Second, a.CLIEnv(), a.Bin, "--api", a.APIURL(), "cluster", "status", "--json")
 	if r.Err != nil {
 		return ClusterStatus{}, fmt.Errorf("cluster status at %s: %v: %s", a.Name, r.Err, strings.TrimSpace(r.Stderr))
 	}
