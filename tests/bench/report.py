@@ -175,9 +175,9 @@ def wan_delay_ms(target):
 
 
 def variant(target):
-    """A robib-3site variant that runs the write jobs only (the WAN targets
-    and robib-3site-fwd) and is compared with robib-3site."""
-    return wan_delay_ms(target) is not None or target == "robib-3site-fwd"
+    """A robib-3site variant that runs some jobs only (the WAN targets,
+    robib-3site-fwd and robib-3site-tls) and is compared with robib-3site."""
+    return wan_delay_ms(target) is not None or target in ("robib-3site-fwd", "robib-3site-tls")
 
 
 def best_baseline(values, targets, higher_is_better):
@@ -379,6 +379,20 @@ def goals(value, targets, derived):
         add(g, None, "needs robib-3site's seq-write-1M phase record")
     else:
         add(g, max(per.values()) <= 3.0, ", ".join("%s %.2f" % (k, v) for k, v in sorted(per.items())))
+
+    # (14) TLS on every link costs at most 10%: flushes (p50, as a rate:
+    # insecure p50 / TLS p50) and QD32 IOPS at least 0.9 x robib-3site
+    # (--insecure) in the same run.
+    for job, metric, higher in (("rand-write-4k-flush", "flush latency p50", False),
+                                ("rand-write-4k-qd32", "IOPS", True)):
+        g = "(14) TLS: %s %s >= 0.9 x robib-3site (--insecure)" % (job, metric)
+        vt = value(job, metric, "robib-3site-tls")
+        vi = value(job, metric, "robib-3site")
+        if vt is None or vi is None:
+            add(g, None, "needs %s on robib-3site and robib-3site-tls" % job)
+            continue
+        r = vt / vi if higher else vi / vt
+        add(g, r >= 0.9, "robib-3site-tls %s vs robib-3site %s: %.2f" % (fmt(vt), fmt(vi), r))
 
     # (4) WAN: every robib-3site-wanNms target; the 10 ms one is the goal,
     # others are information.

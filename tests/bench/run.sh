@@ -33,6 +33,14 @@
 #                        default the write jobs only, as reads at a follower
 #                        are served from its own copy and cross no link.
 #                        The writer and leader as in robib-3site
+#   robib-3site-tls      robib-3site with TLS and mutual authentication on
+#                        every link, the product's default (the other robib
+#                        targets run --insecure): certificates made with
+#                        `robib cert`, fio over nbds:// with a client
+#                        certificate, the CLI over HTTPS. Runs
+#                        BENCH_TLS_JOBS (default rand-write-4k-flush
+#                        rand-write-4k-qd32 seq-write-1M, those also in
+#                        BENCH_JOBS) and is compared with robib-3site
 #   robib-1site          one `robib agent`, a one-site cluster
 #   nbdkit               `nbdkit file` on a sparse file, with the plugin's
 #                        defaults (cache=default: through the page cache, 16
@@ -111,6 +119,7 @@
 #   BENCH_DIR        working directory, kept afterwards (default: a new one
 #                    under /var/tmp, removed at exit)
 #   BENCH_RAW_DIRECT 1 = raw target uses O_DIRECT (default 0)
+#   BENCH_TLS_JOBS   jobs for robib-3site-tls (see above)
 #   BENCH_ROBIB_ARGS extra flags for every robib agent (word-split), e.g.
 #                    "--dcd-buffer 128MiB"
 #   ROBIB_BIN        robib binary (default: build ./cmd/robib into the working dir)
@@ -127,7 +136,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 all_jobs=" seq-write-1M rand-write-4k-qd1 rand-write-4k-qd32 rand-write-4k-flush write-64k-flush-1M seq-read-1M rand-read-4k multi-conn "
-all_targets=" robib-3site robib-3site-fwd robib-3site-wan2ms robib-3site-wan10ms robib-1site nbdkit qemu-nbd raw "
+all_targets=" robib-3site robib-3site-tls robib-3site-fwd robib-3site-wan2ms robib-3site-wan10ms robib-1site nbdkit qemu-nbd raw "
 runtime=${BENCH_RUNTIME:-10}
 size=${BENCH_SIZE:-1GiB}
 jobs=${BENCH_JOBS:-$all_jobs}
@@ -179,6 +188,11 @@ for j in $jobs; do
   if [[ " $wan_jobs " == *" $j "* ]]; then wan_list+="$j "; fi
 done
 wan_list=${wan_list% }
+tls_list=""   # BENCH_JOBS in its order, restricted to BENCH_TLS_JOBS
+for j in $jobs; do
+  if [[ " $(canon_jobs ${BENCH_TLS_JOBS:-rand-write-4k-flush rand-write-4k-qd32 seq-write-1M}) " == *" $j "* ]]; then tls_list+="$j "; fi
+done
+tls_list=${tls_list% }
 has_target() { [[ " $targets " == *" $1 "* ]]; }
 has_robib() { [[ " $targets " == *" robib-"* ]]; }
 is_3site() { [[ $1 == robib-3site* ]]; }
@@ -190,7 +204,21 @@ link_delay() { # TARGET: its --link-delay ("" for none)
   esac
 }
 target_jobs() { # TARGET: the jobs it runs
-  if [ -n "$(link_delay "$1")" ] || [ "$1" = robib-3site-fwd ]; then echo "$wan_list"; else echo "$jobs"; fi
+  if [ "$1" = robib-3site-tls ]; then echo "$tls_list";
+  elif [ -n "$(link_delay "$1")" ] || [ "$1" = robib-3site-fwd ]; then echo "$wan_list"; else echo "$jobs"; fi
+}
+tls_target() { [ "$1" = robib-3site-tls ]; }
+nbd_uri() { # HOST:PORT: the URI of the bench volume there (nbds:// with the client certificate for the TLS target)
+  if [ -n "$tls_client" ]; then echo "nbds://$1/bench?tls-certificates=$tls_client"; else echo "nbd://$1/bench"; fi
+}
+make_pki() { # DIR: a cluster CA, site1..3 and the client "bench" (robib cert), in DIR
+  local i
+  "$bin" cert ca --out "$1/ca" >/dev/null || die "robib cert ca failed"
+  for i in 1 2 3; do
+    "$bin" cert issue --ca "$1/ca" --name "site$i" --kind site --ip 127.0.0.1 --out "$1/site$i" >/dev/null ||
+      die "robib cert issue site$i failed"
+  done
+  "$bin" cert issue --ca "$1/ca" --name bench --kind client --out "$1/bench" >/dev/null || die "robib cert issue bench failed"
 }
 
 need python3 "apt-get install python3"
@@ -227,6 +255,7 @@ current="" # the target being run
 target_pids=()   # this target's processes
 samples=()       # LABEL=PID of the processes whose CPU/RSS we record
 api=""           # robib admin API used for settle/leader queries ("" = not robib)
+tls_client=""    # the bench client certificate directory of robib-3site-tls ("" = plaintext)
 uri=""           # NBD URI fio uses
 raw_file=""
 attached=""      # robib-3site*: the site fio is attached to
@@ -295,6 +324,9 @@ if has_robib; then
       drop_target "$t" "none of BENCH_JOBS is in BENCH_WAN_JOBS"
     fi
   done
+  if has_target robib-3site-tls && [ -z "$tls_list" ]; then
+    drop_target robib-3site-tls "none of BENCH_JOBS is in BENCH_TLS_JOBS"
+  fi
   if has_target robib-3site-fwd && [ -z "$wan_list" ]; then
     drop_target robib-3site-fwd "none of BENCH_JOBS is in BENCH_WAN_JOBS"
   fi
@@ -370,11 +402,18 @@ show_logs() { # tails the logs of this target
 }
 
 setup_robib_3site() { # TARGET: robib-3site or one of its WAN variants
-  local t=$1 d=$work/$1 i st delay
+  local t=$1 d=$work/$1 i st delay scheme=http
   delay=$(link_delay "$t")
   mkdir -p "$d"
   read -r -a p <<<"$(ctl ports 12)"
   local urls=()
+  if tls_target "$t"; then
+    make_pki "$d/pki"
+    scheme=https
+    tls_client=$d/pki/bench
+    # The CLI (and benchctl.py's calls of it) authenticate as "bench".
+    export ROBIB_TLS_CA=$tls_client/ca-cert.pem ROBIB_TLS_CERT=$tls_client/client-cert.pem ROBIB_TLS_KEY=$tls_client/client-key.pem
+  fi
   for i in 1 2 3; do
     local o=$(((i - 1) * 4))
     local args=(agent --name "site$i" --data-dir "$d/site$i"
@@ -384,14 +423,19 @@ setup_robib_3site() { # TARGET: robib-3site or one of its WAN variants
     [ "$i" -gt 1 ] && args+=(--join "127.0.0.1:${p[3]}")
     [ -n "$delay" ] && args+=(--link-delay "$delay")
     [ "$t" = robib-3site-fwd ] && args+=(--leader-follows-writes=false)
+    if tls_target "$t"; then
+      args+=(--tls-ca "$d/pki/site$i/ca-cert.pem" --tls-cert "$d/pki/site$i/server-cert.pem" --tls-key "$d/pki/site$i/server-key.pem")
+    else
+      args+=(--insecure)
+    fi
     args+=("${robib_args[@]}")
     start_proc "$d/site$i.log" "$bin" "${args[@]}"
     target_pids+=("$last_pid")
     samples+=("site$i=$last_pid")
     site_nbd[site$i]="127.0.0.1:${p[o]}"
     site_pid[site$i]=$last_pid
-    site_api[site$i]="http://127.0.0.1:${p[o + 1]}"
-    urls+=("http://127.0.0.1:${p[o + 1]}")
+    site_api[site$i]="$scheme://127.0.0.1:${p[o + 1]}"
+    urls+=("$scheme://127.0.0.1:${p[o + 1]}")
   done
   api=${urls[0]}
   echo "bench: $t: waiting for a leader and 3 voters${delay:+ (link delay $delay one way)}" >&2
@@ -410,7 +454,7 @@ setup_robib_1site() {
   read -r -a p <<<"$(ctl ports 4)"
   start_proc "$d/solo.log" "$bin" agent --name solo --data-dir "$d/solo" \
     --nbd-addr "127.0.0.1:${p[0]}" --api-addr "127.0.0.1:${p[1]}" \
-    --raft-addr "127.0.0.1:${p[2]}" --gossip-addr "127.0.0.1:${p[3]}" --log-level warn "${robib_args[@]}"
+    --raft-addr "127.0.0.1:${p[2]}" --gossip-addr "127.0.0.1:${p[3]}" --log-level warn --insecure "${robib_args[@]}"
   target_pids+=("$last_pid")
   samples+=("solo=$last_pid")
   api="http://127.0.0.1:${p[1]}"
@@ -494,7 +538,7 @@ pick_site() { # TARGET JOB (3-site): sets $attached for JOB and $uri
       if [ "$s" != "$leader" ]; then attached=$s; break; fi
     done
   fi
-  uri="nbd://${site_nbd[$attached]}/bench"
+  uri=$(nbd_uri "${site_nbd[$attached]}")
   leader_before=$leader
 }
 
@@ -573,8 +617,9 @@ run_phase() { # TARGET PHASE: one fio run (+ settle, sync) and its record; non-z
 
 run_target() { # TARGET
   local t=$1 job
-  target_pids=() samples=() api="" uri="" raw_file="" attached="" writer=""
+  target_pids=() samples=() api="" uri="" raw_file="" attached="" writer="" tls_client=""
   site_nbd=() site_pid=() site_api=()
+  unset ROBIB_TLS_CA ROBIB_TLS_CERT ROBIB_TLS_KEY
   echo "bench: === $t ===" >&2
   current=$t
   case $t in
