@@ -39,8 +39,12 @@ export ROBIB_IMAGE=${ROBIB_IMAGE:-robib:dev}
 site_names=(site1 site2 site3)
 declare -A NBD_PORT=([site1]=11809 [site2]=11819 [site3]=11829)
 declare -A API_PORT=([site1]=11810 [site2]=11820 [site3]=11830)
-api_url() { echo "http://127.0.0.1:${API_PORT[$1]}"; }
-nbd_uri() { echo "nbd://127.0.0.1:${NBD_PORT[$1]}/$VOLUME${2:-}"; } # nbd_uri SITE [@ro]
+# The deploy runs TLS on every link; the host's CLI and NBD clients
+# authenticate as the client "admin" (ops/scripts/compose-certs.sh).
+PKI=$PWD/ops/compose/pki
+api_url() { echo "https://127.0.0.1:${API_PORT[$1]}"; }
+nbd_uri() { echo "nbds://127.0.0.1:${NBD_PORT[$1]}/$VOLUME${2:-}?tls-certificates=$PKI/admin"; } # nbd_uri SITE [@ro]
+export ROBIB_TLS_CA=$PKI/admin/ca-cert.pem ROBIB_TLS_CERT=$PKI/admin/client-cert.pem ROBIB_TLS_KEY=$PKI/admin/client-key.pem
 
 # bounded SECONDS COMMAND...: COMMAND, killed after SECONDS. --foreground
 # keeps it in this script's process group, so that Ctrl-C or a SIGTERM sent
@@ -109,6 +113,8 @@ fi
 log "building image $ROBIB_IMAGE from $ROBIB_BIN"
 ops/scripts/build-image.sh >"$tmp/image.log" 2>&1 || { cat "$tmp/image.log" >&2; die "image build failed"; }
 cli() { bounded 30 "$ROBIB_BIN" "$@"; }
+ROBIB_BIN=$ROBIB_BIN ops/scripts/compose-certs.sh >"$tmp/certs.log" 2>&1 || { cat "$tmp/certs.log" >&2; die "making the certificates failed"; }
+log "$(cat "$tmp/certs.log")"
 
 # --- clean start ---------------------------------------------------------
 # Leftovers of an aborted run of this script carry the same project name.
@@ -247,6 +253,17 @@ for read in site1: site2: site3:@ro; do
 done
 log "read back at site1, site2 (read-write) and site3 (read-only, $VOLUME@ro) over their published NBD ports: identical"
 
+# Secure by default: a plaintext NBD client and an API call without
+# credentials are refused.
+if out=$(bounded 30 nbdinfo "nbd://127.0.0.1:${NBD_PORT[site1]}/$VOLUME" 2>&1); then
+  die "a plaintext NBD client was served: $out"
+fi
+grep -qi "tls" <<<"$out" || die "plaintext NBD refusal does not mention TLS: $out"
+if out=$(env -u ROBIB_TLS_CERT -u ROBIB_TLS_KEY "$ROBIB_BIN" --api "$(api_url site1)" volume list 2>&1); then
+  die "an API call without a client certificate was answered: $out"
+fi
+log "refused: plaintext NBD ($(head -c 80 <<<"$out" | tr '\n' ' ')...), API without credentials"
+
 cli --api "$(api_url site3)" volume verify "$VOLUME" --json >"$tmp/verify.json" ||
   { cat "$tmp/verify.json" >&2; die "volume verify failed"; }
 jq -e --argjson n ${#site_names[@]} '.ok and (.sites | length) == $n' "$tmp/verify.json" >/dev/null ||
@@ -258,6 +275,7 @@ cat <<EOF
 compose smoke OK in ${SECONDS}s (project $PROJECT, image $ROBIB_IMAGE, ${COMPOSE[*]})
   cluster   leader $leader; voters ${site_names[*]}, each on its own container, address and volume
   volume    $VOLUME ${SIZE_MIB}MiB created via follower $follower, written at site1 over NBD (nbdcopy --flush)
-  read back identical at ${site_names[*]} (sha256 $want)
+  read back identical at ${site_names[*]} (sha256 $want), over TLS (nbds://, client certificate)
+  refused   a plaintext NBD client, an API call without credentials
   verify    $chunks chunks identical at $(jq -r '.sites | join(", ")' "$tmp/verify.json")
 EOF
