@@ -259,10 +259,11 @@ if out=$(bounded 30 nbdinfo "nbd://127.0.0.1:${NBD_PORT[site1]}/$VOLUME" 2>&1); 
   die "a plaintext NBD client was served: $out"
 fi
 grep -qi "tls" <<<"$out" || die "plaintext NBD refusal does not mention TLS: $out"
+nbd_refusal=$(head -c 100 <<<"$out" | tr '\n' ' ')
 if out=$(env -u ROBIB_TLS_CERT -u ROBIB_TLS_KEY "$ROBIB_BIN" --api "$(api_url site1)" volume list 2>&1); then
   die "an API call without a client certificate was answered: $out"
 fi
-log "refused: plaintext NBD ($(head -c 80 <<<"$out" | tr '\n' ' ')...), API without credentials"
+log "refused: plaintext NBD ($nbd_refusal...), API without credentials ($(head -c 100 <<<"$out" | tr '\n' ' ')...)"
 
 cli --api "$(api_url site3)" volume verify "$VOLUME" --json >"$tmp/verify.json" ||
   { cat "$tmp/verify.json" >&2; die "volume verify failed"; }
