@@ -19,7 +19,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/robib/robib/cmd/internal/auth"
 	"github.com/robib/robib/tests/harness"
 )
 
@@ -42,7 +41,7 @@ tokens:
 volumes:
   "*": {rw: [%s]}
   tlsvol: {ro: [%s]}
-`, harness.AdminClient, tlsViewer, auth.TokenHash(tlsReportToken), harness.AdminClient, tlsViewer)))
+`, harness.AdminClient, tlsViewer, sha256Hex([]byte(tlsReportToken)), harness.AdminClient, tlsViewer)))
 }
 
 // startTLSCluster starts three sites with TLS on every link, NBD client
