@@ -53,6 +53,10 @@ var (
 	// NBD_ESHUTDOWN (the client then disconnects), or NBD_REP_ERR_SHUTDOWN
 	// from the Backend.
 	ErrShutdown = errors.New("nbd: shutting down")
+	// ErrDenied reports that the peer may not do what it asked. From
+	// Config.Authorize (or the Backend) it becomes NBD_REP_ERR_POLICY with
+	// the error text for the user; from a Device, NBD_EPERM.
+	ErrDenied = errors.New("nbd: access denied")
 )
 
 // errPanic marks errors produced by recovering a panic in a Device, Export
@@ -99,7 +103,7 @@ func (t ErrorTable) lookup(err error, def uint32) uint32 {
 // standard library's error values first, then the host errno values a
 // Device may pass up (syscall.Errno, possibly inside an *fs.PathError).
 //
-//   - ErrReadOnly, ErrBusy, fs.ErrPermission (also EPERM, EACCES): EPERM
+//   - ErrReadOnly, ErrBusy, ErrDenied, fs.ErrPermission (also EPERM, EACCES): EPERM
 //   - ErrNoSpace: ENOSPC (as the spec asks)
 //   - ErrInvalidArgument: EINVAL
 //   - ErrUnsupported: ENOTSUP
@@ -121,6 +125,7 @@ func DefaultErrorTable() ErrorTable {
 	return ErrorTable{
 		{ErrReadOnly, EPERM},
 		{ErrBusy, EPERM},
+		{ErrDenied, EPERM},
 		{fs.ErrPermission, EPERM},
 		{ErrNoSpace, ENOSPC},
 		{ErrInvalidArgument, EINVAL},
@@ -148,9 +153,9 @@ var defaultErrors = DefaultErrorTable()
 // is configured, and is safe for concurrent use.
 func DefaultErrorCode(err error) uint32 { return defaultErrors.Code(err) }
 
-// optionErrors maps an error from a Backend call made during the option
-// phase to an NBD_REP_ERR_* reply type (optionErrorReply); first match
-// wins.
+// optionErrors maps an error from a Backend or Authorize call made during
+// the option phase to an NBD_REP_ERR_* reply type (optionErrorReply);
+// first match wins.
 var optionErrors = ErrorTable{
 	{ErrUnknownExport, repErrUnknown},
 	{fs.ErrNotExist, repErrUnknown},
@@ -158,6 +163,7 @@ var optionErrors = ErrorTable{
 	{context.Canceled, repErrShutdown},
 	{ErrReadOnly, repErrPolicy},
 	{ErrBusy, repErrPolicy},
+	{ErrDenied, repErrPolicy},
 	{ErrUnsupported, repErrPolicy},
 	{fs.ErrPermission, repErrPolicy},
 	{ErrInvalidArgument, repErrInvalid},

@@ -29,6 +29,7 @@ var ownSentinels = map[string]struct {
 	"ErrNoSpace":         {ErrNoSpace, ENOSPC, repErrUnknown},
 	"ErrBusy":            {ErrBusy, EPERM, repErrPolicy},
 	"ErrShutdown":        {ErrShutdown, ESHUTDOWN, repErrShutdown},
+	"ErrDenied":          {ErrDenied, EPERM, repErrPolicy},
 }
 
 func TestErrorTablesCoverOwnSentinels(t *testing.T) {

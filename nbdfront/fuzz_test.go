@@ -104,15 +104,24 @@ func (b *fuzzBackend) Open(name string) (Export, error) {
 }
 
 func newFuzzServer(f *testing.F) (*Server, *fuzzBackend) {
+	return newFuzzServerWith(f, nil)
+}
+
+// newFuzzServerWith is newFuzzServer with mod applied to the config.
+func newFuzzServerWith(f *testing.F, mod func(*Config)) (*Server, *fuzzBackend) {
 	be := newFuzzBackend()
-	srv, err := NewServer(Config{
+	cfg := Config{
 		Backend:          be,
 		Logger:           quietLogger(),
 		MaxPayload:       64 << 10,
 		MaxConnBuffer:    256 << 10,
 		MaxWorkers:       4,
 		HandshakeTimeout: 5 * time.Second,
-	})
+	}
+	if mod != nil {
+		mod(&cfg)
+	}
+	srv, err := NewServer(cfg)
 	if err != nil {
 		f.Fatal(err)
 	}

@@ -5,6 +5,7 @@ package nbdfront
 
 import (
 	"bufio"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -37,17 +38,23 @@ type session struct {
 	flags      uint16     // transmission flags sent to the client
 	structured bool       // NBD_OPT_STRUCTURED_REPLY acknowledged
 	metaID     uint32     // base:allocation context ID, 0 if not negotiated
+	tls        *tls.Conn  // the TLS layer over the connection, nil in plaintext
 }
 
 // handshake is the state of one connection's option phase.
 type handshake struct {
 	s   *Server
+	sc  *serverConn // for isClosing; nil in unit tests
 	log *slog.Logger
 	// conn and br are the transport. A TLS upgrade (NBD_OPT_STARTTLS)
-	// replaces both and resets the negotiated state below.
+	// puts tls in conn, makes br read from it, and resets the negotiated
+	// state below (structured, metaSet, metaExport).
 	conn net.Conn
 	br   *bufio.Reader
+	tls  *tls.Conn // nil until NBD_OPT_STARTTLS succeeded
+	peer Peer      // for Authorize; peer.TLS is set with tls
 
+	fixed      bool   // client set NBD_FLAG_C_FIXED_NEWSTYLE
 	noZeroes   bool   // client set NBD_FLAG_C_NO_ZEROES
 	structured bool   // structured replies negotiated
 	metaSet    bool   // NBD_OPT_SET_META_CONTEXT selected base:allocation ...
@@ -76,7 +83,9 @@ func (h *handshake) run() (*session, error) {
 		return nil, fmt.Errorf("unknown client flags %#x", clientFlags)
 	}
 	// Clients without NBD_FLAG_C_FIXED_NEWSTYLE are served the same way
-	// (the spec allows it); they only ever send NBD_OPT_EXPORT_NAME.
+	// (the spec allows it); they only ever send NBD_OPT_EXPORT_NAME. TLS
+	// is not offered to them (the spec keeps them in NOTLS mode).
+	h.fixed = clientFlags&clientFlagFixedNewstyle != 0
 	h.noZeroes = clientFlags&clientFlagNoZeroes != 0
 
 	var hdr [optionHeaderLen]byte
@@ -98,6 +107,9 @@ func (h *handshake) run() (*session, error) {
 // option handles one option. It returns a session when the transmission
 // phase begins, or an error that ends the connection.
 func (h *handshake) option(oh optionHeader) (*session, error) {
+	if h.tlsRequired() && oh.Option != optStartTLS && oh.Option != optAbort {
+		return nil, h.refuseBeforeTLS(oh)
+	}
 	if oh.Length > maxOptionData {
 		return nil, h.oversized(oh)
 	}
@@ -125,11 +137,7 @@ func (h *handshake) option(oh optionHeader) (*session, error) {
 		if len(data) != 0 {
 			return nil, h.replyErr(oh.Option, repErrInvalid, "NBD_OPT_STARTTLS takes no data")
 		}
-		// TLS upgrade point: reply NBD_REP_ACK, wrap h.conn with
-		// tls.Server, rebuild h.br on it, and reset h.structured,
-		// h.metaSet and h.metaExport (the spec forbids keeping
-		// negotiation state across STARTTLS).
-		return nil, h.replyErr(oh.Option, repErrUnsup, "TLS is not supported by this server")
+		return nil, h.startTLS()
 	case optInfo, optGo:
 		return h.infoGo(oh.Option, data)
 	case optStructuredReply:
@@ -166,7 +174,9 @@ func (h *handshake) oversized(oh optionHeader) error {
 			return err
 		}
 		return errAbort
-	case optList, optStartTLS, optInfo, optGo, optStructuredReply, optListMetaContext, optSetMetaContext:
+	case optStartTLS:
+		return h.replyErr(oh.Option, repErrInvalid, "NBD_OPT_STARTTLS takes no data")
+	case optList, optInfo, optGo, optStructuredReply, optListMetaContext, optSetMetaContext:
 		return h.replyErr(oh.Option, repErrTooBig, "option data too large")
 	default:
 		return h.replyErr(oh.Option, repErrUnsup, fmt.Sprintf("option %d is not supported", oh.Option))
@@ -180,6 +190,9 @@ func (h *handshake) exportName(data []byte) (*session, error) {
 		return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME name of %d bytes", len(data))
 	}
 	name := string(data)
+	if err := h.authorize(name, OpOpen); err != nil {
+		return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME %q: %w", name, err)
+	}
 	sess, err := h.open(name)
 	if err != nil {
 		return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME %q: %w", name, err)
@@ -227,6 +240,7 @@ func (h *handshake) open(name string) (*session, error) {
 		info:       info,
 		flags:      transmissionFlags(info, h.structured),
 		structured: h.structured,
+		tls:        h.tls,
 	}
 	if h.structured && h.metaSet && h.metaExport == name && info.CanBlockStatus {
 		sess.metaID = metaIDAllocation
@@ -236,6 +250,9 @@ func (h *handshake) open(name string) (*session, error) {
 
 // list handles NBD_OPT_LIST.
 func (h *handshake) list() error {
+	if err := h.authorize("", OpList); err != nil {
+		return h.denied(optList, err)
+	}
 	var exports []ExportInfo
 	if err := safeCall(func() (err error) {
 		exports, err = h.s.cfg.Backend.List()
@@ -262,6 +279,13 @@ func (h *handshake) infoGo(opt uint32, data []byte) (*session, error) {
 	req, err := parseInfoRequest(data)
 	if err != nil {
 		return nil, h.replyErr(opt, repErrInvalid, err.Error())
+	}
+	op := OpInfo
+	if opt == optGo {
+		op = OpOpen
+	}
+	if err := h.authorize(req.Name, op); err != nil {
+		return nil, h.denied(opt, err)
 	}
 	var (
 		sess *session
@@ -351,6 +375,9 @@ func (h *handshake) metaContext(opt uint32, data []byte) error {
 	req, err := parseMetaRequest(data)
 	if err != nil {
 		return h.replyErr(opt, repErrInvalid, err.Error())
+	}
+	if err := h.authorize(req.Name, OpInfo); err != nil {
+		return h.denied(opt, err)
 	}
 	var info ExportInfo
 	if err := safeCall(func() (err error) {

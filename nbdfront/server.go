@@ -9,6 +9,7 @@ package nbdfront
 
 import (
 	"bufio"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -124,6 +125,30 @@ type Config struct {
 	// cheap and safe for concurrent use). Rejected requests are not
 	// observed.
 	Observe func(cmd string, t Timing)
+	// TLS is the server side of NBD_OPT_STARTTLS. It must provide a
+	// certificate (Certificates, GetCertificate or GetConfigForClient)
+	// and must not be changed after NewServer. Whether client
+	// certificates are asked for and verified is its business
+	// (ClientAuth, ClientCAs); Authorize sees the outcome. Used only
+	// when TLSMode is TLSOn or TLSRequire.
+	TLS *tls.Config
+	// TLSMode selects whether TLS is not offered (TLSOff, the zero value:
+	// NBD_OPT_STARTTLS is answered NBD_REP_ERR_UNSUP even when TLS is
+	// set), offered (TLSOn) or required before any other option
+	// (TLSRequire). TLSOn and TLSRequire need TLS.
+	TLSMode TLSMode
+	// Authorize, if set, decides whether the peer may list the exports
+	// (OpList, export ""), describe an export (OpInfo: NBD_OPT_INFO and the
+	// metadata context options) or open it (OpOpen: NBD_OPT_GO and
+	// NBD_OPT_EXPORT_NAME); export is the name as the client sent it (""
+	// is the default export). It is called before the Backend, from many
+	// connections at once. Return an error wrapping ErrDenied to refuse:
+	// the client gets NBD_REP_ERR_POLICY with the error's text (after
+	// NBD_OPT_EXPORT_NAME, which cannot fail, the connection is closed).
+	// Other errors get the reply of their row in the option error table
+	// (NBD_REP_ERR_UNKNOWN for an unclassified one, with a generic text).
+	// nil allows everything.
+	Authorize func(p Peer, export string, op Op) error
 }
 
 // Timing is where one request's time went at the server: Recv reading its
@@ -211,6 +236,9 @@ func NewServer(cfg Config) (*Server, error) {
 	if cfg.ErrorCode == nil {
 		cfg.ErrorCode = DefaultErrorCode
 	}
+	if err := validateTLS(cfg.TLSMode, cfg.TLS); err != nil {
+		return nil, err
+	}
 	return &Server{
 		cfg:       cfg,
 		log:       cfg.Logger,
@@ -283,17 +311,23 @@ func (s *Server) ServeConn(c net.Conn) {
 		log.Debug("nbd connection closed before handshake", "err", err)
 		return
 	}
-	br := bufio.NewReaderSize(c, readBufferSize)
-	h := &handshake{s: s, conn: c, br: br, log: log}
+	h := &handshake{s: s, sc: sc, conn: c, br: bufio.NewReaderSize(c, readBufferSize), log: log,
+		peer: Peer{Addr: c.RemoteAddr()}}
 	sess, err := h.run()
 	if err != nil {
+		var logged *loggedError
 		switch {
 		case errors.Is(err, errAbort):
 			log.Debug("nbd client aborted negotiation")
 		case sc.isClosing():
 			log.Debug("nbd handshake interrupted by shutdown", "err", err)
+		case errors.As(err, &logged):
+			// Logged where it happened.
 		default:
 			log.Info("nbd handshake failed", "err", err)
+		}
+		if h.tls != nil {
+			h.tls.Close() // close_notify first (crypto/tls bounds it to 5s)
 		}
 		return
 	}
@@ -303,8 +337,8 @@ func (s *Server) ServeConn(c net.Conn) {
 	}
 	log = log.With("export", sess.name)
 	log.Debug("nbd transmission phase", "size", sess.info.Size, "flags", sess.flags,
-		"structured", sess.structured, "block_status", sess.metaID != 0)
-	t := newTransmission(s, sc, br, log, sess)
+		"structured", sess.structured, "block_status", sess.metaID != 0, "tls", sess.tls != nil)
+	t := newTransmission(s, sc, h.br, log, sess)
 	t.run()
 }
 

@@ -21,6 +21,7 @@ package nbdfront
 
 import (
 	"bufio"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -41,6 +42,10 @@ const (
 	// error reply instead of disconnecting, because the spec says payloads
 	// up to 32 MiB should not be treated as a denial of service.
 	minDiscardLimit = 1 << 25
+	// tlsWriteBuffer is the reply buffer of a TLS connection: a group of
+	// small replies becomes a few full TLS records instead of two records
+	// (and two writes) per reply.
+	tlsWriteBuffer = 64 << 10
 )
 
 // rules decides whether a request is acceptable on this connection. It is
@@ -141,6 +146,8 @@ type transmission struct {
 	s   *Server
 	sc  *serverConn
 	br  *bufio.Reader // owned by the reader goroutine
+	tls *tls.Conn     // nil in plaintext; replies then go to sc.Conn
+	bw  *bufio.Writer // on tls; used by the worker writing a group
 	log *slog.Logger
 	exp Export
 	rules
@@ -173,6 +180,7 @@ func newTransmission(s *Server, sc *serverConn, br *bufio.Reader, log *slog.Logg
 		s:   s,
 		sc:  sc,
 		br:  br,
+		tls: sess.tls,
 		log: log,
 		exp: sess.exp,
 		rules: rules{
@@ -188,6 +196,9 @@ func newTransmission(s *Server, sc *serverConn, br *bufio.Reader, log *slog.Logg
 		done:         make(chan struct{}),
 	}
 	t.wdone.L = &t.wmu
+	if sess.tls != nil {
+		t.bw = bufio.NewWriterSize(sess.tls, tlsWriteBuffer)
+	}
 	return t
 }
 
@@ -214,6 +225,11 @@ func (t *transmission) run() {
 	// and server shutdown require.
 	t.inflight.Wait()
 	close(t.done)
+	if t.tls != nil {
+		// Shut TLS down first (close_notify, which crypto/tls bounds to
+		// 5s); after a hard disconnect this fails at once.
+		t.tls.Close()
+	}
 	t.sc.Conn.Close()
 	closeExport(t.exp, t.log)
 }
@@ -629,7 +645,11 @@ func (t *transmission) writeQueued() {
 	t.queue, t.spare = t.spare[:0], nil
 	t.writing = true
 	t.wmu.Unlock()
-	err := writeBuffers(t.sc.Conn, bufs)
+	var w io.Writer = t.sc.Conn
+	if t.bw != nil {
+		w = t.bw
+	}
+	err := writeBuffers(w, bufs)
 	clear(bufs) // drop the references to job buffers
 	t.wmu.Lock()
 	t.writing = false
@@ -642,15 +662,24 @@ func (t *transmission) writeQueued() {
 	t.wdone.Broadcast()
 }
 
-// writeBuffers writes bufs to w (with writev on a TCP or Unix socket). A
-// panic is returned as an error, so the queue's waiters are never left
-// waiting for a write that died.
+// writeBuffers writes bufs to w (with writev on a TCP or Unix socket;
+// through the buffer, then flushed, for a *bufio.Writer). A panic is
+// returned as an error, so the queue's waiters are never left waiting for
+// a write that died.
 func writeBuffers(w io.Writer, bufs net.Buffers) (err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			err = fmt.Errorf("%w: %v", errPanic, r)
 		}
 	}()
+	if bw, ok := w.(*bufio.Writer); ok {
+		for _, b := range bufs {
+			if _, err := bw.Write(b); err != nil {
+				return err
+			}
+		}
+		return bw.Flush()
+	}
 	_, err = bufs.WriteTo(w) // consumes its copy of the slice header only
 	return err
 }

@@ -138,6 +138,9 @@ var sentinels = []sentinel{
 	{"nbdfront.ErrNoSpace", nbdfront.ErrNoSpace, enospc, s500},
 	{"nbdfront.ErrBusy", nbdfront.ErrBusy, eperm, s500},
 	{"nbdfront.ErrShutdown", nbdfront.ErrShutdown, eshutdown, s500},
+	// Only Config.Authorize returns it, in the NBD option phase; it never
+	// reaches the admin API (which has no 403 class).
+	{"nbdfront.ErrDenied", nbdfront.ErrDenied, eperm, s500},
 
 	{"cmd/internal/api.ErrNotFound", api.ErrNotFound, eio, s404},
 	{"cmd/internal/api.ErrExists", api.ErrExists, eio, s409},
@@ -712,6 +715,7 @@ func TestNBDEdgeEndToEnd(t *testing.T) {
 var optionReplies = map[string]uint32{
 	"nbdfront.ErrReadOnly":        nbdRepErrPolicy,
 	"nbdfront.ErrBusy":            nbdRepErrPolicy,
+	"nbdfront.ErrDenied":          nbdRepErrPolicy,
 	"nbdfront.ErrUnsupported":     nbdRepErrPolicy,
 	"nbdfront.ErrInvalidArgument": nbdRepErrInvalid,
 	"nbdfront.ErrShutdown":        nbdRepErrShutdown,
