@@ -140,7 +140,7 @@ var sentinels = []sentinel{
 	{"nbdfront.ErrShutdown", nbdfront.ErrShutdown, eshutdown, s500},
 	// Only Config.Authorize returns it, in the NBD option phase; it never
 	// reaches the admin API (which has no 403 class).
-	{"nbdfront.ErrDenied", nbdfront.ErrDenied, eperm, s500},
+	{"nbdfront.ErrDenied", nbdfront.ErrDenied, eperm, s403},
 
 	{"cmd/internal/api.ErrNotFound", api.ErrNotFound, eio, s404},
 	{"cmd/internal/api.ErrExists", api.ErrExists, eio, s409},

@@ -11,6 +11,7 @@ import (
 	"github.com/robib/robib/cmd/internal/auth"
 	"github.com/robib/robib/dcd"
 	"github.com/robib/robib/fsm"
+	"github.com/robib/robib/nbdfront"
 	"github.com/robib/robib/volume"
 )
 
@@ -58,6 +59,7 @@ var apiClasses = []struct{ err, class error }{
 	{cluster.ErrClosed, api.ErrUnavailable},
 	{auth.ErrUnauthenticated, api.ErrUnauthenticated},
 	{auth.ErrDenied, api.ErrForbidden},
+	{nbdfront.ErrDenied, api.ErrForbidden},
 	{auth.ErrInvalidPolicy, api.ErrBadRequest},
 }
 
