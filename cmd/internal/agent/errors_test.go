@@ -446,7 +446,7 @@ func TestAPIEdgeEndToEnd(t *testing.T) {
 	svc := &clusterService{store: store} // no node: these requests never reach the cluster
 	srv := httptest.NewServer(api.NewHandler(svc, testLogger(t, "api")))
 	t.Cleanup(srv.Close)
-	c, err := api.NewClient(srv.URL, srv.Client())
+	c, err := api.NewClient(srv.URL, api.ClientOptions{HTTP: srv.Client()})
 	if err != nil {
 		t.Fatal(err)
 	}
