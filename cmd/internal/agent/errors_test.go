@@ -28,6 +28,7 @@ import (
 	"github.com/robib/robib/cluster/wire"
 	"github.com/robib/robib/cmd/internal/api"
 	"github.com/robib/robib/cmd/internal/config"
+	"github.com/robib/robib/cmd/internal/pki"
 	"github.com/robib/robib/dcd"
 	"github.com/robib/robib/fsm"
 	"github.com/robib/robib/nbdfront"
@@ -143,6 +144,14 @@ var sentinels = []sentinel{
 
 	{"cmd/internal/config.ErrInvalidConfig", config.ErrInvalidConfig, eio, s500},
 	{"cmd/internal/config.ErrBadSize", config.ErrBadSize, eio, s500},
+
+	// TLS material and peers: refused at start or in a handshake, before
+	// any NBD request or API call could fail with them.
+	{"cmd/internal/pki.ErrExists", pki.ErrExists, eio, s500},
+	{"cmd/internal/pki.ErrInvalidRequest", pki.ErrInvalidRequest, eio, s500},
+	{"cmd/internal/pki.ErrCredentials", pki.ErrCredentials, eio, s500},
+	{"cmd/internal/pki.ErrNotIdentity", pki.ErrNotIdentity, eio, s500},
+	{"cmd/internal/pki.ErrPeerRefused", pki.ErrPeerRefused, eio, s500},
 }
 
 // moduleSentinel is an exported Err* variable found in the module's source.
