@@ -239,6 +239,9 @@ func (a *Agent) open() error {
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	a.api = api.NewServer(mux)
+	// Refused TLS handshakes (unknown CA, plaintext) and the like, in the
+	// site's log rather than on bare standard error.
+	a.api.ErrorLog = slog.NewLogLogger(log.With("component", "api").Handler(), slog.LevelWarn)
 	return nil
 }
 

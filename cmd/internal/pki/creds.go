@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -75,6 +76,9 @@ func load(caFile, certFile, keyFile string, now func() time.Time) (*Credentials,
 	}
 	if id.Kind != KindSite {
 		return nil, fmt.Errorf("%w: %s is the certificate of %s, not of a site", ErrCredentials, certFile, id)
+	}
+	if !slices.Contains(pair.Leaf.ExtKeyUsage, x509.ExtKeyUsageServerAuth) {
+		return nil, fmt.Errorf("%w: %s (%s) may not serve: no server authentication usage", ErrCredentials, certFile, id)
 	}
 	c.pair, c.id, c.checked = pair, id, now()
 	return c, nil

@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"crypto/ecdsa"
 	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/pem"
 	"errors"
+	"math/big"
 	"net"
 	"net/url"
 	"os"
@@ -423,6 +425,23 @@ func TestLoadRefusesBadCredentials(t *testing.T) {
 	}
 	if _, err := Load(ca, cert, key); err != nil {
 		t.Fatalf("the good files: %v", err)
+	}
+	// A site identity that may not serve (not one Issue makes).
+	caCert, caKey, _, err := readCA(caDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leafKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(7), NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+		URIs: []*url.URL{Identity{Name: "s9", Kind: KindSite}.URI()}, IPAddresses: loopback}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &leafKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyPEM2, _ := encodeKey(leafKey)
+	if _, err := Load(ca, write("noserve.pem", encodeCert(der)), write("noserve-key.pem", keyPEM2)); !errors.Is(err, ErrCredentials) || !strings.Contains(err.Error(), "may not serve") {
+		t.Fatalf("site certificate without server auth: %v", err)
 	}
 }
 
