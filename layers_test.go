@@ -45,6 +45,7 @@ var layerRules = []layerRule{
 	{"cluster", []string{"fsm", "volume", "cluster/..."}, "cluster carries fsm commands over Raft; it knows neither the DCD stage nor NBD"},
 	{"dcd", []string{"fsm", "volume"}, "the write-back stage builds fsm commands and reads volumes; it reaches cluster only through the interface the agent hands it"},
 	{"nbdfront", nil, "the NBD server knows nothing of Raft, fsm or volumes: the agent adapts it"},
+	{"cmd/internal/pki", nil, "the cluster's trust root (CA, certificates, TLS configurations) imports no robib package"},
 	{"cmd/...", []string{"*"}, "cmd wires the layers together"},
 	{"tests/...", []string{"*"}, "the end-to-end tests may import anything"},
 	{"tests", []string{"*"}, "the end-to-end tests may import anything"},

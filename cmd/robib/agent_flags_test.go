@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"flag"
+	"net"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -13,6 +14,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/robib/robib/cmd/internal/config"
+	"github.com/robib/robib/cmd/internal/pki"
 )
 
 var update = flag.Bool("update", false, "rewrite testdata/agent-help.golden from robib agent --help")
@@ -30,6 +32,7 @@ const hostDefault = "<hostname>"
 
 var recordedAgentFlags = []agentFlag{
 	{"api-addr", "string", "127.0.0.1:10810", "ROBIB_API_ADDR", "127.0.0.2:7000"},
+	{"auth-policy", "string", "", "ROBIB_AUTH_POLICY", "<policy>"},
 	{"bootstrap-expect", "int", "0", "ROBIB_BOOTSTRAP_EXPECT", "3"},
 	{"config", "string", "", "ROBIB_CONFIG", "<file>"},
 	{"data-dir", "string", "", "ROBIB_DATA_DIR", "/other/dir"},
@@ -38,7 +41,9 @@ var recordedAgentFlags = []agentFlag{
 	{"election-timeout", "duration", "500ms", "ROBIB_ELECTION_TIMEOUT", "1s"},
 	{"flush-timeout", "duration", "30s", "ROBIB_FLUSH_TIMEOUT", "1m0s"},
 	{"gossip-addr", "string", "127.0.0.1:10812", "ROBIB_GOSSIP_ADDR", "127.0.0.2:7001"},
+	{"gossip-key", "string", "", "ROBIB_GOSSIP_KEY", "<gossip>"},
 	{"heartbeat-timeout", "duration", "500ms", "ROBIB_HEARTBEAT_TIMEOUT", "1s"},
+	{"insecure", "bool", "false", "ROBIB_INSECURE", "true"},
 	{"join", "stringSlice", "[]", "ROBIB_JOIN", "10.0.0.1:10812"},
 	{"leader-follows-writes", "bool", "true", "ROBIB_LEADER_FOLLOWS_WRITES", "false"},
 	{"leader-lease-timeout", "duration", "250ms", "ROBIB_LEADER_LEASE_TIMEOUT", "100ms"},
@@ -47,12 +52,17 @@ var recordedAgentFlags = []agentFlag{
 	{"log-level", "string", "info", "ROBIB_LOG_LEVEL", "debug"},
 	{"name", "string", hostDefault, "ROBIB_NAME", "other-site"},
 	{"nbd-addr", "string", ":10809", "ROBIB_NBD_ADDR", ":7002"},
+	{"nbd-tls", "string", "", "ROBIB_NBD_TLS", "on"},
+	{"nbd-tls-verify-peer", "bool", "false", "ROBIB_NBD_TLS_VERIFY_PEER", "true"},
 	{"raft-addr", "string", "127.0.0.1:10811", "ROBIB_RAFT_ADDR", "127.0.0.2:7003"},
 	{"raft-leader-overlap", "bool", "true", "ROBIB_RAFT_LEADER_OVERLAP", "false"},
 	{"raft-log-store", "string", "dcd", "ROBIB_RAFT_LOG_STORE", "wal"},
 	{"raft-transport", "string", "wire", "ROBIB_RAFT_TRANSPORT", "msgpack"},
 	{"snapshot-interval", "duration", "2s", "ROBIB_SNAPSHOT_INTERVAL", "5s"},
 	{"snapshot-threshold", "uint64", "128", "ROBIB_SNAPSHOT_THRESHOLD", "1024"},
+	{"tls-ca", "string", "", "ROBIB_TLS_CA", "<ca>"},
+	{"tls-cert", "string", "", "ROBIB_TLS_CERT", "<cert>"},
+	{"tls-key", "string", "", "ROBIB_TLS_KEY", "<key>"},
 	{"trailing-logs", "uint64", "256", "ROBIB_TRAILING_LOGS", "512"},
 	{"volume-lease-ttl", "duration", "4s", "ROBIB_VOLUME_LEASE_TTL", "8s"},
 }
@@ -168,7 +178,22 @@ func TestAgentSettingsFromEveryChannel(t *testing.T) {
 	for _, f := range recordedAgentFlags {
 		t.Setenv(f.env, "")
 	}
-	baseEnv := map[string]string{"ROBIB_NAME": "s1", "ROBIB_DATA_DIR": dir}
+	// The baseline has TLS (a site of one CA); the alternative files are
+	// a second site's of the same CA, with its own gossip.key.
+	ca := filepath.Join(dir, "ca")
+	if err := pki.CreateCA(ca, pki.CAOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	siteDir := func(name string) string {
+		out := filepath.Join(dir, name)
+		if err := pki.Issue(ca, pki.IssueRequest{Name: "s1", Kind: pki.KindSite, IPs: []net.IP{net.IPv4(127, 0, 0, 1)}, OutDir: out}); err != nil {
+			t.Fatal(err)
+		}
+		return out
+	}
+	site, altDir := siteDir("site"), siteDir("alt")
+	baseEnv := map[string]string{"ROBIB_NAME": "s1", "ROBIB_DATA_DIR": dir,
+		"ROBIB_TLS_CA": filepath.Join(site, pki.CACertFile), "ROBIB_TLS_CERT": filepath.Join(site, pki.ServerCertFile), "ROBIB_TLS_KEY": filepath.Join(site, pki.ServerKeyFile)}
 	base, err := loadAgent(t, nil, baseEnv)
 	if err != nil {
 		t.Fatal(err)
@@ -177,10 +202,21 @@ func TestAgentSettingsFromEveryChannel(t *testing.T) {
 	if err := os.WriteFile(cfgFile, []byte("nbd-addr: \":7009\"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	policy := filepath.Join(dir, "policy.yaml")
+	if err := os.WriteFile(policy, []byte("{}\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	alts := map[string]string{"<file>": cfgFile, "<policy>": policy, "<gossip>": filepath.Join(altDir, pki.GossipKeyFile),
+		"<ca>": filepath.Join(altDir, pki.CACertFile), "<cert>": filepath.Join(altDir, pki.ServerCertFile), "<key>": filepath.Join(altDir, pki.ServerKeyFile)}
 	for _, f := range recordedAgentFlags {
 		alt := f.alt
-		if alt == "<file>" {
-			alt = cfgFile
+		if a, ok := alts[alt]; ok {
+			alt = a
+		}
+		baseEnv := baseEnv
+		if f.name == "insecure" {
+			// --insecure excludes the TLS files: its baseline has none.
+			baseEnv = map[string]string{"ROBIB_NAME": "s1", "ROBIB_DATA_DIR": dir, "ROBIB_TLS_CA": "", "ROBIB_TLS_CERT": "", "ROBIB_TLS_KEY": ""}
 		}
 		t.Run(f.name, func(t *testing.T) {
 			check := func(how string, c config.Config, err error) {

@@ -14,6 +14,7 @@ import (
 	"github.com/robib/robib/cmd/internal/api"
 	"github.com/robib/robib/cmd/internal/config"
 	"github.com/robib/robib/cmd/internal/netx"
+	"github.com/robib/robib/cmd/internal/pki"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -37,16 +38,24 @@ func newRootCmd() *cobra.Command {
 	}
 	g.flags = root.PersistentFlags()
 	config.RegisterClientFlags(g.flags)
-	root.AddCommand(newAgentCmd(), newVolumeCmd(g), newClusterCmd(g), newTokenCmd())
+	root.AddCommand(newAgentCmd(), newVolumeCmd(g), newClusterCmd(g), newCertCmd(), newTokenCmd())
 	return root
 }
 
+// client is the admin API client the CLI's settings describe: https,
+// checked against the cluster CA, when --tls-ca is given.
 func (g *globals) client() (*api.Client, error) {
 	c, err := config.LoadClient(g.flags)
 	if err != nil {
 		return nil, err
 	}
-	return api.NewClient(c.API, nil)
+	opts := api.ClientOptions{Token: c.Token}
+	if c.TLSCA != "" {
+		if opts.TLS, err = pki.ClientConfig(c.TLSCA, c.TLSCert, c.TLSKey); err != nil {
+			return nil, err
+		}
+	}
+	return api.NewClient(c.API, opts)
 }
 
 func newAgentCmd() *cobra.Command {

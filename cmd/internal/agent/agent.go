@@ -20,6 +20,7 @@ import (
 	"github.com/robib/robib/cmd/internal/api"
 	"github.com/robib/robib/cmd/internal/config"
 	"github.com/robib/robib/cmd/internal/netx"
+	"github.com/robib/robib/cmd/internal/pki"
 	"github.com/robib/robib/dcd"
 	"github.com/robib/robib/fsm"
 	"github.com/robib/robib/nbdfront"
@@ -44,6 +45,9 @@ type Agent struct {
 	closed  sync.Once
 	stages  *cluster.Stages // where writes spend their time at this site
 	sampled atomic.Uint64   // NBD requests seen by observeNBD
+	// gossipKey is the cluster's gossip encryption key (--gossip-key),
+	// nil without one; read at start, for the gossip layer.
+	gossipKey []byte
 }
 
 // nbdSample: observeNBD records one in nbdSample requests other than
@@ -76,20 +80,69 @@ func New(cfg config.Config, log *slog.Logger, network *netx.Network) (*Agent, er
 	if network == nil {
 		network = &netx.Network{}
 	}
+	own := *network // the agent adds its settings to a copy
 	if cfg.LinkDelay > 0 {
 		// --link-delay (testing/benchmarks): emulate a WAN on the
 		// site-to-site links this agent dials.
-		delayed := *network
-		delayed.LinkDelay = cfg.LinkDelay
-		network = &delayed
+		own.LinkDelay = cfg.LinkDelay
 	}
-	a := &Agent{cfg: cfg, log: log, net: network}
+	a := &Agent{cfg: cfg, log: log, net: &own}
+	if err := a.secure(); err != nil {
+		return nil, err
+	}
 	if err := a.open(); err != nil {
 		a.Close()
 		return nil, err
 	}
 	return a, nil
 }
+
+// certExpiryWarning: a site certificate expiring sooner is warned about at
+// start.
+const certExpiryWarning = 30 * 24 * time.Hour
+
+// secure loads the TLS credentials into the network (every link but gossip,
+// which gets the gossip key) or, with --insecure, says loudly that there
+// are none.
+func (a *Agent) secure() error {
+	cfg := a.cfg
+	if path := cfg.GossipKeyPath(); path != "" {
+		key, err := pki.LoadGossipKey(path)
+		if err != nil {
+			return err
+		}
+		a.gossipKey = key
+	}
+	if cfg.Insecure {
+		a.net.Creds = nil
+		a.log.Warn("plaintext: every link unauthenticated and unencrypted (--insecure): anyone who reaches the Raft, API or NBD port can read and change every volume")
+		return nil
+	}
+	creds, err := pki.Load(cfg.TLSCA, cfg.TLSCert, cfg.TLSKey)
+	if err != nil {
+		return err
+	}
+	if id := creds.Identity(); id.Name != cfg.Name {
+		return fmt.Errorf("%w: %s is the certificate of %s, but this site is %q", pki.ErrCredentials, cfg.TLSCert, id, cfg.Name)
+	}
+	creds.SetLogger(a.log.With("component", "tls"))
+	a.net.Creds = creds
+	a.net.ExpectName = a.expectSite
+	a.log.Info("TLS with mutual authentication on Raft and the API", "identity", creds.Identity().String(), "not_after", creds.NotAfter(),
+		"nbd_tls", cfg.NBDTLSMode(), "nbd_tls_verify_peer", cfg.NBDTLSVerifyPeer, "gossip_key", cfg.GossipKeyPath())
+	if left := time.Until(creds.NotAfter()); left < certExpiryWarning {
+		a.log.Warn("the site certificate expires soon: issue a new one into the same files (robib cert issue --force); no restart needed",
+			"cert", cfg.TLSCert, "not_after", creds.NotAfter())
+	}
+	return nil
+}
+
+// expectSite names the site a dial to addr must reach
+// (netx.Network.ExpectName). The agent does not know which site has which
+// Raft or API address (cluster.Node exposes no Raft configuration), so it
+// accepts any site of the cluster: the peer still needs a site certificate
+// of the cluster CA that lists the host dialed.
+func (a *Agent) expectSite(netx.Link, string) string { return "" }
 
 // open builds the agent's parts in order; on error the caller closes
 // whatever was built.
@@ -109,12 +162,18 @@ func (a *Agent) open() error {
 	if err != nil {
 		return err
 	}
+	// Other sites' APIs, through netx: with TLS the connection is already
+	// a handshaken *tls.Conn, so "https://" URLs (DialTLSContext) and
+	// "http://" ones (DialContext: HTTP/1.1 written on the TLS connection)
+	// both travel encrypted and authenticated.
+	dialAPI := func(ctx context.Context, _, addr string) (net.Conn, error) {
+		return network.DialContext(ctx, netx.LinkAPI, addr)
+	}
 	httpClient := &http.Client{
 		Timeout: 2 * time.Minute,
 		Transport: &http.Transport{
-			DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
-				return network.DialContext(ctx, netx.LinkAPI, addr)
-			},
+			DialContext:         dialAPI,
+			DialTLSContext:      dialAPI,
 			MaxIdleConnsPerHost: 16,
 			IdleConnTimeout:     90 * time.Second,
 		},
@@ -180,6 +239,9 @@ func (a *Agent) open() error {
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	a.api = api.NewServer(mux)
+	// Refused TLS handshakes (unknown CA, plaintext) and the like, in the
+	// site's log rather than on bare standard error.
+	a.api.ErrorLog = slog.NewLogLogger(log.With("component", "api").Handler(), slog.LevelWarn)
 	return nil
 }
 

@@ -86,6 +86,7 @@ func siteConfig(t *testing.T, name string, join []string, expect int) config.Con
 		VolumeLeaseTTL:    2 * time.Second,
 		LeaderOverlap:     true,
 		FlushTimeout:      30 * time.Second,
+		Insecure:          true, // tls_test.go runs a cluster with TLS
 	}
 }
 

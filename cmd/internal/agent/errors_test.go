@@ -29,6 +29,7 @@ import (
 	"github.com/robib/robib/cmd/internal/api"
 	"github.com/robib/robib/cmd/internal/auth"
 	"github.com/robib/robib/cmd/internal/config"
+	"github.com/robib/robib/cmd/internal/pki"
 	"github.com/robib/robib/dcd"
 	"github.com/robib/robib/fsm"
 	"github.com/robib/robib/nbdfront"
@@ -157,6 +158,14 @@ var sentinels = []sentinel{
 
 	{"cmd/internal/config.ErrInvalidConfig", config.ErrInvalidConfig, eio, s500},
 	{"cmd/internal/config.ErrBadSize", config.ErrBadSize, eio, s500},
+
+	// TLS material and peers: refused at start or in a handshake, before
+	// any NBD request or API call could fail with them.
+	{"cmd/internal/pki.ErrExists", pki.ErrExists, eio, s500},
+	{"cmd/internal/pki.ErrInvalidRequest", pki.ErrInvalidRequest, eio, s500},
+	{"cmd/internal/pki.ErrCredentials", pki.ErrCredentials, eio, s500},
+	{"cmd/internal/pki.ErrNotIdentity", pki.ErrNotIdentity, eio, s500},
+	{"cmd/internal/pki.ErrPeerRefused", pki.ErrPeerRefused, eio, s500},
 }
 
 // moduleSentinel is an exported Err* variable found in the module's source.
@@ -460,7 +469,7 @@ func TestAPIEdgeEndToEnd(t *testing.T) {
 	svc := &clusterService{store: store} // no node: these requests never reach the cluster
 	srv := httptest.NewServer(api.NewHandler(svc, testLogger(t, "api")))
 	t.Cleanup(srv.Close)
-	c, err := api.NewClient(srv.URL, srv.Client())
+	c, err := api.NewClient(srv.URL, api.ClientOptions{HTTP: srv.Client()})
 	if err != nil {
 		t.Fatal(err)
 	}

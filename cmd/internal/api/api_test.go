@@ -2,6 +2,7 @@ package api
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -49,7 +50,7 @@ func newTestServer(t *testing.T, svc Service) (*httptest.Server, *Client) {
 	t.Helper()
 	srv := httptest.NewServer(NewHandler(svc, slog.New(slog.NewTextHandler(io.Discard, nil))))
 	t.Cleanup(srv.Close)
-	c, err := NewClient(srv.URL, nil)
+	c, err := NewClient(srv.URL, ClientOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -136,11 +137,11 @@ func TestServerRejectsBadBodies(t *testing.T) {
 
 func TestNewClientRejectsBadAddresses(t *testing.T) {
 	for _, a := range []string{"", "ftp://x:1", "http://", "::::"} {
-		if _, err := NewClient(a, nil); err == nil {
+		if _, err := NewClient(a, ClientOptions{}); err == nil {
 			t.Errorf("NewClient(%q) accepted", a)
 		}
 	}
-	if _, err := NewClient("127.0.0.1:10810", nil); err != nil {
+	if _, err := NewClient("127.0.0.1:10810", ClientOptions{}); err != nil {
 		t.Errorf("host:port: %v", err)
 	}
 }
@@ -193,5 +194,52 @@ func TestStatusTable(t *testing.T) {
 	// Precedence: the first row wins.
 	if got := StatusOf(fmt.Errorf("%w: %w", ErrUnavailable, ErrNotFound)); got != http.StatusNotFound {
 		t.Errorf("not found and unavailable: %d, want 404", got)
+	}
+}
+
+// TestNewClientOptions: a TLS configuration makes the client use https
+// (an http:// or bare address too); https without one is refused; the
+// token travels as a bearer token.
+func TestNewClientOptions(t *testing.T) {
+	for _, a := range []string{"127.0.0.1:10810", "http://127.0.0.1:10810", "https://127.0.0.1:10810/"} {
+		c, err := NewClient(a, ClientOptions{TLS: &tls.Config{}})
+		if err != nil || c.Base() != "https://127.0.0.1:10810" {
+			t.Errorf("%s with TLS: %v, %v", a, c, err)
+		}
+	}
+	_, err := NewClient("https://10.0.0.1:10810", ClientOptions{})
+	if !errors.Is(err, ErrBadRequest) || !strings.Contains(err.Error(), "is https: the cluster CA is needed to check the agent (--tls-ca, ROBIB_TLS_CA)") {
+		t.Errorf("https without a CA: %v", err)
+	}
+	if _, err := NewClient("x:1", ClientOptions{TLS: &tls.Config{}, HTTP: &http.Client{}}); !errors.Is(err, ErrBadRequest) {
+		t.Errorf("TLS and HTTP client together: %v", err)
+	}
+	var auth []string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		auth = append(auth, r.Header.Get("Authorization"))
+		w.Write([]byte("[]"))
+	}))
+	defer srv.Close()
+	for _, tok := range []string{"s3cret", ""} {
+		c, err := NewClient(srv.URL, ClientOptions{Token: tok})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.ListVolumes(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if len(auth) != 2 || auth[0] != "Bearer s3cret" || auth[1] != "" {
+		t.Fatalf("Authorization headers %q", auth)
+	}
+	// An https test server through its own client.
+	tsrv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("[]")) }))
+	defer tsrv.Close()
+	c, err := NewClient(tsrv.URL, ClientOptions{HTTP: tsrv.Client()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.ListVolumes(context.Background()); err != nil {
+		t.Fatal(err)
 	}
 }

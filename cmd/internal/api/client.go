@@ -3,6 +3,7 @@ package api
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -16,13 +17,31 @@ import (
 
 // Client calls an agent's admin API.
 type Client struct {
-	base string
-	http *http.Client
+	base  string
+	http  *http.Client
+	token string
 }
 
-// NewClient returns a client for the agent at base ("http://host:port" or
-// "host:port").
-func NewClient(base string, hc *http.Client) (*Client, error) {
+// ClientOptions configures NewClient; the zero value is plain HTTP.
+type ClientOptions struct {
+	// TLS, if set, is the TLS configuration (pki.ClientConfig: the
+	// cluster CA, and a certificate to present, if any). The API is then
+	// reached over https: an http:// or bare host:port address becomes
+	// https://.
+	TLS *tls.Config
+	// HTTP, if set, is the http.Client to use (tests); it carries its own
+	// TLS settings, so TLS must be nil.
+	HTTP *http.Client
+	// Token, if set, is sent with every request as "Authorization:
+	// Bearer TOKEN".
+	Token string
+}
+
+// NewClient returns a client for the agent at base ("http://host:port",
+// "https://host:port" or "host:port"). An https address needs opts.TLS (or
+// an HTTP client that has it): a robib agent's certificate is checked
+// against the cluster CA only, never the system's roots.
+func NewClient(base string, opts ClientOptions) (*Client, error) {
 	if !strings.Contains(base, "://") {
 		base = "http://" + base
 	}
@@ -30,11 +49,26 @@ func NewClient(base string, hc *http.Client) (*Client, error) {
 	if err != nil || u.Host == "" || (u.Scheme != "http" && u.Scheme != "https") {
 		return nil, fmt.Errorf("%w: bad API address %q", ErrBadRequest, base)
 	}
-	if hc == nil {
+	hc := opts.HTTP
+	switch {
+	case hc != nil && opts.TLS != nil:
+		return nil, fmt.Errorf("%w: API client: give an HTTP client or a TLS configuration, not both", ErrBadRequest)
+	case hc != nil:
+	case opts.TLS != nil:
+		u.Scheme = "https"
+		tr := http.DefaultTransport.(*http.Transport).Clone()
+		tr.TLSClientConfig = opts.TLS
+		hc = &http.Client{Timeout: 2 * time.Minute, Transport: tr}
+	case u.Scheme == "https":
+		return nil, fmt.Errorf("%w: API address %s is https: the cluster CA is needed to check the agent (--tls-ca, ROBIB_TLS_CA)", ErrBadRequest, base)
+	default:
 		hc = &http.Client{Timeout: 2 * time.Minute}
 	}
-	return &Client{base: strings.TrimRight(u.String(), "/"), http: hc}, nil
+	return &Client{base: strings.TrimRight(u.String(), "/"), http: hc, token: opts.Token}, nil
 }
+
+// Base is the API's address as the client uses it.
+func (c *Client) Base() string { return c.base }
 
 // StatusError is a non-2xx answer from the agent.
 type StatusError struct {
@@ -72,6 +106,9 @@ func (c *Client) Do(ctx context.Context, method, path string, in, out any) error
 	}
 	if in != nil {
 		req.Header.Set("Content-Type", "application/json")
+	}
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {

@@ -10,6 +10,8 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -19,6 +21,7 @@ import (
 	"github.com/spf13/viper"
 
 	"github.com/robib/robib/cluster"
+	"github.com/robib/robib/cmd/internal/pki"
 )
 
 // ErrInvalidConfig is returned (wrapped, with the offending key) for any
@@ -70,6 +73,59 @@ type Config struct {
 	// direction of every site-to-site connection this agent dials (Raft
 	// and API forwarding), emulating a WAN between sites on one machine.
 	LinkDelay time.Duration
+
+	// Security. TLS is the default: without Insecure the three TLS files
+	// are required (see cmd/internal/pki); Insecure runs every link
+	// plaintext and unauthenticated, and excludes them.
+	TLSCA    string // the cluster CA certificate (PEM)
+	TLSCert  string // this site's certificate (PEM), reloaded when it changes
+	TLSKey   string // its private key (PEM)
+	Insecure bool
+	// NBDTLS is NBD's STARTTLS: "off", "on" (the client chooses) or
+	// "require"; "" means the default (NBDTLSMode).
+	NBDTLS string
+	// NBDTLSVerifyPeer: NBD clients must present a client certificate of
+	// the cluster CA.
+	NBDTLSVerifyPeer bool
+	// GossipKeyFile holds the base64 gossip encryption key; "" means the
+	// gossip.key next to TLSCert, if there is one (GossipKeyPath).
+	GossipKeyFile string
+	// AuthPolicy is the authorization policy file ("" = none).
+	AuthPolicy string
+}
+
+// NBD TLS modes (--nbd-tls).
+const (
+	NBDTLSOff     = "off"
+	NBDTLSOn      = "on"
+	NBDTLSRequire = "require"
+)
+
+// NBDTLSMode is the NBD TLS mode in effect: NBDTLS, or when it is not set,
+// "require" with TLS and "off" with Insecure.
+func (c Config) NBDTLSMode() string {
+	switch {
+	case c.NBDTLS != "":
+		return c.NBDTLS
+	case c.Insecure:
+		return NBDTLSOff
+	default:
+		return NBDTLSRequire
+	}
+}
+
+// GossipKeyPath is the gossip key file in effect: GossipKeyFile, or when it
+// is not set, gossip.key in TLSCert's directory if that file exists (robib
+// cert issue --kind site puts it there); "" for none.
+func (c Config) GossipKeyPath() string {
+	if c.GossipKeyFile != "" || c.TLSCert == "" {
+		return c.GossipKeyFile
+	}
+	p := filepath.Join(filepath.Dir(c.TLSCert), pki.GossipKeyFile)
+	if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() {
+		return p
+	}
+	return ""
 }
 
 // The agent's own defaults; every other default comes from the package that
@@ -121,8 +177,20 @@ const (
 	KeyLeaderFollows     = "leader-follows-writes"
 	KeyLeaderOverlap     = "raft-leader-overlap"
 
-	// KeyAPI is the CLI's --api (ROBIB_API).
+	KeyTLSCA            = "tls-ca"
+	KeyTLSCert          = "tls-cert"
+	KeyTLSKey           = "tls-key"
+	KeyInsecure         = "insecure"
+	KeyNBDTLS           = "nbd-tls"
+	KeyNBDTLSVerifyPeer = "nbd-tls-verify-peer"
+	KeyGossipKey        = "gossip-key"
+	KeyAuthPolicy       = "auth-policy"
+
+	// KeyAPI is the CLI's --api (ROBIB_API); the CLI's --tls-ca,
+	// --tls-cert and --tls-key share the agent's keys (and variables).
 	KeyAPI = "api"
+	// KeyToken is the CLI's --token (ROBIB_TOKEN).
+	KeyToken = "token"
 )
 
 // RegisterFlags declares the agent flags on fs.
@@ -192,7 +260,12 @@ func (c Config) Validate() error {
 
 // Client is the configuration of the CLI (every command but agent).
 type Client struct {
-	API string // the agent's admin API, http://host:port
+	API string // the agent's admin API, http(s)://host:port
+	// TLSCA, if set, is the cluster CA: the API is reached over https and
+	// must present a site certificate of it. TLSCert and TLSKey (both or
+	// neither, only with TLSCA) are the certificate the CLI presents.
+	TLSCA, TLSCert, TLSKey string
+	Token                  string // sent as "Authorization: Bearer TOKEN" if set
 }
 
 // RegisterClientFlags declares the CLI's flags on fs (the root command's
@@ -210,7 +283,18 @@ func LoadClient(fs *pflag.FlagSet) (Client, error) {
 	if err != nil {
 		return Client{}, err
 	}
-	return c, readAll(v, table)
+	if err := readAll(v, table); err != nil {
+		return c, err
+	}
+	for _, s := range table {
+		if s.check == nil {
+			continue
+		}
+		if err := s.check(); err != nil {
+			return c, fmt.Errorf("%w: %w", ErrInvalidConfig, err)
+		}
+	}
+	return c, nil
 }
 
 // ValidateAdvertiseAddr checks an address other sites dial: it needs a

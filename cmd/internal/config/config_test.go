@@ -80,7 +80,7 @@ func TestLoadDefaultsAndPrecedence(t *testing.T) {
 	if err := os.WriteFile(file, []byte("name: fromfile\ndata-dir: /from/file\njoin: [\"10.0.0.1:1\"]\ndcd-buffer: 32MiB\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	c, err := load(t, []string{"--config", file, "--name", "fromflag"}, map[string]string{"ROBIB_DATA_DIR": "/from/env"})
+	c, err := load(t, []string{"--config", file, "--name", "fromflag", "--insecure"}, map[string]string{"ROBIB_DATA_DIR": "/from/env"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -99,14 +99,14 @@ func TestLoadLogStoreAndLinkDelay(t *testing.T) {
 	if err := os.WriteFile(file, []byte("raft-log-store: wal\nlink-delay: 25ms\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	c, err := load(t, []string{"--name", "s1", "--data-dir", dir, "--config", file}, nil)
+	c, err := load(t, []string{"--name", "s1", "--data-dir", dir, "--config", file, "--insecure"}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if c.RaftLogStore != LogStoreWAL || c.LinkDelay != 25*time.Millisecond {
 		t.Fatalf("from file: %q, %v", c.RaftLogStore, c.LinkDelay)
 	}
-	c, err = load(t, []string{"--name", "s1", "--data-dir", dir, "--config", file, "--link-delay", "1s"},
+	c, err = load(t, []string{"--name", "s1", "--data-dir", dir, "--config", file, "--link-delay", "1s", "--insecure"},
 		map[string]string{"ROBIB_RAFT_LOG_STORE": "boltdb"})
 	if err != nil {
 		t.Fatal(err)
@@ -122,11 +122,11 @@ func TestLoadRejectsBadInput(t *testing.T) {
 	os.WriteFile(typo, []byte("data-dir: /x\ndata_dri: /y\n"), 0o600)
 	garbage := filepath.Join(dir, "garbage.yaml")
 	os.WriteFile(garbage, []byte("{{{ not yaml"), 0o600)
-	base := []string{"--name", "s1", "--data-dir", dir}
+	base := []string{"--name", "s1", "--data-dir", dir, "--insecure"}
 	cases := map[string][]string{
-		"missing data dir":     {"--name", "s1"},
-		"bad name":             {"--name", "../x", "--data-dir", dir},
-		"name with space":      {"--name", "a b", "--data-dir", dir},
+		"missing data dir":     {"--name", "s1", "--insecure"},
+		"bad name":             {"--name", "../x", "--data-dir", dir, "--insecure"},
+		"name with space":      {"--name", "a b", "--data-dir", dir, "--insecure"},
 		"bad nbd addr":         append(base, "--nbd-addr", "nonsense"),
 		"bad api port":         append(base, "--api-addr", "127.0.0.1:99999"),
 		"wildcard raft":        append(base, "--raft-addr", "0.0.0.0:10811"),
@@ -160,6 +160,9 @@ func TestLoadRejectsBadInput(t *testing.T) {
 		"unknown config key":   append(base, "--config", typo),
 		"unreadable config":    append(base, "--config", garbage),
 		"missing config":       append(base, "--config", filepath.Join(dir, "nope.yaml")),
+		"plaintext by default": {"--name", "s1", "--data-dir", dir},
+		"unknown nbd-tls":      append(base, "--nbd-tls", "yes"),
+		"bad auth policy":      append(base, "--auth-policy", dir),
 	}
 	for name, args := range cases {
 		t.Run(name, func(t *testing.T) {

@@ -2,11 +2,28 @@ package config
 
 import (
 	"errors"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/robib/robib/cmd/internal/pki"
 )
+
+// tlsFiles makes a CA in dir/ca and a site "s1" in dir/site (with its
+// gossip.key) and returns dir/site.
+func tlsFiles(t *testing.T, dir string) string {
+	t.Helper()
+	if err := pki.CreateCA(filepath.Join(dir, "ca"), pki.CAOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	site := filepath.Join(dir, "site")
+	if err := pki.Issue(filepath.Join(dir, "ca"), pki.IssueRequest{Name: "s1", Kind: pki.KindSite, IPs: []net.IP{net.IPv4(127, 0, 0, 1)}, OutDir: site}); err != nil {
+		t.Fatal(err)
+	}
+	return site
+}
 
 // TestValidationMessages: every bad input is refused with the message it
 // got before the settings table (DIR stands for the test's directory).
@@ -16,18 +33,30 @@ func TestValidationMessages(t *testing.T) {
 	if err := os.WriteFile(typo, []byte("data-dir: /x\ndata_dri: /y\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	base := []string{"--name", "s1", "--data-dir", dir}
+	// The rules below TLS's run on a plaintext configuration.
+	base := []string{"--name", "s1", "--data-dir", dir, "--insecure"}
+	site := tlsFiles(t, dir)
+	nogossip := filepath.Join(dir, "nogossip")
+	os.Mkdir(nogossip, 0o700)
+	for _, f := range []string{"ca-cert.pem", "server-cert.pem", "server-key.pem"} {
+		b, _ := os.ReadFile(filepath.Join(site, f))
+		os.WriteFile(filepath.Join(nogossip, f), b, 0o600)
+	}
+	ca, cert, key := filepath.Join(site, "ca-cert.pem"), filepath.Join(site, "server-cert.pem"), filepath.Join(site, "server-key.pem")
+	plain := []string{"--name", "s1", "--data-dir", dir}
+	secure := append(plain[:4:4], "--tls-ca", ca, "--tls-cert", cert, "--tls-key", key)
+	secure = secure[:len(secure):len(secure)] // each case appends to its own copy
 	cases := []struct {
 		args []string
 		want string
 	}{
-		{[]string{"--name", "s1"},
+		{[]string{"--name", "s1", "--insecure"},
 			"invalid configuration: data-dir is required"},
-		{[]string{"--name", "../x", "--data-dir", dir},
+		{[]string{"--name", "../x", "--data-dir", dir, "--insecure"},
 			"invalid configuration: name \"../x\": 1-63 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"},
-		{[]string{"--name", "", "--data-dir", dir},
+		{[]string{"--name", "", "--data-dir", dir, "--insecure"},
 			"invalid configuration: name \"\": 1-63 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"},
-		{[]string{"--name", "s1", "--data-dir", "  "},
+		{[]string{"--name", "s1", "--data-dir", "  ", "--insecure"},
 			"invalid configuration: data-dir is required"},
 		{append(base, "--nbd-addr", "nonsense"),
 			"invalid configuration: nbd-addr: \"nonsense\": address nonsense: missing port in address"},
@@ -98,7 +127,41 @@ func TestValidationMessages(t *testing.T) {
 		{append(base, "--log-format", "xml"),
 			"invalid configuration: log-format \"xml\": want text or json"},
 		{append(base, "--config", typo),
-			"invalid configuration: config file DIR/typo.yaml: unknown key \"data_dri\" (known: name, data-dir, nbd-addr, api-addr, log-level, log-format, raft-addr, gossip-addr, join, bootstrap-expect, snapshot-threshold, snapshot-interval, trailing-logs, heartbeat-timeout, election-timeout, leader-lease-timeout, dcd-buffer, dcd-inflight, volume-lease-ttl, flush-timeout, raft-log-store, raft-transport, link-delay, leader-follows-writes, raft-leader-overlap)"},
+			"invalid configuration: config file DIR/typo.yaml: unknown key \"data_dri\" (known: name, data-dir, nbd-addr, api-addr, log-level, log-format, raft-addr, gossip-addr, join, bootstrap-expect, snapshot-threshold, snapshot-interval, trailing-logs, heartbeat-timeout, election-timeout, leader-lease-timeout, dcd-buffer, dcd-inflight, volume-lease-ttl, flush-timeout, raft-log-store, raft-transport, link-delay, leader-follows-writes, raft-leader-overlap, tls-ca, tls-cert, tls-key, insecure, nbd-tls, nbd-tls-verify-peer, gossip-key, auth-policy)"},
+
+		// Secure by default.
+		{plain,
+			"invalid configuration: tls-ca is required: every link uses TLS (tls-ca, tls-cert and tls-key, from robib cert); plaintext needs --insecure"},
+		{append(plain, "--tls-ca", ca),
+			"invalid configuration: tls-cert is required: every link uses TLS (tls-ca, tls-cert and tls-key, from robib cert); plaintext needs --insecure"},
+		{append(plain, "--tls-ca", ca, "--tls-cert", cert),
+			"invalid configuration: tls-key is required: every link uses TLS (tls-ca, tls-cert and tls-key, from robib cert); plaintext needs --insecure"},
+		{append(plain, "--tls-ca", filepath.Join(dir, "nope.pem"), "--tls-cert", cert, "--tls-key", key),
+			"invalid configuration: tls-ca \"DIR/nope.pem\": no such file"},
+		{append(plain, "--tls-ca", ca, "--tls-cert", site, "--tls-key", key),
+			"invalid configuration: tls-cert \"DIR/site\": is a directory, want a file"},
+		{append(plain, "--tls-ca", ca, "--tls-cert", cert, "--tls-key", filepath.Join(dir, "nope.pem")),
+			"invalid configuration: tls-key \"DIR/nope.pem\": no such file"},
+		{append(base, "--tls-ca", ca),
+			"invalid configuration: insecure together with tls-ca: plaintext or TLS, not both"},
+		{append(base, "--tls-ca", ca, "--tls-cert", cert, "--tls-key", key),
+			"invalid configuration: insecure together with tls-ca, tls-cert, tls-key: plaintext or TLS, not both"},
+		{append(secure, "--nbd-tls", "maybe"),
+			"invalid configuration: nbd-tls \"maybe\": want off, on or require"},
+		{append(base, "--nbd-tls", "on"),
+			"invalid configuration: nbd-tls on needs TLS: not with --insecure"},
+		{append(base, "--nbd-tls", "require"),
+			"invalid configuration: nbd-tls require needs TLS: not with --insecure"},
+		{append(base, "--nbd-tls-verify-peer"),
+			"invalid configuration: nbd-tls-verify-peer needs TLS: not with --insecure"},
+		{append(secure, "--nbd-tls", "off", "--nbd-tls-verify-peer"),
+			"invalid configuration: nbd-tls-verify-peer needs nbd-tls on or require"},
+		{append(plain, "--tls-ca", ca, "--tls-cert", filepath.Join(nogossip, "server-cert.pem"), "--tls-key", key),
+			"invalid configuration: gossip-key is required with TLS: none given and DIR/nogossip has no gossip.key"},
+		{append(secure, "--gossip-key", filepath.Join(dir, "nope.key")),
+			"invalid configuration: gossip-key \"DIR/nope.key\": no such file"},
+		{append(base, "--auth-policy", filepath.Join(dir, "nope.yaml")),
+			"invalid configuration: auth-policy \"DIR/nope.yaml\": no such file"},
 		{append(base, "--config", filepath.Join(dir, "nope.yaml")),
 			"invalid configuration: reading config file DIR/nope.yaml: open DIR/nope.yaml: no such file or directory"},
 	}

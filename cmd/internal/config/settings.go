@@ -1,10 +1,12 @@
 package config
 
 import (
+	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"os"
-	"regexp"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -12,6 +14,7 @@ import (
 	"github.com/spf13/viper"
 
 	"github.com/robib/robib/cluster"
+	"github.com/robib/robib/cmd/internal/pki"
 	"github.com/robib/robib/dcd"
 )
 
@@ -33,7 +36,7 @@ func agentSettings(c *Config) []setting {
 	return []setting{
 		opt(KeyConfig, &file, "", "config file (yaml, toml or json); flags and ROBIB_* variables override it", nil).notInFile(),
 		opt(KeyName, &c.Name, host, "site name, unique in the cluster", func(v string) error {
-			if !siteName.MatchString(v) {
+			if !pki.ValidName(v) {
 				return fmt.Errorf("%s %q: 1-63 characters of letters, digits, '.', '_' or '-', starting with a letter or digit", KeyName, v)
 			}
 			return nil
@@ -158,18 +161,111 @@ func agentSettings(c *Config) []setting {
 		}),
 		opt(KeyLeaderFollows, &c.LeaderFollowsWrites, cl.LeaderFollowsWrites, "move Raft leadership to the site that sends nearly all writes (sustained for a few seconds), so its flushes skip the forward to a remote leader: one round trip instead of two across a WAN", nil),
 		opt(KeyLeaderOverlap, &c.LeaderOverlap, cl.LeaderOverlap, "with the dcd log store, let the leader's durable append overlap replication (a follower's answer counts only once the leader's copy is durable); false: the leader syncs before it replicates", nil),
+
+		// Security: TLS unless --insecure. The files are checked to exist
+		// here and parsed when the agent starts (pki.Load).
+		opt(KeyTLSCA, &c.TLSCA, "", "cluster CA certificate (PEM, from robib cert ca): the only root trusted on every link", tlsFile(KeyTLSCA, &c.Insecure)),
+		opt(KeyTLSCert, &c.TLSCert, "", "this site's certificate (PEM, from robib cert issue --kind site) for Raft, API and NBD; read again when the file changes", tlsFile(KeyTLSCert, &c.Insecure)),
+		opt(KeyTLSKey, &c.TLSKey, "", "the private key of tls-cert (PEM); read again with it", tlsFile(KeyTLSKey, &c.Insecure)),
+		opt(KeyInsecure, &c.Insecure, false, "run without TLS: every link plaintext and unauthenticated (tests and demos only); excludes tls-ca, tls-cert and tls-key", func(v bool) error {
+			var set []string
+			for _, f := range []struct{ key, v string }{{KeyTLSCA, c.TLSCA}, {KeyTLSCert, c.TLSCert}, {KeyTLSKey, c.TLSKey}} {
+				if f.v != "" {
+					set = append(set, f.key)
+				}
+			}
+			if v && len(set) > 0 {
+				return fmt.Errorf("%s together with %s: plaintext or TLS, not both", KeyInsecure, strings.Join(set, ", "))
+			}
+			return nil
+		}),
+		opt(KeyNBDTLS, &c.NBDTLS, "", "NBD TLS (STARTTLS): off, on (clients choose) or require; default require with TLS, off with --insecure", func(v string) error {
+			switch v {
+			case "", NBDTLSOff:
+			case NBDTLSOn, NBDTLSRequire:
+				if c.Insecure {
+					return fmt.Errorf("%s %s needs TLS: not with --%s", KeyNBDTLS, v, KeyInsecure)
+				}
+			default:
+				return fmt.Errorf("%s %q: want %s, %s or %s", KeyNBDTLS, v, NBDTLSOff, NBDTLSOn, NBDTLSRequire)
+			}
+			return nil
+		}).documented("require (off with --insecure)"),
+		opt(KeyNBDTLSVerifyPeer, &c.NBDTLSVerifyPeer, false, "NBD clients must present a client certificate of the cluster CA (robib cert issue --kind client); a site's certificate is refused", func(v bool) error {
+			switch {
+			case !v:
+			case c.Insecure:
+				return fmt.Errorf("%s needs TLS: not with --%s", KeyNBDTLSVerifyPeer, KeyInsecure)
+			case c.NBDTLSMode() == NBDTLSOff:
+				return fmt.Errorf("%s needs %s on or require", KeyNBDTLSVerifyPeer, KeyNBDTLS)
+			}
+			return nil
+		}),
+		opt(KeyGossipKey, &c.GossipKeyFile, "", "file holding the base64 gossip encryption key (default: gossip.key next to tls-cert, as robib cert issue writes it); required with TLS", func(v string) error {
+			if v != "" {
+				return checkFile(KeyGossipKey, v)
+			}
+			if !c.Insecure && c.GossipKeyPath() == "" {
+				return fmt.Errorf("%s is required with TLS: none given and %s has no %s", KeyGossipKey, filepath.Dir(c.TLSCert), pki.GossipKeyFile)
+			}
+			return nil
+		}).documented("gossip.key next to tls-cert"),
+		opt(KeyAuthPolicy, &c.AuthPolicy, "", "authorization policy file (optional)", func(v string) error {
+			if v == "" {
+				return nil
+			}
+			return checkFile(KeyAuthPolicy, v)
+		}),
 	}
+}
+
+// tlsFile is the rule of a TLS file setting: required unless insecure, and
+// an existing file.
+func tlsFile(key string, insecure *bool) func(string) error {
+	return func(v string) error {
+		if v == "" {
+			if *insecure {
+				return nil
+			}
+			return fmt.Errorf("%s is required: every link uses TLS (%s, %s and %s, from robib cert); plaintext needs --%s", key, KeyTLSCA, KeyTLSCert, KeyTLSKey, KeyInsecure)
+		}
+		return checkFile(key, v)
+	}
+}
+
+// checkFile is the rule of a file setting: the file exists.
+func checkFile(key, path string) error {
+	fi, err := os.Stat(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return fmt.Errorf("%s %q: no such file", key, path)
+	case err != nil:
+		return fmt.Errorf("%s %q: %v", key, path, err)
+	case fi.IsDir():
+		return fmt.Errorf("%s %q: is a directory, want a file", key, path)
+	}
+	return nil
 }
 
 // clientSettings is the CLI's table: the settings of every command but
 // `robib agent`, from flags and ROBIB_* variables (there is no file).
 func clientSettings(c *Client) []setting {
 	return []setting{
-		opt(KeyAPI, &c.API, DefaultAPI, "admin API of the agent to talk to (env ROBIB_API)", nil).notInFile(),
+		opt(KeyAPI, &c.API, DefaultAPI, "admin API of the agent to talk to (env ROBIB_API); https with --tls-ca", nil).notInFile(),
+		opt(KeyTLSCA, &c.TLSCA, "", "cluster CA certificate (env ROBIB_TLS_CA): talk https to the agent and check it is a site of this CA", nil).notInFile(),
+		opt(KeyTLSCert, &c.TLSCert, "", "certificate to present to the agent (env ROBIB_TLS_CERT; with --tls-key)", func(v string) error {
+			if v != "" && c.TLSCA == "" {
+				return fmt.Errorf("%s needs %s", KeyTLSCert, KeyTLSCA)
+			}
+			if (v == "") != (c.TLSKey == "") {
+				return fmt.Errorf("%s and %s go together", KeyTLSCert, KeyTLSKey)
+			}
+			return nil
+		}).notInFile(),
+		opt(KeyTLSKey, &c.TLSKey, "", "private key of --tls-cert (env ROBIB_TLS_KEY)", nil).notInFile(),
+		opt(KeyToken, &c.Token, "", "API token, sent as Authorization: Bearer (env ROBIB_TOKEN, which keeps it out of the process list)", nil).notInFile(),
 	}
 }
-
-var siteName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
 
 // minTimeout is the rule shared by the two Raft timeouts.
 func minTimeout(v time.Duration) error {

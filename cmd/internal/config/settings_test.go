@@ -1,6 +1,7 @@
 package config
 
 import (
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -14,7 +15,7 @@ import (
 // TestDefaultsFromOwningPackages: a Config loaded with nothing set carries
 // the defaults of cluster.DefaultConfig and dcd.DefaultConfig.
 func TestDefaultsFromOwningPackages(t *testing.T) {
-	c, err := load(t, []string{"--name", "s1", "--data-dir", t.TempDir()}, nil)
+	c, err := load(t, []string{"--name", "s1", "--data-dir", t.TempDir(), "--insecure"}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -68,7 +69,7 @@ func TestSettingsDescribeTheFlags(t *testing.T) {
 			t.Errorf("%s: described as %+v; flag %+v", s.Key, s, f)
 		}
 	}
-	if n := len(seen); n != 26 {
+	if n := len(seen); n != 34 {
 		t.Errorf("%d settings", n)
 	}
 }
@@ -76,6 +77,9 @@ func TestSettingsDescribeTheFlags(t *testing.T) {
 func loadClient(t *testing.T, args []string, env string) (Client, error) {
 	t.Helper()
 	t.Setenv("ROBIB_API", env)
+	for _, v := range []string{"ROBIB_TLS_CA", "ROBIB_TLS_CERT", "ROBIB_TLS_KEY", "ROBIB_TOKEN"} {
+		t.Setenv(v, "")
+	}
 	fs := pflag.NewFlagSet("robib", pflag.ContinueOnError)
 	RegisterClientFlags(fs)
 	if err := fs.Parse(args); err != nil {
@@ -118,7 +122,8 @@ func TestShippedConfigsLoad(t *testing.T) {
 		t.Fatalf("ops/config: %v, %v", files, err)
 	}
 	for _, f := range files {
-		c, err := load(t, []string{"--config", f}, nil)
+		// They carry no TLS files (those are each operator's): plaintext.
+		c, err := load(t, []string{"--config", f, "--insecure"}, nil)
 		if err != nil {
 			t.Errorf("%s: %v", f, err)
 			continue
@@ -126,5 +131,70 @@ func TestShippedConfigsLoad(t *testing.T) {
 		if c.Name == "" || c.DataDir != "/var/lib/robib" || len(c.Join) != 2 || c.BootstrapExpect != 3 {
 			t.Errorf("%s: loaded %+v", f, c)
 		}
+	}
+}
+
+// TestLoadClientTLSAndToken: the CLI's TLS files and token come from flags
+// or variables; a certificate needs its key and the CA.
+func TestLoadClientTLSAndToken(t *testing.T) {
+	c, err := loadClient(t, []string{"--tls-ca", "/ca.pem", "--tls-cert", "/c.pem", "--tls-key", "/k.pem", "--token", "t0k"}, "")
+	if err != nil || c.TLSCA != "/ca.pem" || c.TLSCert != "/c.pem" || c.TLSKey != "/k.pem" || c.Token != "t0k" {
+		t.Fatalf("flags: %+v, %v", c, err)
+	}
+	t.Setenv("ROBIB_TLS_CA", "/env-ca.pem")
+	t.Setenv("ROBIB_TOKEN", "from-env")
+	fs := pflag.NewFlagSet("robib", pflag.ContinueOnError)
+	RegisterClientFlags(fs)
+	if c, err = LoadClient(fs); err != nil || c.TLSCA != "/env-ca.pem" || c.Token != "from-env" || c.TLSCert != "" {
+		t.Fatalf("variables: %+v, %v", c, err)
+	}
+	for args, want := range map[string]string{
+		"--tls-cert=/c.pem --tls-key=/k.pem": "invalid configuration: tls-cert needs tls-ca",
+		"--tls-ca=/ca --tls-cert=/c.pem":     "invalid configuration: tls-cert and tls-key go together",
+		"--tls-ca=/ca --tls-key=/k.pem":      "invalid configuration: tls-cert and tls-key go together",
+	} {
+		_, err := loadClient(t, strings.Fields(args), "")
+		if err == nil || err.Error() != want {
+			t.Errorf("%s: %v, want %q", args, err, want)
+		}
+	}
+}
+
+// TestLoadTLSDefaults: with TLS files NBD TLS is required and the gossip
+// key is the one next to the certificate; with --insecure both are off;
+// given values win.
+func TestLoadTLSDefaults(t *testing.T) {
+	dir := t.TempDir()
+	site := tlsFiles(t, dir)
+	secure := []string{"--name", "s1", "--data-dir", dir, "--tls-ca", filepath.Join(site, "ca-cert.pem"),
+		"--tls-cert", filepath.Join(site, "server-cert.pem"), "--tls-key", filepath.Join(site, "server-key.pem")}
+	c, err := load(t, secure, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Insecure || c.NBDTLS != "" || c.NBDTLSMode() != NBDTLSRequire || c.GossipKeyPath() != filepath.Join(site, "gossip.key") || c.NBDTLSVerifyPeer {
+		t.Fatalf("TLS defaults: %+v, NBD TLS %q, gossip key %q", c, c.NBDTLSMode(), c.GossipKeyPath())
+	}
+	other := filepath.Join(dir, "other.key")
+	os.WriteFile(other, []byte("x"), 0o600)
+	policy := filepath.Join(dir, "policy.yaml")
+	os.WriteFile(policy, []byte("x"), 0o600)
+	c, err = load(t, append(secure, "--nbd-tls", "on", "--nbd-tls-verify-peer", "--gossip-key", other, "--auth-policy", policy), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.NBDTLSMode() != NBDTLSOn || !c.NBDTLSVerifyPeer || c.GossipKeyPath() != other || c.AuthPolicy != policy {
+		t.Fatalf("given values: %+v", c)
+	}
+	c, err = load(t, []string{"--name", "s1", "--data-dir", dir, "--insecure"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !c.Insecure || c.NBDTLSMode() != NBDTLSOff || c.GossipKeyPath() != "" {
+		t.Fatalf("insecure: %+v, NBD TLS %q, gossip key %q", c, c.NBDTLSMode(), c.GossipKeyPath())
+	}
+	// A plaintext site may still encrypt gossip.
+	if c, err = load(t, []string{"--name", "s1", "--data-dir", dir, "--insecure", "--gossip-key", other, "--nbd-tls", "off"}, nil); err != nil || c.GossipKeyPath() != other {
+		t.Fatalf("insecure with a gossip key: %+v, %v", c, err)
 	}
 }
