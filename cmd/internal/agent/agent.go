@@ -18,6 +18,7 @@ import (
 
 	"github.com/robib/robib/cluster"
 	"github.com/robib/robib/cmd/internal/api"
+	"github.com/robib/robib/cmd/internal/auth"
 	"github.com/robib/robib/cmd/internal/config"
 	"github.com/robib/robib/cmd/internal/netx"
 	"github.com/robib/robib/cmd/internal/pki"
@@ -48,6 +49,9 @@ type Agent struct {
 	// gossipKey is the cluster's gossip encryption key (--gossip-key),
 	// nil without one; read at start, for the gossip layer.
 	gossipKey []byte
+	// policy says who may do what (--auth-policy); nil with --insecure,
+	// where nothing is checked.
+	policy *auth.Policy
 }
 
 // nbdSample: observeNBD records one in nbdSample requests other than
@@ -126,6 +130,10 @@ func (a *Agent) secure() error {
 		return fmt.Errorf("%w: %s is the certificate of %s, but this site is %q", pki.ErrCredentials, cfg.TLSCert, id, cfg.Name)
 	}
 	creds.SetLogger(a.log.With("component", "tls"))
+	if a.policy, err = loadPolicy(cfg); err != nil {
+		return err
+	}
+	a.log.Info("authorization policy", "policy", a.policy.Summary())
 	a.net.Creds = creds
 	a.net.ExpectName = a.expectSite
 	a.log.Info("TLS with mutual authentication on Raft and the API", "identity", creds.Identity().String(), "not_after", creds.NotAfter(),
@@ -224,12 +232,23 @@ func (a *Agent) open() error {
 			FlushTimeout:   cfg.FlushTimeout,
 		},
 	}
-	if a.nbd, err = nbdfront.NewServer(nbdfront.Config{
+	nbdCfg := nbdfront.Config{
 		Backend:   a.backend,
 		Logger:    log.With("component", "nbd"),
 		ErrorCode: nbdErrors.Code,
 		Observe:   a.observeNBD,
-	}); err != nil {
+	}
+	if tc := network.NBDTLS(cfg.NBDTLSVerifyPeer); tc != nil {
+		nbdCfg.TLS = tc
+		switch cfg.NBDTLSMode() {
+		case config.NBDTLSRequire:
+			nbdCfg.TLSMode = nbdfront.TLSRequire
+		case config.NBDTLSOn:
+			nbdCfg.TLSMode = nbdfront.TLSOn
+		}
+		nbdCfg.Authorize = a.authorizeNBD
+	}
+	if a.nbd, err = nbdfront.NewServer(nbdCfg); err != nil {
 		return err
 	}
 	mux := api.NewHandler(&clusterService{node: a.node, store: a.store, stage: a.backend.stageStats}, log.With("component", "api"))
@@ -238,7 +257,11 @@ func (a *Agent) open() error {
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-	a.api = api.NewServer(mux)
+	var handler http.Handler = mux
+	if a.policy != nil {
+		handler = a.guard(mux)
+	}
+	a.api = api.NewServer(handler)
 	// Refused TLS handshakes (unknown CA, plaintext) and the like, in the
 	// site's log rather than on bare standard error.
 	a.api.ErrorLog = slog.NewLogLogger(log.With("component", "api").Handler(), slog.LevelWarn)

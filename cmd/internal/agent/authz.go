@@ -1,0 +1,112 @@
+package agent
+
+// Authorization at the agent's two edges: the guard in front of the HTTP
+// listener (admin API, site-to-site endpoints, profiling) and the NBD
+// server's Authorize hook. Both take the caller's identity from a verified
+// client certificate (pki), ask the policy (auth), and map refusals once:
+// auth's sentinels to HTTP statuses through apiClasses, and to
+// NBD_REP_ERR_POLICY through nbdfront.ErrDenied.
+
+import (
+	"fmt"
+	"net/http"
+	"strings"
+
+	"github.com/robib/robib/cmd/internal/api"
+	"github.com/robib/robib/cmd/internal/auth"
+	"github.com/robib/robib/cmd/internal/config"
+	"github.com/robib/robib/cmd/internal/pki"
+	"github.com/robib/robib/nbdfront"
+)
+
+// loadPolicy reads --auth-policy, or the open policy without one.
+func loadPolicy(cfg config.Config) (*auth.Policy, error) {
+	if cfg.AuthPolicy == "" {
+		return auth.Open(), nil
+	}
+	return auth.Load(cfg.AuthPolicy)
+}
+
+// identityOf is the auth identity of a verified certificate identity.
+func identityOf(id pki.Identity) auth.Identity {
+	kind := auth.KindClient
+	if id.Kind == pki.KindSite {
+		kind = auth.KindSite
+	}
+	return auth.Identity{Name: id.Name, Kind: kind}
+}
+
+// requestIdentity is the identity of a request's verified client
+// certificate.
+func requestIdentity(r *http.Request) (auth.Identity, bool) {
+	if r.TLS == nil {
+		return auth.Identity{}, false
+	}
+	id, ok := pki.PeerIdentity(*r.TLS)
+	if !ok {
+		return auth.Identity{}, false
+	}
+	return identityOf(id), true
+}
+
+// guard wraps the agent's HTTP handler with the policy: every request is
+// authenticated and authorized before it reaches a handler; refusals are
+// answered through api.WriteError with the status apiClasses gives them.
+func (a *Agent) guard(h http.Handler) http.Handler {
+	log := a.log.With("component", "api")
+	return auth.Guard(h, a.policy, requestIdentity, func(w http.ResponseWriter, r *http.Request, err error) {
+		api.WriteError(w, r, apiErr(err), log)
+	})
+}
+
+// peerSite is the site a request to the site-to-site endpoints comes from
+// (cluster.Config.PeerName): the site certificate the guard verified.
+func peerSite(r *http.Request) (string, bool) {
+	id, ok := auth.FromContext(r.Context())
+	if !ok || id.Kind != auth.KindSite {
+		return "", false
+	}
+	return id.Name, true
+}
+
+// authorizeNBD is the NBD server's Authorize hook. With client certificates
+// required (--nbd-tls-verify-peer) it asks the policy whether the client
+// may attach the volume, read-write or read-only; listing exports needs a
+// client identity only. Without them there is no client identity to ask
+// about: TLS then protects the link, not the volumes.
+func (a *Agent) authorizeNBD(p nbdfront.Peer, export string, op nbdfront.Op) error {
+	if !a.cfg.NBDTLSVerifyPeer {
+		return nil
+	}
+	var id auth.Identity
+	if p.TLS != nil {
+		if pid, ok := pki.PeerIdentity(*p.TLS); ok {
+			id = identityOf(pid)
+		}
+	}
+	var err error
+	if op == nbdfront.OpList {
+		err = a.policy.Require(id, auth.NeedNone, "listing exports")
+		if err == nil && (id.Anonymous() || id.Kind != auth.KindClient) {
+			err = fmt.Errorf("%w: listing exports needs a client certificate", auth.ErrUnauthenticated)
+		}
+	} else {
+		vol, readOnly := export, false
+		for _, sfx := range []string{staleSuffix, readOnlySuffix} {
+			if base, ok := strings.CutSuffix(export, sfx); ok {
+				vol, readOnly = base, true
+				break
+			}
+		}
+		// INFO asks about an export without attaching it: read access
+		// is enough to see it.
+		if op == nbdfront.OpInfo {
+			readOnly = true
+		}
+		err = a.policy.Attach(id, vol, readOnly)
+	}
+	if err != nil {
+		return fmt.Errorf("%w: %w", nbdfront.ErrDenied, err)
+	}
+	return nil
+}
