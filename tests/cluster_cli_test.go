@@ -223,7 +223,7 @@ func TestClusterAgentBadFlags(t *testing.T) {
 		{[]string{"--leader-lease-timeout", "2s"}, []string{"leader-lease-timeout"}},
 	} {
 		args := append(base(), tc.args...) // later flags win
-		r := harness.Run(t, 30*time.Second, nil, bin, args...)
+		r := harness.Run(t, 30*time.Second, []string{"ROBIB_INSECURE=true"}, bin, args...)
 		if r.Err == nil || r.ExitCode <= 0 {
 			t.Errorf("robib agent %v: exit %d (%v), want a prompt non-zero exit\nstderr: %s", tc.args, r.ExitCode, r.Err, harness.Tail(r.Stderr, 10))
 			continue

@@ -202,6 +202,9 @@ func TestCLIErrors(t *testing.T) {
 func agentMustFail(t *testing.T, env []string, patterns []string, args ...string) {
 	t.Helper()
 	bin := harness.Build(t)
+	// Plaintext unless env says otherwise (the checks here are of other
+	// settings; the TLS ones pass ROBIB_INSECURE=false).
+	env = append([]string{"ROBIB_INSECURE=true"}, env...)
 	r := harness.Run(t, 30*time.Second, env, bin, append([]string{"agent"}, args...)...)
 	if r.Err == nil {
 		t.Errorf("robib agent %q exited 0, want an error", args)
@@ -280,6 +283,22 @@ func TestAgentBadConfig(t *testing.T) {
 	a := startAgent(t)
 	agentMustFail(t, nil, []string{"address already in use|bind"}, with(ok(), "--nbd-addr", a.NBDAddr)...)
 	agentMustFail(t, nil, []string{"address already in use|bind"}, with(ok(), "--api-addr", a.APIAddr)...)
+
+	// Secure by default: no TLS files and no --insecure, half the TLS
+	// files, both, or files that are not what they say.
+	tls := []string{"ROBIB_INSECURE=false"}
+	agentMustFail(t, tls, []string{"tls-ca is required", "--insecure"}, ok()...)
+	notPEM := writeFile(t, dir, "not.pem", []byte("not a certificate"))
+	agentMustFail(t, tls, []string{"tls-cert|tls-key"}, append(ok(), "--tls-ca", notPEM)...)
+	agentMustFail(t, nil, []string{"insecure"}, append(ok(), "--tls-ca", notPEM, "--tls-cert", notPEM, "--tls-key", notPEM)...)
+	agentMustFail(t, tls, []string{"gossip-key is required"}, append(ok(), "--tls-ca", notPEM, "--tls-cert", notPEM, "--tls-key", notPEM)...)
+	key := writeFile(t, dir, "gossip.key", []byte("bm90IGEga2V5\n"))
+	agentMustFail(t, tls, []string{"gossip"}, append(ok(), "--tls-ca", notPEM, "--tls-cert", notPEM, "--tls-key", notPEM, "--gossip-key", key)...)
+	goodKey := writeFile(t, dir, "good.key", []byte("MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n"))
+	agentMustFail(t, tls, []string{"not.pem"}, append(ok(), "--tls-ca", notPEM, "--tls-cert", notPEM, "--tls-key", notPEM, "--gossip-key", goodKey)...)
+	agentMustFail(t, nil, []string{"nbd-tls"}, append(ok(), "--nbd-tls", "require")...)
+	agentMustFail(t, nil, []string{"nbd-tls"}, append(ok(), "--nbd-tls", "maybe")...)
+	agentMustFail(t, nil, []string{"nbd-tls-verify-peer"}, append(ok(), "--nbd-tls-verify-peer")...)
 	if err := a.Health(); err != nil {
 		t.Fatalf("the running agent was disturbed: %v", err)
 	}
