@@ -126,6 +126,7 @@ var sentinels = []sentinel{
 	{"cluster/wire.ErrTruncated", wire.ErrTruncated, eio, s500},
 	{"cluster/wire.ErrSlow", wire.ErrSlow, eio, s500},
 	{"cluster/wire.ErrRejected", wire.ErrRejected, eio, s500},
+	{"cluster/wire.ErrPeerMismatch", wire.ErrPeerMismatch, eio, s500},
 	{"cluster/wire.ErrShutdown", wire.ErrShutdown, eio, s500},
 
 	{"nbdfront.ErrUnknownExport", nbdfront.ErrUnknownExport, eio, s500},
