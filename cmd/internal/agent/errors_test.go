@@ -54,6 +54,7 @@ const (
 	eshutdown = nbdfront.ESHUTDOWN
 
 	s400 = http.StatusBadRequest
+	s403 = http.StatusForbidden
 	s404 = http.StatusNotFound
 	s409 = http.StatusConflict
 	s500 = http.StatusInternalServerError
@@ -106,6 +107,10 @@ var sentinels = []sentinel{
 	{"cluster.ErrLeaseLost", cluster.ErrLeaseLost, eio, s500},
 	{"cluster.ErrForeignCluster", cluster.ErrForeignCluster, eio, s500},
 	{"cluster.ErrLogStoreMismatch", cluster.ErrLogStoreMismatch, eio, s500},
+	{"cluster.ErrForbidden", cluster.ErrForbidden, eperm, s403},
+	{"cluster.ErrKeyringRefused", cluster.ErrKeyringRefused, eio, s400},
+	{"cluster.ErrKeyringIncomplete", cluster.ErrKeyringIncomplete, eio, s500},
+	{"cluster.ErrBadKeyring", cluster.ErrBadKeyring, eio, s500},
 
 	{"cluster/dcdlog.ErrClosed", dcdlog.ErrClosed, eio, s500},
 	{"cluster/dcdlog.ErrLocked", dcdlog.ErrLocked, eio, s500},
@@ -141,6 +146,7 @@ var sentinels = []sentinel{
 	{"cmd/internal/api.ErrExists", api.ErrExists, eio, s409},
 	{"cmd/internal/api.ErrBadRequest", api.ErrBadRequest, eio, s400},
 	{"cmd/internal/api.ErrUnavailable", api.ErrUnavailable, eio, s503},
+	{"cmd/internal/api.ErrForbidden", api.ErrForbidden, eio, s403},
 
 	{"cmd/internal/config.ErrInvalidConfig", config.ErrInvalidConfig, eio, s500},
 	{"cmd/internal/config.ErrBadSize", config.ErrBadSize, eio, s500},

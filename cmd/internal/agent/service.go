@@ -38,7 +38,8 @@ func toAPI(m volume.Meta) api.Volume {
 // apiClasses is the one table from the errors of the layers below to the
 // API's sentinels, which pick the HTTP status (the api package's
 // statusTable): 404 unknown, 409 exists, 400 invalid, 503 no leader or
-// shutting down; anything else is 500. The first row an error matches
+// shutting down, 403 a request acting for another site; anything else is
+// 500. The first row an error matches
 // (errors.Is) wins, in this order. errors_test.go lists every sentinel of
 // the module with the status it must get.
 var apiClasses = []struct{ err, class error }{
@@ -55,6 +56,7 @@ var apiClasses = []struct{ err, class error }{
 	{cluster.ErrRetry, api.ErrUnavailable},
 	{context.DeadlineExceeded, api.ErrUnavailable},
 	{cluster.ErrClosed, api.ErrUnavailable},
+	{cluster.ErrForbidden, api.ErrForbidden},
 }
 
 // apiErr tags an error of the layers below with the API sentinel of its

@@ -21,6 +21,7 @@ var (
 	ErrExists      = errors.New("already exists")
 	ErrBadRequest  = errors.New("invalid request")
 	ErrUnavailable = errors.New("temporarily unavailable")
+	ErrForbidden   = errors.New("forbidden")
 )
 
 // statusTable is the one mapping between errors and HTTP statuses: the
@@ -36,6 +37,7 @@ var statusTable = []struct {
 	{ErrExists, http.StatusConflict},
 	{ErrBadRequest, http.StatusBadRequest},
 	{ErrUnavailable, http.StatusServiceUnavailable},
+	{ErrForbidden, http.StatusForbidden},
 }
 
 // Volume is a volume as the API shows it.
