@@ -213,8 +213,18 @@ func (a *admin) isLiveVoter(site string) bool {
 	return false
 }
 
+// handleRemoveServer removes a site for another one: itself (Leave), or a
+// dead site (RemoveSite). A known sender (peer binding) may not remove
+// another site that gossip shows alive: a live site leaves by itself.
 func (a *admin) handleRemoveServer(w http.ResponseWriter, r *http.Request) {
-	handleSiteRequest(w, r, a.removeServerLocal)
+	handleSiteRequest(w, r, func(site string) error {
+		if peer, ok := requestPeer(r); ok && peer != site {
+			if slices.ContainsFunc(a.members.members(), func(m member) bool { return m.Name == site }) {
+				return fmt.Errorf("%w: site %q may not remove site %q, which is alive: a live site leaves by itself", ErrForbidden, peer, site)
+			}
+		}
+		return a.removeServerLocal(site)
+	})
 }
 
 func (a *admin) handleTransfer(w http.ResponseWriter, r *http.Request) {

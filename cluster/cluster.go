@@ -52,6 +52,8 @@ type Node struct {
 	admin    *admin          // leave, remove, transfer (admin.go)
 	reporter *statusReporter // cluster status (status.go)
 	verify   *verifier       // verify coordination (verify.go)
+	keys     *gossipKeyring  // gossip encryption keys (keyring.go)
+	keyAdmin *keyAdmin       // cluster-wide keyring operations (keyring.go)
 
 	needBootstrap bool // set by openRaft: wait for BootstrapExpect sites
 	stop          chan struct{}
@@ -68,6 +70,19 @@ func Open(cfg Config, f *fsm.FSM) (*Node, error) {
 	if cfg.RaftListener == nil || cfg.Dial == nil {
 		return nil, fmt.Errorf("%w: RaftListener and Dial are required", ErrInvalidRequest)
 	}
+	if cfg.RequirePeer && cfg.PeerName == nil {
+		return nil, fmt.Errorf("%w: RequirePeer needs PeerName", ErrInvalidRequest)
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("data dir: %w", err)
+	}
+	keys, err := openKeyring(cfg.DataDir, cfg.GossipKeys, cfg.Logger)
+	if err != nil {
+		return nil, err
+	}
+	if keys.memberlistRing() == nil {
+		cfg.Logger.Warn("gossip is not encrypted: no gossip keys configured or persisted (insecure mode)")
+	}
 	n := &Node{
 		cfg:   cfg,
 		log:   cfg.Logger,
@@ -75,6 +90,7 @@ func Open(cfg Config, f *fsm.FSM) (*Node, error) {
 		stop:  make(chan struct{}),
 		watch: newLeaderWatch(),
 		id:    &identity{self: cfg.Name, dir: filepath.Join(cfg.DataDir, "raft"), log: cfg.Logger, ids: f},
+		keys:  keys,
 	}
 	if err := n.openRaft(); err != nil {
 		return nil, err
@@ -108,17 +124,19 @@ func (n *Node) wire() {
 	lead := raftLeader{n.raft}
 	n.admin = &admin{self: cfg.Name, log: n.log, raft: n.raft, leader: lead, rpc: rpc}
 	n.gossip = &membership{cfg: cfg, log: n.log, ids: n.fsm, fresh: &n.id.fresh, refused: &n.id.refused, config: n.raft,
-		left: n.admin, events: make(chan struct{}, 1), stop: n.stop, wg: &n.wg}
+		left: n.admin, keyring: n.keys.memberlistRing(), events: make(chan struct{}, 1), stop: n.stop, wg: &n.wg}
+	n.keyAdmin = &keyAdmin{self: cfg.Name, log: n.log, keys: n.keys, members: n.gossip, rpc: rpc}
 	n.admin.book, n.admin.members, n.admin.gossip = n.gossip, n.gossip, n.gossip
 	n.prop = &proposer{self: cfg.Name, log: n.log, raft: n.raft, leader: lead, book: n.gossip, changes: n.watch,
-		fwd: rpc, applied: n.fsm, stages: cfg.Stages, stop: n.stop, seq: newSequencer(500 * time.Millisecond)}
+		fwd: rpc, applied: n.fsm, leases: n.fsm, barrier: n.raft, stages: cfg.Stages, stop: n.stop, seq: newSequencer(500 * time.Millisecond)}
 	if cfg.LeaderFollowsWrites {
 		n.place = &placement{self: cfg.Name, log: n.log, leader: lead, mover: n.admin}
 		n.prop.origins = n.place
 	}
 	n.leases = &leaseArbiter{self: cfg.Name, ttl: cfg.LeaseTTL, log: n.log, raft: n.raft, state: n.fsm, prop: n.prop,
 		leader: lead, book: n.gossip, rpc: rpc, stop: n.stop, now: time.Now}
-	n.rec = &reconciler{self: cfg.Name, log: n.log, raft: n.raft, ids: n.fsm, members: n.gossip, refused: &n.id.refused, rpc: rpc}
+	n.rec = &reconciler{self: cfg.Name, log: n.log, raft: n.raft, ids: n.fsm, members: n.gossip, refused: &n.id.refused, rpc: rpc,
+		verify: cfg.VerifyPeer}
 	n.reporter = &statusReporter{cfg: cfg, raft: n.raft, leader: lead, fsm: n.fsm, fresh: &n.id.fresh, stages: cfg.Stages,
 		members: n.gossip, rpc: rpc}
 	n.id.config, n.id.barrier, n.id.prop, n.id.meta = n.raft, n.raft, n.prop, n.gossip
@@ -427,6 +445,34 @@ func (n *Node) Leave(ctx context.Context) error { return n.admin.Leave(ctx) }
 // waits until a new leader is known.
 func (n *Node) TransferLeadership(ctx context.Context, site string) (string, error) {
 	return n.admin.TransferLeadership(ctx, site)
+}
+
+// KeyringList shows every live site's gossip keyring, by key
+// fingerprints (never the keys). A site that does not answer is listed
+// with its error.
+func (n *Node) KeyringList(ctx context.Context) (KeyringReport, error) { return n.keyAdmin.List(ctx) }
+
+// KeyringInstall adds key (16, 24 or 32 bytes) to the gossip keyring of
+// every live site (this one included), which then decrypts gossip with it;
+// each site persists its ring. The error wraps ErrKeyringIncomplete when
+// some sites failed (the report says which); running it again is safe.
+func (n *Node) KeyringInstall(ctx context.Context, key []byte) (KeyringReport, error) {
+	return n.keyAdmin.Install(ctx, key)
+}
+
+// KeyringUse makes key the primary (the one gossip is encrypted with) at
+// every live site. It first checks that every live site holds key and
+// refuses (ErrKeyringRefused, naming the sites lacking it or not
+// answering) otherwise, changing nothing.
+func (n *Node) KeyringUse(ctx context.Context, key []byte) (KeyringReport, error) {
+	return n.keyAdmin.Use(ctx, key)
+}
+
+// KeyringRemove removes key from every live site's keyring. It refuses
+// (ErrKeyringRefused) while key is the primary at any live site, or a site
+// does not answer, changing nothing.
+func (n *Node) KeyringRemove(ctx context.Context, key []byte) (KeyringReport, error) {
+	return n.keyAdmin.Remove(ctx, key)
 }
 
 // VerifyRange has every site hash [off, off+length) of vol in chunks at the

@@ -59,6 +59,38 @@ type Config struct {
 	Dial         func(ctx context.Context, addr string) (net.Conn, error)
 	HTTPClient   *http.Client
 
+	// Transport security (see DESIGN.md, "Gossip encryption and peer
+	// identity"). Every field's zero value is insecure mode: the agent
+	// decides which it allows.
+	//
+	// GossipKeys are the AES keys (16, 24 or 32 bytes) that encrypt and
+	// authenticate gossip; the first is the primary (it encrypts, all
+	// decrypt). They seed DataDir/gossip-keyring on the first start; from
+	// then on the persisted ring, which the Keyring* methods change, wins.
+	// Empty with no persisted ring: gossip travels in plain text.
+	GossipKeys [][]byte
+	// VerifyPeer, if set, checks that site is who it claims to be (the
+	// agent dials raftAddr with mTLS and checks that the certificate
+	// names site) before the leader adds it to the Raft configuration,
+	// changes its address or promotes it, and before a --bootstrap-expect
+	// site bootstraps with it. A failure keeps the site out until a later
+	// round passes. nil: no check.
+	VerifyPeer func(ctx context.Context, site, raftAddr string) error
+	// PeerName, if set, names the site an internal request (Handler)
+	// comes from, e.g. from its verified client certificate; ok=false:
+	// unknown. A request acting for another site than its sender is
+	// refused with ErrForbidden. nil: no check.
+	PeerName func(r *http.Request) (site string, ok bool)
+	// RequirePeer refuses (ErrForbidden) every internal request that
+	// PeerName does not name a site for. It needs PeerName.
+	RequirePeer bool
+	// RaftPeerName, if set, names the site an inbound Raft connection
+	// comes from (asked once per connection, after its first frame, so a
+	// TLS handshake is complete); the wire transport refuses requests
+	// naming another server (wire.Config.PeerName). The msgpack transport
+	// cannot check it (Open logs a warning).
+	RaftPeerName func(conn net.Conn) (site string, ok bool)
+
 	// Stages, if set, records where a write's time goes at this site
 	// (see stages.go); nil records nothing.
 	Stages *Stages

@@ -24,6 +24,21 @@ var (
 	// ErrLeaseLost: this site's volume lease was taken over or released;
 	// its writes are fenced.
 	ErrLeaseLost = errors.New("volume lease lost")
+	// ErrForbidden: an internal request acting for another site than the
+	// one it comes from (Config.PeerName), or from no site identity at
+	// all when Config.RequirePeer is set.
+	ErrForbidden = errors.New("forbidden: the request does not come from the site it acts for")
+	// ErrKeyringRefused: a gossip keyring change refused before anything
+	// changed, because it would cut a live site off gossip (using a key
+	// some site lacks, removing a key some site encrypts with or the
+	// primary), or because gossip is not encrypted at the site.
+	ErrKeyringRefused = fmt.Errorf("%w: gossip keyring change refused", ErrInvalidRequest)
+	// ErrKeyringIncomplete: a gossip keyring change failed at some live
+	// sites (the report names them). Every change is idempotent: run it
+	// again once they answer.
+	ErrKeyringIncomplete = errors.New("gossip keyring change did not reach every live site")
+	// ErrBadKeyring: the persisted gossip keyring cannot be read.
+	ErrBadKeyring = errors.New("unreadable gossip keyring file")
 )
 
 // retryable lists the errors after which the same command may be proposed

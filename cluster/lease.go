@@ -328,6 +328,12 @@ func (a *leaseArbiter) handleLease(w http.ResponseWriter, r *http.Request) {
 		rep leaseReply
 		err error
 	)
+	if r.URL.Path != pathReadIndex {
+		if err := checkClaim(r, req.Site, "take or renew a volume lease"); err != nil {
+			writeJSON(w, http.StatusForbidden, leaseReply{Code: "forbidden", Error: err.Error()})
+			return
+		}
+	}
 	switch r.URL.Path {
 	case pathLeaseAcquire:
 		var g Grant

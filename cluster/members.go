@@ -165,7 +165,8 @@ type membership struct {
 	refused *refusals
 	config  configReader
 	left    leaveState
-	events  chan struct{} // nudges the reconcile loop
+	keyring *memberlist.Keyring // gossip encryption (keyring.go); nil: plain text
+	events  chan struct{}       // nudges the reconcile loop
 	stop    <-chan struct{}
 	wg      *sync.WaitGroup
 
@@ -209,6 +210,14 @@ func (m *membership) open() error {
 	mc.Alive = d
 	mc.Merge = d
 	mc.Logger = log.New(&logWriter{log: m.log, component: "gossip"}, "", 0)
+	if m.keyring != nil {
+		// Every packet and stream is encrypted with the primary key and
+		// authenticated (AES-GCM); anything that none of the ring's keys
+		// decrypts, or that is not encrypted, is dropped.
+		mc.Keyring = m.keyring
+		mc.GossipVerifyIncoming = true
+		mc.GossipVerifyOutgoing = true
+	}
 	// Faster failure detection than the LAN default: sites are few.
 	mc.ProbeInterval = 500 * time.Millisecond
 	mc.ProbeTimeout = 250 * time.Millisecond

@@ -53,11 +53,18 @@ type proposer struct {
 	fwd     forwarder
 	applied appliedWaiter
 	origins originCounter // nil: not counted (no LeaderFollowsWrites)
+	leases  leaseReader   // nil: a forwarded batch's lease holder is not checked
+	barrier barrierRaft   // applies every committed entry here before a lease check; nil: no wait
 	stages  *Stages       // nil records nothing
 	stop    <-chan struct{}
 
 	seq          *sequencer
 	stepDownOnce sync.Once
+}
+
+// leaseReader reads the replicated lease table (fsm.FSM).
+type leaseReader interface {
+	Lease(volume string) (fsm.Lease, bool)
 }
 
 // Apply implements Node.Apply.
@@ -237,8 +244,19 @@ func (p *proposer) handleApply(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, applyReply{Code: fsm.ErrorCode(err), Error: err.Error()})
 		return
 	}
+	origin := r.Header.Get(headerOrigin)
+	if peer, ok := requestPeer(r); ok {
+		if err := p.checkSender(r, origin, cmd); IsRetryable(err) {
+			writeJSON(w, http.StatusOK, applyReply{Retry: true, Error: err.Error()})
+			return
+		} else if err != nil {
+			writeJSON(w, statusFor(err), applyReply{Error: err.Error()})
+			return
+		}
+		origin = peer
+	}
 	start := time.Now()
-	res, err := p.applyLocal(r.Context(), cmd, data, r.Header.Get(headerOrigin))
+	res, err := p.applyLocal(r.Context(), cmd, data, origin)
 	if err != nil {
 		writeJSON(w, http.StatusOK, applyReply{Retry: IsRetryable(err) || errors.Is(err, ErrClosed), Error: err.Error()})
 		return
@@ -249,6 +267,47 @@ func (p *proposer) handleApply(w http.ResponseWriter, r *http.Request) {
 	}
 	writeJSON(w, http.StatusOK, rep)
 }
+
+// checkSender refuses a forwarded command that acts for another site than
+// the one that sent it (peer binding, see DESIGN.md): the origin header
+// and a lease command's Site must name the sender, and a write batch at a
+// lease epoch must come from that epoch's holder. When this leader's state
+// does not show the batch's epoch yet (a new leader still applying, or a
+// forged epoch), a barrier first applies every committed entry here: a
+// granted epoch was committed before its holder learned it. Whatever is
+// still not the current epoch then goes on, for the FSM to reject (stale
+// epoch, unknown volume).
+func (p *proposer) checkSender(r *http.Request, origin string, cmd fsm.Command) error {
+	if origin != "" {
+		if err := checkClaim(r, origin, "forward proposals"); err != nil {
+			return err
+		}
+	}
+	switch c := cmd.(type) {
+	case *fsm.AcquireLease:
+		return checkClaim(r, c.Site, "take a volume lease")
+	case *fsm.ReleaseLease:
+		return checkClaim(r, c.Site, "release a volume lease")
+	case *fsm.WriteBatch:
+		if c.Epoch == 0 || p.leases == nil {
+			return nil
+		}
+		l, ok := p.leases.Lease(c.Volume)
+		if (!ok || l.Epoch < c.Epoch) && p.barrier != nil {
+			if err := p.barrier.Barrier(leaseBarrierTimeout).Error(); err != nil {
+				return raftErr(err)
+			}
+			l, ok = p.leases.Lease(c.Volume)
+		}
+		if ok && l.Epoch == c.Epoch && l.Holder != "" {
+			return checkClaim(r, l.Holder, fmt.Sprintf("write volume %s under lease epoch %d", c.Volume, c.Epoch))
+		}
+	}
+	return nil
+}
+
+// leaseBarrierTimeout bounds the barrier of checkSender.
+const leaseBarrierTimeout = 5 * time.Second
 
 // raftErr marks Raft's transient errors as retryable.
 func raftErr(err error) error {

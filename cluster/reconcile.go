@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"slices"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -31,8 +32,8 @@ type jsonGetter interface {
 }
 
 // reconciler is the leader's membership policy: it brings the Raft
-// configuration in line with the live gossip members. It has no state of
-// its own (refused guards its own log-once set).
+// configuration in line with the live gossip members. Its only state is
+// two log-once sets, each under its own lock (refused, checks).
 type reconciler struct {
 	self    string
 	log     *slog.Logger
@@ -41,6 +42,72 @@ type reconciler struct {
 	members memberLister
 	refused *refusals
 	rpc     jsonGetter
+	// verify is Config.VerifyPeer (nil: no check): a member is added,
+	// readdressed or promoted only after it passed.
+	verify func(ctx context.Context, site, raftAddr string) error
+	checks peerChecks
+}
+
+// verifyPeerTimeout bounds one VerifyPeer call.
+const verifyPeerTimeout = 5 * time.Second
+
+// verified runs VerifyPeer for m (at its gossiped Raft address) and
+// reports whether it passed. A failure is logged once per member and
+// distinct error until the member passes.
+func (c *reconciler) verified(m member) bool {
+	if c.verify == nil {
+		return true
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), verifyPeerTimeout)
+	defer cancel()
+	err := c.verify(ctx, m.Name, m.Meta.Raft)
+	c.checks.note(c.log, m, err)
+	return err == nil
+}
+
+// peerChecks remembers, per member, the VerifyPeer errors already logged
+// since it last passed.
+type peerChecks struct {
+	mu     sync.Mutex
+	failed map[string]map[string]bool
+}
+
+// maxPeerErrorsLogged bounds the distinct errors logged per member (an
+// error text may carry an ephemeral port); further ones are logged at
+// debug level.
+const maxPeerErrorsLogged = 8
+
+func (p *peerChecks) note(log *slog.Logger, m member, err error) {
+	p.mu.Lock()
+	if err == nil {
+		_, had := p.failed[m.Name]
+		delete(p.failed, m.Name)
+		p.mu.Unlock()
+		if had {
+			log.Info("site passed verification", "site", m.Name, "raft", m.Meta.Raft)
+		}
+		return
+	}
+	if p.failed == nil {
+		p.failed = map[string]map[string]bool{}
+	}
+	seen := p.failed[m.Name]
+	if seen == nil {
+		seen = map[string]bool{}
+		p.failed[m.Name] = seen
+	}
+	msg := err.Error()
+	first := !seen[msg] && len(seen) < maxPeerErrorsLogged
+	if first {
+		seen[msg] = true
+	}
+	p.mu.Unlock()
+	lvl := slog.LevelDebug
+	if first {
+		lvl = slog.LevelError
+	}
+	log.Log(context.Background(), lvl, "site failed verification: not adding it to the raft configuration (retrying)",
+		"site", m.Name, "raft", m.Meta.Raft, "err", err)
 }
 
 // bootstrapExpectLoop waits until BootstrapExpect sites gossip, then
@@ -77,6 +144,11 @@ func (n *Node) bootstrapExpectLoop() {
 		if !slices.ContainsFunc(servers, func(s raft.Server) bool { return s.ID == raft.ServerID(n.cfg.Name) }) {
 			n.log.Warn("more sites than --bootstrap-expect are gossiping; waiting to be added by the leader")
 			return
+		}
+		// Founding voters are added without the reconciler: each must
+		// pass the same verification first.
+		if slices.ContainsFunc(ms[:n.cfg.BootstrapExpect], func(m member) bool { return m.Name != n.cfg.Name && !n.rec.verified(m) }) {
+			continue
 		}
 		n.log.Info("bootstrapping cluster", "sites", len(servers))
 		// A founding voter: its empty vote record and log are the truth.
@@ -135,7 +207,10 @@ func (n *Node) reconcileLoop() {
 //     demoted to non-voter first;
 //   - a non-voter that is not fresh and is caught up (applied within
 //     promoteMaxLag entries of the leader's commit index) becomes a voter;
-//   - a changed address is updated, keeping the suffrage.
+//   - a changed address is updated, keeping the suffrage;
+//   - nobody is added, readdressed or promoted before passing VerifyPeer
+//     (demoting needs no proof); a member of another cluster is skipped
+//     before it is ever verified.
 func (c *reconciler) reconcile() error {
 	fut := c.raft.GetConfiguration()
 	if err := fut.Error(); err != nil {
@@ -161,6 +236,9 @@ func (c *reconciler) reconcile() error {
 		cur, inConfig := known[id]
 		switch {
 		case !inConfig:
+			if !c.verified(m) {
+				continue
+			}
 			c.log.Info("adding site as non-voter; it becomes a voter once caught up", "site", m.Name, "raft", m.Meta.Raft, "fresh", m.Meta.Fresh)
 			if err := c.raft.AddNonvoter(id, addr, 0, 10*time.Second).Error(); err != nil {
 				return fmt.Errorf("adding %s: %w", m.Name, err)
@@ -178,11 +256,17 @@ func (c *reconciler) reconcile() error {
 				return fmt.Errorf("demoting %s: %w", m.Name, err)
 			}
 		case cur.Address != addr && cur.Suffrage == raft.Voter:
+			if !c.verified(m) {
+				continue
+			}
 			c.log.Info("updating a voter's address", "site", m.Name, "raft", m.Meta.Raft)
 			if err := c.raft.AddVoter(id, addr, 0, 10*time.Second).Error(); err != nil {
 				return fmt.Errorf("updating %s: %w", m.Name, err)
 			}
 		case cur.Address != addr:
+			if !c.verified(m) {
+				continue
+			}
 			c.log.Info("updating a non-voter's address", "site", m.Name, "raft", m.Meta.Raft)
 			if err := c.raft.AddNonvoter(id, addr, 0, 10*time.Second).Error(); err != nil {
 				return fmt.Errorf("updating %s: %w", m.Name, err)
@@ -193,7 +277,7 @@ func (c *reconciler) reconcile() error {
 				c.log.Debug("non-voter progress unknown", "site", m.Name, "err", err)
 				continue
 			}
-			if lag > promoteMaxLag {
+			if lag > promoteMaxLag || !c.verified(m) {
 				continue
 			}
 			c.log.Info("promoting caught-up non-voter to voter", "site", m.Name, "lag", lag)

@@ -7,6 +7,8 @@ import (
 	"log/slog"
 	"slices"
 	"strconv"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -170,5 +172,116 @@ func TestReconcileReportsFailedChange(t *testing.T) {
 		members: fixedMembers{siteMember("b", "b:1", "c1", false)}, refused: &refusals{}, rpc: statusBook{}}
 	if err := c.reconcile(); !errors.Is(err, raft.ErrNotLeader) {
 		t.Fatalf("reconcile: %v, want the change's error", err)
+	}
+}
+
+// verifyScript is a VerifyPeer whose answer per site the test sets; it
+// records every call.
+type verifyScript struct {
+	mu    sync.Mutex
+	fail  map[string]error
+	calls []string
+}
+
+func (v *verifyScript) verify(_ context.Context, site, raftAddr string) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.calls = append(v.calls, site+"@"+raftAddr)
+	return v.fail[site]
+}
+
+func (v *verifyScript) set(site string, err error) {
+	v.mu.Lock()
+	v.fail[site] = err
+	v.mu.Unlock()
+}
+
+func (v *verifyScript) called(site string) bool {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return slices.ContainsFunc(v.calls, func(c string) bool { return strings.HasPrefix(c, site+"@") })
+}
+
+// No member is added, readdressed or promoted before it passes VerifyPeer;
+// failures are logged once per member and distinct error however many
+// rounds fail, and the member is added at the first round it passes. A
+// member of another cluster is never even verified.
+func TestReconcileVerifiesPeers(t *testing.T) {
+	errCert := errors.New("certificate names site mallory")
+	v := &verifyScript{fail: map[string]error{"b": errCert, "c": errCert, "d": errCert}}
+	r := &recordingRaft{servers: []raft.Server{voter("a", "a:1"), nonvoter("c", "c:1"), voter("d", "d:1")}, commit: 100}
+	logs := &logRecords{}
+	members := fixedMembers{
+		siteMember("a", "a:1", "c1", false),
+		siteMember("b", "b:1", "", false),   // new
+		siteMember("c", "c:1", "c1", false), // caught-up non-voter
+		siteMember("d", "d:2", "c1", false), // voter at a new address
+		siteMember("x", "x:1", "c2", false), // another cluster
+	}
+	c := &reconciler{self: "a", log: slog.New(logs), raft: r, ids: fakeIDs("c1"), members: members, refused: &refusals{},
+		rpc: statusBook{"c:api": {Name: "c", ClusterID: "c1", AppliedIndex: 100}}, verify: v.verify}
+	const failing = "site failed verification"
+	for range 5 {
+		if err := c.reconcile(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if len(r.changes) != 0 {
+		t.Fatalf("changes %q while every member fails verification", r.changes)
+	}
+	if n := logs.count(slog.LevelError, failing); n != 3 {
+		t.Fatalf("%d failures logged over 5 rounds, want 3 (one per member):\n%s", n, logs.texts())
+	}
+	// Another error for b is logged once more; c passes and is promoted.
+	v.set("b", errors.New("dial tcp b:1: connection refused"))
+	v.set("c", nil)
+	for range 3 {
+		if err := c.reconcile(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := logs.count(slog.LevelError, failing); n != 4 {
+		t.Fatalf("%d failures logged, want 4:\n%s", n, logs.texts())
+	}
+	if !slices.Equal(r.changes, []string{"voter c c:1", "voter c c:1", "voter c c:1"}) { // the fake configuration does not change
+		t.Fatalf("changes %q, want c promoted", r.changes)
+	}
+	if logs.count(slog.LevelInfo, "passed verification") != 1 {
+		t.Fatalf("c's pass not logged once:\n%s", logs.texts())
+	}
+	r.changes = nil
+	r.servers = []raft.Server{voter("a", "a:1"), voter("c", "c:1"), voter("d", "d:1")}
+	v.set("b", nil)
+	v.set("d", nil)
+	if err := c.reconcile(); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(r.changes, []string{"nonvoter b b:1", "voter d d:2"}) {
+		t.Fatalf("changes %q once b and d pass", r.changes)
+	}
+	// Failing again after a pass is news again.
+	r.changes = nil
+	v.set("b", errCert)
+	r.servers = []raft.Server{voter("a", "a:1")}
+	if err := c.reconcile(); err != nil {
+		t.Fatal(err)
+	}
+	if slices.Contains(r.changes, "nonvoter b b:1") || logs.count(slog.LevelError, failing) != 5 {
+		t.Fatalf("changes %q, log:\n%s", r.changes, logs.texts())
+	}
+	if v.called("x") {
+		t.Fatal("a member of another cluster reached VerifyPeer")
+	}
+
+	// A leader that knows no cluster ID yet verifies nobody advertising one.
+	v2 := &verifyScript{fail: map[string]error{}}
+	r2 := &recordingRaft{servers: []raft.Server{voter("a", "a:1")}}
+	c2 := &reconciler{self: "a", log: slog.New(slog.DiscardHandler), raft: r2, ids: fakeIDs(""),
+		members: fixedMembers{siteMember("y", "y:1", "c9", false)}, refused: &refusals{}, rpc: statusBook{}, verify: v2.verify}
+	if err := c2.reconcile(); err != nil {
+		t.Fatal(err)
+	}
+	if v2.called("y") || len(r2.changes) != 0 {
+		t.Fatalf("a member of a possibly foreign cluster was verified (%v) or added (%q)", v2.calls, r2.changes)
 	}
 }

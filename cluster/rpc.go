@@ -43,7 +43,10 @@ type applyReply struct {
 	LeaderNanos int64 `json:"leader_ns,omitempty"`
 }
 
-// Handler serves the internal endpoints. Mount it at /internal/.
+// Handler serves the internal endpoints. Mount it at /internal/. With
+// Config.PeerName, a request that acts for another site than the one it
+// comes from is refused with ErrForbidden (403); with Config.RequirePeer,
+// so is every request from no site identity.
 func (n *Node) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST "+pathApply, n.prop.handleApply)
@@ -56,7 +59,52 @@ func (n *Node) Handler() http.Handler {
 	mux.HandleFunc("POST "+pathLeaseAcquire, n.leases.handleLease)
 	mux.HandleFunc("POST "+pathLeaseRenew, n.leases.handleLease)
 	mux.HandleFunc("POST "+pathReadIndex, n.leases.handleLease)
-	return mux
+	mux.HandleFunc("POST "+pathKeyring, n.keyAdmin.handleKeyring)
+	return &peerGate{name: n.cfg.PeerName, require: n.cfg.RequirePeer, next: mux}
+}
+
+// peerGate puts the sending site (Config.PeerName) into each internal
+// request's context, for the handlers' checkClaim, and refuses requests
+// from no site identity when require is set.
+type peerGate struct {
+	name    func(*http.Request) (string, bool)
+	require bool
+	next    http.Handler
+}
+
+type peerKey struct{}
+
+func (g *peerGate) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	site, ok := "", false
+	if g.name != nil {
+		site, ok = g.name(r)
+		ok = ok && site != ""
+	}
+	if !ok {
+		if g.require {
+			writeJSON(w, http.StatusForbidden, map[string]string{
+				"error": fmt.Sprintf("%v: internal requests must come from a site identity", ErrForbidden)})
+			return
+		}
+		g.next.ServeHTTP(w, r)
+		return
+	}
+	g.next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), peerKey{}, site)))
+}
+
+// requestPeer is the site an internal request comes from, if known.
+func requestPeer(r *http.Request) (string, bool) {
+	site, ok := r.Context().Value(peerKey{}).(string)
+	return site, ok
+}
+
+// checkClaim refuses a request that acts for site (what it does: "take a
+// lease", ...) when it comes from another known site.
+func checkClaim(r *http.Request, site, what string) error {
+	if peer, ok := requestPeer(r); ok && peer != site {
+		return fmt.Errorf("%w: site %q may not %s for site %q", ErrForbidden, peer, what, site)
+	}
+	return nil
 }
 
 // readBody reads a request body of at most limit bytes. With a
@@ -81,6 +129,8 @@ type siteRequest struct {
 
 func statusFor(err error) int {
 	switch {
+	case errors.Is(err, ErrForbidden):
+		return http.StatusForbidden
 	case errors.Is(err, ErrRetry):
 		return http.StatusServiceUnavailable
 	case errors.Is(err, ErrUnknownSite):
@@ -121,6 +171,9 @@ func (c *rpcClient) apply(ctx context.Context, addr, origin string, data []byte)
 		return nil, 0, fmt.Errorf("%w: %v", ErrUnreachable, err)
 	}
 	defer resp.Body.Close()
+	if resp.StatusCode == http.StatusForbidden {
+		return nil, 0, statusError(resp)
+	}
 	var rep applyReply
 	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&rep); err != nil {
 		return nil, 0, fmt.Errorf("%w: bad answer from %s (%s): %v", ErrUnreachable, addr, resp.Status, err)
@@ -153,7 +206,11 @@ func (c *rpcClient) getJSON(ctx context.Context, addr, path string, out any) err
 	if resp.StatusCode != http.StatusOK {
 		var e struct{ Error string }
 		_ = json.Unmarshal(body, &e)
-		return fmt.Errorf("%s%s: %s: %s", addr, path, resp.Status, e.Error)
+		err := fmt.Errorf("%s%s: %s: %s", addr, path, resp.Status, e.Error)
+		if resp.StatusCode == http.StatusForbidden {
+			err = fmt.Errorf("%w: %v", ErrForbidden, err)
+		}
+		return err
 	}
 	return json.Unmarshal(body, out)
 }
@@ -188,6 +245,9 @@ func (c *rpcClient) postJSONReply(ctx context.Context, addr, path string, in, ou
 		return err
 	}
 	defer resp.Body.Close()
+	if resp.StatusCode == http.StatusForbidden {
+		return statusError(resp)
+	}
 	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(out); err != nil {
 		return fmt.Errorf("%w: bad answer from %s%s (%s): %v", ErrUnreachable, addr, path, resp.Status, err)
 	}
@@ -204,16 +264,27 @@ func (c *rpcClient) postJSON(ctx context.Context, addr, path string, in any) err
 	if resp.StatusCode/100 == 2 {
 		return nil
 	}
+	return statusError(resp)
+}
+
+// statusError is the error of a non-2xx answer of an internal endpoint:
+// its {"error": ...} text, wrapping the sentinel its status stands for
+// (statusFor's inverse).
+func statusError(resp *http.Response) error {
 	var e struct{ Error string }
 	_ = json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&e)
-	err = fmt.Errorf("%s: %s", resp.Status, e.Error)
+	var sentinel error
 	switch resp.StatusCode {
 	case http.StatusServiceUnavailable:
-		return fmt.Errorf("%w: %v", ErrRetry, err)
+		sentinel = ErrRetry
 	case http.StatusNotFound:
-		return fmt.Errorf("%w: %v", ErrUnknownSite, err)
+		sentinel = ErrUnknownSite
 	case http.StatusBadRequest:
-		return fmt.Errorf("%w: %v", ErrInvalidRequest, err)
+		sentinel = ErrInvalidRequest
+	case http.StatusForbidden:
+		sentinel = ErrForbidden
+	default:
+		return fmt.Errorf("%s: %s", resp.Status, e.Error)
 	}
-	return err
+	return fmt.Errorf("%w: %s: %s", sentinel, resp.Status, stripPrefix(e.Error, sentinel))
 }

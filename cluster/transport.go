@@ -41,8 +41,12 @@ func newTransport(cfg *Config, hlog hclog.Logger, log *slog.Logger) (guardedTran
 			Timeout:   raftTimeout,
 			MaxPool:   raftPool,
 			Logger:    log.With("component", "raft-wire"),
+			PeerName:  cfg.RaftPeerName,
 		})
 	case TransportMsgpack:
+		if cfg.RaftPeerName != nil {
+			log.Warn("the msgpack raft transport cannot bind raft requests to the connection's site identity; use the wire transport for that")
+		}
 		return raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
 			Stream:  &streamLayer{Listener: cfg.RaftListener, dial: cfg.Dial, advertise: cfg.RaftAddr},
 			MaxPool: raftPool,

@@ -31,6 +31,9 @@ var (
 	// ErrRejected: the peer refused our frame and said why before closing
 	// the connection.
 	ErrRejected = errors.New("wire: rejected by peer")
+	// ErrPeerMismatch: a request's header names another server than the
+	// one the connection comes from (Config.PeerName).
+	ErrPeerMismatch = errors.New("wire: request names another server than the connection's peer")
 	// ErrShutdown: the transport or pipeline is closed.
 	ErrShutdown = errors.New("wire: transport closed")
 )

@@ -58,6 +58,7 @@ func (t *Transport) handleConn(nc net.Conn) {
 			// (reset, closed mid-response) is routine when sites restart.
 			switch {
 			case errors.Is(err, io.EOF), t.isClosed():
+			case errors.Is(err, ErrPeerMismatch): // logged once per pair by checkPeer
 			case isFrameErr(err):
 				t.log.Warn("raft wire: refused a frame, closing the connection", "remote", nc.RemoteAddr().String(), "error", err)
 			default:
@@ -76,6 +77,10 @@ type serverConn struct {
 	nc  net.Conn
 	hdr [headerSize]byte
 	enc encoder
+
+	peerAsked bool   // Config.PeerName was called
+	peerKnown bool   // and named the peer
+	peer      string // the peer's server ID
 }
 
 // readRequest waits (without a deadline: pooled connections idle) for a
@@ -127,6 +132,10 @@ func (s *serverConn) serve() (again bool, err error) {
 		var msg any
 		if msg, err = decodeRequest(f); err == nil {
 			s.t.received.Add(1)
+			if err = s.checkPeer(msg); err != nil {
+				s.reject(err)
+				return false, err
+			}
 			return s.dispatch(f.kind, msg)
 		}
 	}
@@ -134,6 +143,57 @@ func (s *serverConn) serve() (again bool, err error) {
 		s.reject(err)
 	}
 	return false, err
+}
+
+// checkPeer refuses a request whose header names another server ID than
+// the connection's peer, when Config.PeerName knows the peer. Every request
+// raft v1.7.3 sends carries its sender's ID in the header (the leader of an
+// AppendEntries, InstallSnapshot or TimeoutNow, the candidate of a vote or
+// pre-vote), so one check covers them all; a request naming no server on a
+// connection with a known peer is refused too.
+func (s *serverConn) checkPeer(msg any) error {
+	if s.t.cfg.PeerName == nil {
+		return nil
+	}
+	if !s.peerAsked {
+		s.peer, s.peerKnown = s.t.cfg.PeerName(s.nc)
+		s.peerAsked = true
+	}
+	if !s.peerKnown {
+		return nil
+	}
+	var id []byte
+	if h, ok := msg.(raft.WithRPCHeader); ok {
+		id = h.GetRPCHeader().ID
+	}
+	if string(id) == s.peer && len(id) > 0 {
+		return nil
+	}
+	s.t.peerRefused(s.peer, string(id), s.nc.RemoteAddr())
+	return fmt.Errorf("%w: the connection is from %q, the request names %q", ErrPeerMismatch, s.peer, id)
+}
+
+// maxRefusalsLogged bounds the (peer, claimed ID) pairs remembered for
+// logging; refusals past it are counted, not logged.
+const maxRefusalsLogged = 64
+
+// peerRefused counts a refusal and logs it once per (peer, claimed ID).
+func (t *Transport) peerRefused(peer, claimed string, remote net.Addr) {
+	t.peerRefusals.Add(1)
+	key := peer + "\x00" + claimed
+	t.refusedMu.Lock()
+	if t.refusedSeen == nil {
+		t.refusedSeen = make(map[string]bool)
+	}
+	first := !t.refusedSeen[key] && len(t.refusedSeen) < maxRefusalsLogged
+	if first {
+		t.refusedSeen[key] = true
+	}
+	t.refusedMu.Unlock()
+	if first {
+		t.log.Error("raft wire: refusing requests that name another server than the connection's peer",
+			"peer", peer, "names", claimed, "remote", remote.String(), "error", ErrPeerMismatch)
+	}
 }
 
 func isFrameErr(err error) bool {

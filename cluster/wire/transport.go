@@ -70,6 +70,15 @@ type Config struct {
 	PayloadChecksum bool
 	// Logger gets connection-level errors; nil discards them.
 	Logger *slog.Logger
+	// PeerName, if set, names the server an inbound connection comes
+	// from (for example the site a verified TLS client certificate
+	// names); ok=false means unknown, and nothing is checked. It is
+	// called once per connection, after the connection's first frame was
+	// read (so a TLS handshake is complete). A request on a connection
+	// with a known peer whose header names another server ID (or none)
+	// is refused with a reject frame and the connection closed
+	// (ErrPeerMismatch); nothing reaches raft.
+	PeerName func(net.Conn) (name string, ok bool)
 }
 
 // Transport is a raft.Transport, raft.WithClose and raft.WithPreVote over
@@ -86,6 +95,10 @@ type Transport struct {
 	wg         sync.WaitGroup // the accept loop and the connection handlers
 
 	accepted, received atomic.Int64 // connections accepted, requests decoded (tests)
+
+	peerRefusals atomic.Int64 // requests refused by the PeerName check
+	refusedMu    sync.Mutex
+	refusedSeen  map[string]bool // (peer, claimed ID) pairs already logged
 
 	hbMu sync.Mutex
 	hbFn func(raft.RPC)

@@ -110,6 +110,10 @@ var sentinels = []sentinel{
 	{"cluster.ErrLeaseLost", cluster.ErrLeaseLost, eio, s500},
 	{"cluster.ErrForeignCluster", cluster.ErrForeignCluster, eio, s500},
 	{"cluster.ErrLogStoreMismatch", cluster.ErrLogStoreMismatch, eio, s500},
+	{"cluster.ErrForbidden", cluster.ErrForbidden, eperm, s403},
+	{"cluster.ErrKeyringRefused", cluster.ErrKeyringRefused, eio, s400},
+	{"cluster.ErrKeyringIncomplete", cluster.ErrKeyringIncomplete, eio, s500},
+	{"cluster.ErrBadKeyring", cluster.ErrBadKeyring, eio, s500},
 
 	{"cluster/dcdlog.ErrClosed", dcdlog.ErrClosed, eio, s500},
 	{"cluster/dcdlog.ErrLocked", dcdlog.ErrLocked, eio, s500},
@@ -130,6 +134,7 @@ var sentinels = []sentinel{
 	{"cluster/wire.ErrTruncated", wire.ErrTruncated, eio, s500},
 	{"cluster/wire.ErrSlow", wire.ErrSlow, eio, s500},
 	{"cluster/wire.ErrRejected", wire.ErrRejected, eio, s500},
+	{"cluster/wire.ErrPeerMismatch", wire.ErrPeerMismatch, eio, s500},
 	{"cluster/wire.ErrShutdown", wire.ErrShutdown, eio, s500},
 
 	{"nbdfront.ErrUnknownExport", nbdfront.ErrUnknownExport, eio, s500},

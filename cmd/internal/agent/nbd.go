@@ -713,6 +713,8 @@ func overlapsAny(rs []dcd.Range, off, length int64) bool {
 //     an I/O error, not e.g. a shutdown it would retry elsewhere as if
 //     nothing happened (the rows above still win: a batch refused out of
 //     range stays EINVAL, one refused because the node closed ESHUTDOWN)
+//   - a request this site made for another site's identity
+//     (cluster.ErrForbidden): EPERM
 //
 // Every other sentinel of the layers below (cluster.ErrRetry,
 // fsm.ErrStaleEpoch, ...) gets EIO; errors_test.go lists every sentinel of
@@ -730,4 +732,5 @@ var nbdErrors = append(nbdfront.ErrorTable{
 	{Err: errLeaseSuspended, Code: nbdfront.EIO},
 	{Err: auth.ErrUnauthenticated, Code: nbdfront.EPERM},
 	{Err: auth.ErrDenied, Code: nbdfront.EPERM},
+	{Err: cluster.ErrForbidden, Code: nbdfront.EPERM},
 }, nbdfront.DefaultErrorTable()...)

@@ -40,7 +40,8 @@ func toAPI(m volume.Meta) api.Volume {
 // apiClasses is the one table from the errors of the layers below to the
 // API's sentinels, which pick the HTTP status (the api package's
 // statusTable): 404 unknown, 409 exists, 400 invalid, 503 no leader or
-// shutting down, 401 no or unknown credentials, 403 not allowed; anything else is 500. The first row an error matches
+// shutting down, 401 no or unknown credentials, 403 not allowed (or a
+// request acting for another site); anything else is 500. The first row an error matches
 // (errors.Is) wins, in this order. errors_test.go lists every sentinel of
 // the module with the status it must get.
 var apiClasses = []struct{ err, class error }{
@@ -61,6 +62,7 @@ var apiClasses = []struct{ err, class error }{
 	{auth.ErrDenied, api.ErrForbidden},
 	{nbdfront.ErrDenied, api.ErrForbidden},
 	{auth.ErrInvalidPolicy, api.ErrBadRequest},
+	{cluster.ErrForbidden, api.ErrForbidden},
 }
 
 // apiErr tags an error of the layers below with the API sentinel of its

@@ -156,6 +156,7 @@ func TestStatusTable(t *testing.T) {
 		ErrExists:      http.StatusConflict,
 		ErrBadRequest:  http.StatusBadRequest,
 		ErrUnavailable: http.StatusServiceUnavailable,
+		ErrForbidden:   http.StatusForbidden,
 	}
 	if len(statusTable) != len(want) {
 		t.Fatalf("statusTable has %d rows, want %d", len(statusTable), len(want))
