@@ -327,6 +327,26 @@ func (n *Node) Close() error {
 	return nil
 }
 
+// SiteAt names the site that gossip says has addr as its Raft or API
+// address ("" if none does, or before gossip started). The network layer
+// uses it to check that a connection it dials reaches that site's
+// certificate: members are encrypted gossip peers, and none becomes a
+// voter before VerifyPeer checked its certificate against its name.
+func (n *Node) SiteAt(addr string) string {
+	if n == nil || n.gossip == nil {
+		return ""
+	}
+	if addr == n.cfg.RaftAddr || addr == n.cfg.APIAddr {
+		return n.cfg.Name
+	}
+	for _, m := range n.gossip.members() {
+		if m.Meta.Raft == addr || m.Meta.API == addr {
+			return m.Name
+		}
+	}
+	return ""
+}
+
 // Name is this site's name.
 func (n *Node) Name() string { return n.cfg.Name }
 

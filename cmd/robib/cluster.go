@@ -16,7 +16,7 @@ func newClusterCmd(g *globals) *cobra.Command {
 		Args:  cobra.NoArgs, // an unknown subcommand is an error, not help
 		RunE:  func(cmd *cobra.Command, _ []string) error { return cmd.Help() },
 	}
-	cmd.AddCommand(newClusterStatusCmd(g), newClusterLeaveCmd(g), newClusterRemoveCmd(g), newClusterTransferCmd(g))
+	cmd.AddCommand(newClusterStatusCmd(g), newClusterLeaveCmd(g), newClusterRemoveCmd(g), newClusterTransferCmd(g), newKeyringCmd(g))
 	return cmd
 }
 

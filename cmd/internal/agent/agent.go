@@ -52,6 +52,9 @@ type Agent struct {
 	// policy says who may do what (--auth-policy); nil with --insecure,
 	// where nothing is checked.
 	policy *auth.Policy
+	// nodeRef is node for the network's dial hook, which runs on Raft's
+	// goroutines while cluster.Open has not returned yet.
+	nodeRef atomic.Pointer[cluster.Node]
 }
 
 // nbdSample: observeNBD records one in nbdSample requests other than
@@ -146,11 +149,40 @@ func (a *Agent) secure() error {
 }
 
 // expectSite names the site a dial to addr must reach
-// (netx.Network.ExpectName). The agent does not know which site has which
-// Raft or API address (cluster.Node exposes no Raft configuration), so it
-// accepts any site of the cluster: the peer still needs a site certificate
-// of the cluster CA that lists the host dialed.
-func (a *Agent) expectSite(netx.Link, string) string { return "" }
+// (netx.Network.ExpectName): the gossip member with that Raft or API
+// address (cluster.Node.SiteAt). Before the node is up, or for an address
+// no member has, any site of the cluster is accepted; the peer still needs
+// a site certificate of the cluster CA that lists the host dialed.
+func (a *Agent) expectSite(_ netx.Link, addr string) string {
+	if n := a.nodeRef.Load(); n != nil {
+		return n.SiteAt(addr)
+	}
+	return ""
+}
+
+// verifyPeer is cluster.Config.VerifyPeer: before a site joins the Raft
+// configuration the leader dials its Raft address over mutual TLS and
+// checks that the certificate there is a site certificate of the cluster
+// CA naming that site.
+func (a *Agent) verifyPeer(ctx context.Context, site, raftAddr string) error {
+	n := *a.net
+	n.ExpectName = func(netx.Link, string) string { return site }
+	c, err := n.DialContext(ctx, netx.LinkRaft, raftAddr)
+	if err != nil {
+		return fmt.Errorf("site %s at %s: %w", site, raftAddr, err)
+	}
+	return c.Close()
+}
+
+// raftPeerName is cluster.Config.RaftPeerName: the site whose certificate
+// a Raft connection presented.
+func raftPeerName(c net.Conn) (string, bool) {
+	id, ok := netx.PeerIdentity(c)
+	if !ok || id.Kind != pki.KindSite {
+		return "", false
+	}
+	return id.Name, true
+}
 
 // open builds the agent's parts in order; on error the caller closes
 // whatever was built.
@@ -187,7 +219,7 @@ func (a *Agent) open() error {
 		},
 	}
 	a.stages = cluster.NewStages()
-	a.node, err = cluster.Open(cluster.Config{
+	ccfg := cluster.Config{
 		Name:                cfg.Name,
 		DataDir:             cfg.DataDir,
 		LogStore:            cfg.RaftLogStore,
@@ -214,7 +246,20 @@ func (a *Agent) open() error {
 		HTTPClient: httpClient,
 		Stages:     a.stages,
 		Logger:     log.With("component", "cluster"),
-	}, a.fsm)
+	}
+	if a.gossipKey != nil {
+		ccfg.GossipKeys = [][]byte{a.gossipKey}
+	}
+	if network.Creds != nil {
+		ccfg.VerifyPeer = a.verifyPeer
+		ccfg.RaftPeerName = raftPeerName
+		ccfg.PeerName = peerSite
+		ccfg.RequirePeer = true
+	}
+	a.node, err = cluster.Open(ccfg, a.fsm)
+	if err == nil {
+		a.nodeRef.Store(a.node)
+	}
 	if err != nil {
 		raftLn.Close()
 		return err

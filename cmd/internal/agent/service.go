@@ -9,6 +9,7 @@ import (
 	"github.com/robib/robib/cluster"
 	"github.com/robib/robib/cmd/internal/api"
 	"github.com/robib/robib/cmd/internal/auth"
+	"github.com/robib/robib/cmd/internal/pki"
 	"github.com/robib/robib/dcd"
 	"github.com/robib/robib/fsm"
 	"github.com/robib/robib/nbdfront"
@@ -186,6 +187,34 @@ func (s *clusterService) RemoveSite(ctx context.Context, site string) error {
 	ctx, cancel := withTimeout(ctx)
 	defer cancel()
 	return apiErr(s.node.RemoveSite(ctx, site))
+}
+
+func (s *clusterService) Keyring(ctx context.Context) (cluster.KeyringReport, error) {
+	ctx, cancel := withTimeout(ctx)
+	defer cancel()
+	rep, err := s.node.KeyringList(ctx)
+	return rep, apiErr(err)
+}
+
+func (s *clusterService) ChangeKeyring(ctx context.Context, req api.KeyringRequest) (cluster.KeyringReport, error) {
+	key, err := pki.ParseGossipKey([]byte(req.Key))
+	if err != nil {
+		return cluster.KeyringReport{}, fmt.Errorf("%w: %w", api.ErrBadRequest, err)
+	}
+	ctx, cancel := withTimeout(ctx)
+	defer cancel()
+	var rep cluster.KeyringReport
+	switch req.Op {
+	case "install":
+		rep, err = s.node.KeyringInstall(ctx, key)
+	case "use":
+		rep, err = s.node.KeyringUse(ctx, key)
+	case "remove":
+		rep, err = s.node.KeyringRemove(ctx, key)
+	default:
+		return rep, fmt.Errorf("%w: keyring op %q: want install, use or remove", api.ErrBadRequest, req.Op)
+	}
+	return rep, apiErr(err)
 }
 
 func (s *clusterService) TransferLeadership(ctx context.Context, to string) (string, error) {

@@ -101,6 +101,13 @@ type ResizeVolumeRequest struct {
 	Size int64 `json:"size"`
 }
 
+// KeyringRequest is the body of POST /v1/cluster/keyring: Op is install,
+// use or remove; Key the base64 gossip key (16, 24 or 32 bytes).
+type KeyringRequest struct {
+	Op  string `json:"op"`
+	Key string `json:"key"`
+}
+
 // ErrorBody is the body of every non-2xx answer.
 type ErrorBody struct {
 	Error string `json:"error"`
@@ -120,6 +127,10 @@ type Service interface {
 	WriteStage(ctx context.Context, name string) (WriteStage, error)
 
 	ClusterStatus(ctx context.Context) (cluster.Status, error)
+	// Keyring lists every live site's gossip keys (as fingerprints);
+	// ChangeKeyring installs, uses or removes a key at every live site.
+	Keyring(ctx context.Context) (cluster.KeyringReport, error)
+	ChangeKeyring(ctx context.Context, req KeyringRequest) (cluster.KeyringReport, error)
 	Leave(ctx context.Context) error
 	RemoveSite(ctx context.Context, site string) error
 	TransferLeadership(ctx context.Context, to string) (string, error)

@@ -45,6 +45,31 @@ func (f *fakeService) ClusterStatus(context.Context) (cluster.Status, error) {
 func (f *fakeService) Leave(context.Context) error                                { return f.err }
 func (f *fakeService) RemoveSite(context.Context, string) error                   { return f.err }
 func (f *fakeService) TransferLeadership(context.Context, string) (string, error) { return "s2", f.err }
+func (f *fakeService) Keyring(context.Context) (cluster.KeyringReport, error) {
+	return cluster.KeyringReport{Op: "list", Sites: []cluster.SiteKeyring{{Site: "s1", Primary: "abcd1234", Keys: []string{"abcd1234"}}}}, f.err
+}
+func (f *fakeService) ChangeKeyring(_ context.Context, req KeyringRequest) (cluster.KeyringReport, error) {
+	return cluster.KeyringReport{Op: req.Op, Sites: []cluster.SiteKeyring{{Site: "s1", Error: "no"}}}, f.err
+}
+
+// TestKeyringEndpoints: the list and a change come back as reports; a
+// failed change carries its per-site report with the error's status.
+func TestKeyringEndpoints(t *testing.T) {
+	svc := &fakeService{}
+	_, c := newTestServer(t, svc)
+	ctx := context.Background()
+	rep, err := c.Keyring(ctx)
+	if err != nil || len(rep.Sites) != 1 || rep.Sites[0].Primary != "abcd1234" {
+		t.Fatalf("list: %+v %v", rep, err)
+	}
+	if rep, err = c.ChangeKeyring(ctx, "use", "a2V5"); err != nil || rep.Op != "use" {
+		t.Fatalf("use: %+v %v", rep, err)
+	}
+	svc.err = fmt.Errorf("%w: site s1 lacks the key", ErrBadRequest)
+	if _, err := c.ChangeKeyring(ctx, "use", "a2V5"); !errors.Is(err, ErrBadRequest) || !strings.Contains(err.Error(), "lacks the key") {
+		t.Fatalf("refused use: %v", err)
+	}
+}
 
 func newTestServer(t *testing.T, svc Service) (*httptest.Server, *Client) {
 	t.Helper()
@@ -152,11 +177,12 @@ func TestNewClientRejectsBadAddresses(t *testing.T) {
 // 500 included, to none of them).
 func TestStatusTable(t *testing.T) {
 	want := map[error]int{
-		ErrNotFound:    http.StatusNotFound,
-		ErrExists:      http.StatusConflict,
-		ErrBadRequest:  http.StatusBadRequest,
-		ErrUnavailable: http.StatusServiceUnavailable,
-		ErrForbidden:   http.StatusForbidden,
+		ErrNotFound:        http.StatusNotFound,
+		ErrExists:          http.StatusConflict,
+		ErrBadRequest:      http.StatusBadRequest,
+		ErrUnavailable:     http.StatusServiceUnavailable,
+		ErrForbidden:       http.StatusForbidden,
+		ErrUnauthenticated: http.StatusUnauthorized,
 	}
 	if len(statusTable) != len(want) {
 		t.Fatalf("statusTable has %d rows, want %d", len(statusTable), len(want))

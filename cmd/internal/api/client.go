@@ -200,6 +200,20 @@ func (c *Client) RemoveSite(ctx context.Context, site string) error {
 }
 
 // TransferLeadership moves leadership to site ("" for any).
+// Keyring lists every live site's gossip keys.
+func (c *Client) Keyring(ctx context.Context) (cluster.KeyringReport, error) {
+	var out cluster.KeyringReport
+	err := c.Do(ctx, http.MethodGet, "/v1/cluster/keyring", nil, &out)
+	return out, err
+}
+
+// ChangeKeyring installs, uses or removes a gossip key at every live site.
+func (c *Client) ChangeKeyring(ctx context.Context, op, key string) (cluster.KeyringReport, error) {
+	var out cluster.KeyringReport
+	err := c.Do(ctx, http.MethodPost, "/v1/cluster/keyring", KeyringRequest{Op: op, Key: key}, &out)
+	return out, err
+}
+
 func (c *Client) TransferLeadership(ctx context.Context, to string) (string, error) {
 	var out map[string]string
 	err := c.Do(ctx, http.MethodPost, "/v1/cluster/transfer-leadership", SiteRequest{Site: to}, &out)

@@ -8,6 +8,8 @@ import (
 	"log/slog"
 	"net/http"
 	"time"
+
+	"github.com/robib/robib/cluster"
 )
 
 // maxBody bounds every request body.
@@ -32,6 +34,8 @@ func NewHandler(svc Service, log *slog.Logger) *http.ServeMux {
 	mux.HandleFunc("POST /v1/cluster/leave", h.leave)
 	mux.HandleFunc("POST /v1/cluster/remove", h.removeSite)
 	mux.HandleFunc("POST /v1/cluster/transfer-leadership", h.transferLeadership)
+	mux.HandleFunc("GET /v1/cluster/keyring", h.keyring)
+	mux.HandleFunc("POST /v1/cluster/keyring", h.changeKeyring)
 	mux.HandleFunc("GET /v1/health", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	})
@@ -175,6 +179,40 @@ func (h *handler) transferLeadership(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, map[string]string{"leader": leader})
+}
+
+func (h *handler) keyring(w http.ResponseWriter, r *http.Request) {
+	rep, err := h.svc.Keyring(r.Context())
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, rep)
+}
+
+func (h *handler) changeKeyring(w http.ResponseWriter, r *http.Request) {
+	var req KeyringRequest
+	if err := decode(w, r, &req); err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	rep, err := h.svc.ChangeKeyring(r.Context(), req)
+	if err != nil {
+		// The per-site report says where it failed: send it with the
+		// error's status.
+		status := StatusOf(err)
+		h.log.Log(r.Context(), slog.LevelWarn, "api request failed", "method", r.Method, "path", r.URL.Path, "status", status, "err", err)
+		writeJSON(w, status, keyringError{ErrorBody: ErrorBody{Error: err.Error()}, Report: rep})
+		return
+	}
+	writeJSON(w, http.StatusOK, rep)
+}
+
+// keyringError is a failed keyring change's answer: the error and what
+// every site said.
+type keyringError struct {
+	ErrorBody
+	Report cluster.KeyringReport `json:"report"`
 }
 
 // decode reads one JSON object, bounded in size, rejecting unknown fields and
