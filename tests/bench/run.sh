@@ -316,6 +316,14 @@ if has_robib; then
     bin=$work/robib
   fi
   [ -x "$bin" ] || die "ROBIB_BIN $bin is not executable"
+  # Plaintext targets run --insecure (an agent from before TLS has no such
+  # flag, and needs none); robib-3site-tls needs an agent with TLS.
+  insecure=()
+  if "$bin" agent --help 2>&1 | grep -q -- --insecure; then
+    insecure=(--insecure)
+  elif has_target robib-3site-tls; then
+    drop_target robib-3site-tls "this robib agent has no TLS (no --insecure flag)"
+  fi
   for t in $targets; do
     [ -n "$(link_delay "$t")" ] || continue
     if ! "$bin" agent --help 2>&1 | grep -q -- --link-delay; then
@@ -426,7 +434,7 @@ setup_robib_3site() { # TARGET: robib-3site or one of its WAN variants
     if tls_target "$t"; then
       args+=(--tls-ca "$d/pki/site$i/ca-cert.pem" --tls-cert "$d/pki/site$i/server-cert.pem" --tls-key "$d/pki/site$i/server-key.pem")
     else
-      args+=(--insecure)
+      args+=("${insecure[@]}")
     fi
     args+=("${robib_args[@]}")
     start_proc "$d/site$i.log" "$bin" "${args[@]}"
@@ -454,7 +462,7 @@ setup_robib_1site() {
   read -r -a p <<<"$(ctl ports 4)"
   start_proc "$d/solo.log" "$bin" agent --name solo --data-dir "$d/solo" \
     --nbd-addr "127.0.0.1:${p[0]}" --api-addr "127.0.0.1:${p[1]}" \
-    --raft-addr "127.0.0.1:${p[2]}" --gossip-addr "127.0.0.1:${p[3]}" --log-level warn --insecure "${robib_args[@]}"
+    --raft-addr "127.0.0.1:${p[2]}" --gossip-addr "127.0.0.1:${p[3]}" --log-level warn "${insecure[@]}" "${robib_args[@]}"
   target_pids+=("$last_pid")
   samples+=("solo=$last_pid")
   api="http://127.0.0.1:${p[1]}"
