@@ -90,6 +90,10 @@ type Config struct {
 	// naming another server (wire.Config.PeerName). The msgpack transport
 	// cannot check it (Open logs a warning).
 	RaftPeerName func(conn net.Conn) (site string, ok bool)
+	// Security reports how this site's links are protected, for status:
+	// "mtls" or "insecure", and when its certificate expires (zero: none).
+	// Nil reports "insecure".
+	Security func() (mode string, certNotAfter time.Time)
 
 	// Stages, if set, records where a write's time goes at this site
 	// (see stages.go); nil records nothing.

@@ -40,7 +40,12 @@ type SiteStatus struct {
 	LastSnapshotIndex uint64 `json:"last_snapshot_index"`
 	Lag               uint64 `json:"lag"` // entries behind the leader's commit index
 	Leader            string `json:"leader,omitempty"`
-	Error             string `json:"error,omitempty"`
+	// Security is how this site's links are protected: "mtls" (TLS with
+	// mutual authentication on every link) or "insecure" (plaintext).
+	Security string `json:"security,omitempty"`
+	// CertNotAfter is when this site's certificate expires (mtls only).
+	CertNotAfter *time.Time `json:"cert_not_after,omitempty"`
+	Error        string     `json:"error,omitempty"`
 	// Stages: where writes spend their time at this site (stages.go).
 	Stages []StageLatency `json:"stages,omitempty"`
 }
@@ -102,7 +107,29 @@ func (r *statusReporter) LocalStatus() SiteStatus {
 		ClusterID:         r.fsm.ClusterID(),
 		Fresh:             r.fresh.Load(),
 		Stages:            r.stages.Snapshot(),
+		Security:          r.security(),
+		CertNotAfter:      r.certNotAfter(),
 	}
+}
+
+// security is Config.Security's word for this site's links.
+func (r *statusReporter) security() string {
+	if r.cfg.Security != nil {
+		if mode, _ := r.cfg.Security(); mode != "" {
+			return mode
+		}
+	}
+	return "insecure"
+}
+
+func (r *statusReporter) certNotAfter() *time.Time {
+	if r.cfg.Security == nil {
+		return nil
+	}
+	if _, t := r.cfg.Security(); !t.IsZero() {
+		return &t
+	}
+	return nil
 }
 
 // Status implements Node.Status.

@@ -70,7 +70,8 @@ func TestClusterCLI(t *testing.T) {
 	table := c.Agents[2].MustCLI("cluster", "status")
 	for _, re := range []string{
 		`(?m)^cluster: [0-9a-f]{32}\s+leader: ` + regexp.QuoteMeta(st.Leader) + `\s+commit index: \d+$`,
-		`(?m)^SITE\s+STATE\s+SUFFRAGE\s+GOSSIP\s+APPLIED\s+COMMIT\s+LAG\s+RAFT\s+NBD\s+API\s*$`,
+		`(?m)^SITE\s+STATE\s+SUFFRAGE\s+GOSSIP\s+APPLIED\s+COMMIT\s+LAG\s+RAFT\s+NBD\s+API\s+SECURITY\s*$`,
+		`(?m)^site1\s.*\sINSECURE\s*$`,
 	} {
 		if !regexp.MustCompile(re).MatchString(table) {
 			t.Errorf("cluster status table does not match %s:\n%s", re, table)

@@ -74,6 +74,9 @@ func TestTLSClusterRealClients(t *testing.T) {
 	const size = 8 * MiB
 	a1.CreateVolume("tlsvol", "8MiB")
 	waitVolumeEverywhere(t, c, "tlsvol", size)
+	if table := a3.MustCLI("cluster", "status"); strings.Count(table, "mtls (cert until ") != 3 || strings.Contains(table, "INSECURE") {
+		t.Errorf("cluster status does not show mtls with the certificate's expiry at every site:\n%s", table)
+	}
 
 	// Data over TLS: written at site2, read back at site3 (read-only) with
 	// nbdcopy and at site1 with qemu-img over its own TLS stack.
@@ -267,4 +270,133 @@ func expiredClientDir(t *testing.T, p *harness.PKI, name string) string {
 		t.Fatal(err)
 	}
 	return d
+}
+
+// TestTLSJoinNeedsSiteCertificate (issue 14): a fourth agent with another
+// cluster's site certificate (even holding the gossip key) or with no
+// certificate at all (plaintext gossip) cannot join: it is never in the
+// Raft configuration and receives no volume data, and the cluster keeps
+// working.
+func TestTLSJoinNeedsSiteCertificate(t *testing.T) {
+	requireTools(t, "nbdcopy")
+	bin := harness.Build(t)
+	p := harness.NewPKI(t, bin)
+	c := harness.StartCluster(t, harness.ClusterOptions{Bin: bin, TLS: p})
+	const size = 4 * MiB
+	c.Agents[0].CreateVolume("joinvol", "4MiB")
+	waitVolumeEverywhere(t, c, "joinvol", size)
+	data := randomBytes(1402, size)
+	nbdcopyIn(t, writeFile(t, t.TempDir(), "in.img", data), c.Agents[1].NBDURI("joinvol"))
+
+	var join []string
+	for _, a := range c.Agents {
+		join = append(join, a.GossipAddr)
+	}
+	joinArgs := append([]string{"--join", strings.Join(join, ",")}, harness.FastFailover...)
+	// site4 holds the cluster's gossip key but a site certificate of
+	// another CA: gossip lets it in, the leader's certificate check keeps
+	// it out of Raft.
+	other := harness.NewPKI(t, bin)
+	forged := harness.StartAgent(t, harness.Options{Name: "site4", Bin: bin, TLS: other,
+		ExtraArgs: append([]string{"--gossip-key", filepath.Join(p.Site("site1"), "gossip.key")}, joinArgs...)})
+	// site5 has nothing: plaintext gossip, which the cluster drops.
+	plain := harness.StartAgent(t, harness.Options{Name: "site5", Bin: bin, ExtraArgs: joinArgs})
+
+	harness.WaitFor(t, clusterWait, "the cluster to refuse both newcomers", func() (bool, error) {
+		var verified, encrypted bool
+		for _, a := range c.Agents {
+			log := a.CurrentLog()
+			verified = verified || strings.Contains(log, "site failed verification") && strings.Contains(log, "site=site4")
+			encrypted = encrypted || strings.Contains(strings.ToLower(log), "encrypt")
+		}
+		if !verified || !encrypted {
+			return false, fmt.Errorf("refused site4 (certificate) %v, site5 (plaintext gossip) %v", verified, encrypted)
+		}
+		return true, nil
+	})
+	// A new write still commits on the three sites.
+	data2 := randomBytes(1403, size)
+	nbdcopyIn(t, writeFile(t, t.TempDir(), "in2.img", data2), c.Agents[2].NBDURI("joinvol"))
+	c.WaitCaughtUp(clusterWait)
+	for _, a := range c.Agents {
+		st := c.MustStatus(a)
+		for _, n := range []string{"site4", "site5"} {
+			if s, ok := st.Site(n); ok && (s.Suffrage != "" || s.Voter) {
+				t.Errorf("%s lists %s in the Raft configuration: %+v", a.Name, n, s)
+			}
+		}
+		if got := len(st.Sites); got != 3 && got != 4 {
+			t.Errorf("%s lists %d sites", a.Name, got)
+		}
+	}
+	for _, a := range []*harness.Agent{forged, plain} {
+		if _, err := os.Stat(volumeDataFile(a, "joinvol")); !os.IsNotExist(err) {
+			t.Errorf("%s received the volume: %v", a.Name, err)
+		}
+	}
+	assertSameBytes(t, "joinvol after the refused joins", nbdcopyOut(t, c.Agents[0].NBDURI("joinvol@ro")), data2)
+}
+
+// TestTLSGossipKeyRotation (issue 14): rotating the gossip key (install a
+// new key, use it, remove the old one) keeps the cluster working, also
+// across a restart, which keeps the rotated keyring; use is refused while
+// the key is not installed everywhere, and removing the key in use is
+// refused.
+func TestTLSGossipKeyRotation(t *testing.T) {
+	bin := harness.Build(t)
+	p := harness.NewPKI(t, bin)
+	c := harness.StartCluster(t, harness.ClusterOptions{Bin: bin, TLS: p})
+	a1 := c.Agents[0]
+	oldKey := strings.TrimSpace(string(readFile(t, filepath.Join(p.Site("site1"), "gossip.key"))))
+	newKey := strings.TrimSpace(a1.MustCLI("cluster", "keyring", "generate"))
+	if newKey == oldKey || len(newKey) != 44 {
+		t.Fatalf("generated key %q", newKey)
+	}
+	type report struct {
+		Sites []struct {
+			Site, Primary, Error string
+			Keys                 []string
+		}
+	}
+	keyring := func(args ...string) (report, string, error) {
+		out, errOut, err := a1.CLI(append([]string{"cluster", "keyring"}, append(args, "--json")...)...)
+		var r report
+		if err == nil {
+			if jerr := json.Unmarshal([]byte(out), &r); jerr != nil {
+				t.Fatalf("keyring %v: %v\n%s", args, jerr, out)
+			}
+		}
+		return r, errOut, err
+	}
+	if _, errOut, err := keyring("use", newKey); err == nil || !strings.Contains(errOut, "site") {
+		t.Fatalf("use before install: %v %s", err, errOut)
+	}
+	for _, step := range [][]string{{"install", newKey}, {"use", newKey}} {
+		if r, errOut, err := keyring(step...); err != nil || len(r.Sites) != 3 {
+			t.Fatalf("keyring %s: %v %s %+v", step[0], err, errOut, r)
+		}
+	}
+	if _, errOut, err := keyring("remove", newKey); err == nil {
+		t.Fatalf("removing the key in use was accepted: %s", errOut)
+	}
+	if r, errOut, err := keyring("remove", oldKey); err != nil || len(r.Sites) != 3 {
+		t.Fatalf("keyring remove old: %v %s %+v", err, errOut, r)
+	}
+	r, _, err := keyring("list")
+	if err != nil || len(r.Sites) != 3 {
+		t.Fatalf("list: %v %+v", err, r)
+	}
+	primary := r.Sites[0].Primary
+	for _, s := range r.Sites {
+		if s.Primary != primary || len(s.Keys) != 1 || s.Keys[0] != primary || s.Error != "" {
+			t.Errorf("after rotation %s: %+v", s.Site, s)
+		}
+	}
+	// A site restarted with only the old key file still has the rotated
+	// ring in its data directory, so it gossips again; the cluster works.
+	victim := c.Agents[2]
+	victim.Restart()
+	c.WaitReady(clusterWait, 3)
+	a1.CreateVolume("afterrotation", "1MiB")
+	waitVolumeEverywhere(t, c, "afterrotation", 1*MiB)
 }

@@ -20,6 +20,22 @@ func newClusterCmd(g *globals) *cobra.Command {
 	return cmd
 }
 
+// security is the SECURITY column: mtls with the certificate's expiry, or
+// INSECURE (plaintext, no authentication), or "-" when the site did not
+// answer.
+func security(s cluster.SiteStatus) string {
+	switch s.Security {
+	case "":
+		return "-"
+	case "insecure":
+		return "INSECURE"
+	}
+	if s.CertNotAfter != nil {
+		return fmt.Sprintf("%s (cert until %s)", s.Security, s.CertNotAfter.UTC().Format("2006-01-02"))
+	}
+	return s.Security
+}
+
 func newClusterStatusCmd(g *globals) *cobra.Command {
 	var asJSON bool
 	cmd := &cobra.Command{
@@ -49,10 +65,10 @@ func newClusterStatusCmd(g *globals) *cobra.Command {
 			}
 			fmt.Fprintf(out, "cluster: %s   leader: %s   commit index: %d\n\n", clusterID, leader, st.CommitIndex)
 			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "SITE\tSTATE\tSUFFRAGE\tGOSSIP\tAPPLIED\tCOMMIT\tLAG\tRAFT\tNBD\tAPI")
+			fmt.Fprintln(tw, "SITE\tSTATE\tSUFFRAGE\tGOSSIP\tAPPLIED\tCOMMIT\tLAG\tRAFT\tNBD\tAPI\tSECURITY")
 			for _, s := range st.Sites {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%d\t%s\t%s\t%s\n", s.Name, s.State, suffrage(s), s.Gossip,
-					s.AppliedIndex, s.CommitIndex, s.Lag, s.RaftAddr, s.NBDAddr, s.APIAddr)
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%d\t%s\t%s\t%s\t%s\n", s.Name, s.State, suffrage(s), s.Gossip,
+					s.AppliedIndex, s.CommitIndex, s.Lag, s.RaftAddr, s.NBDAddr, s.APIAddr, security(s))
 			}
 			return tw.Flush()
 		},

@@ -250,7 +250,8 @@ func (a *Agent) open() error {
 	if a.gossipKey != nil {
 		ccfg.GossipKeys = [][]byte{a.gossipKey}
 	}
-	if network.Creds != nil {
+	if creds := network.Creds; creds != nil {
+		ccfg.Security = func() (string, time.Time) { return "mtls", creds.NotAfter() }
 		ccfg.VerifyPeer = a.verifyPeer
 		ccfg.RaftPeerName = raftPeerName
 		ccfg.PeerName = peerSite
