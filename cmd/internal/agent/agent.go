@@ -18,7 +18,6 @@ import (
 
 	"github.com/robib/robib/cluster"
 	"github.com/robib/robib/cmd/internal/api"
-	"github.com/robib/robib/cmd/internal/auth"
 	"github.com/robib/robib/cmd/internal/config"
 	"github.com/robib/robib/cmd/internal/netx"
 	"github.com/robib/robib/cmd/internal/pki"
@@ -51,7 +50,7 @@ type Agent struct {
 	gossipKey []byte
 	// policy says who may do what (--auth-policy); nil with --insecure,
 	// where nothing is checked.
-	policy *auth.Policy
+	policy *policySource
 	// nodeRef is node for the network's dial hook, which runs on Raft's
 	// goroutines while cluster.Open has not returned yet.
 	nodeRef atomic.Pointer[cluster.Node]
@@ -133,10 +132,10 @@ func (a *Agent) secure() error {
 		return fmt.Errorf("%w: %s is the certificate of %s, but this site is %q", pki.ErrCredentials, cfg.TLSCert, id, cfg.Name)
 	}
 	creds.SetLogger(a.log.With("component", "tls"))
-	if a.policy, err = loadPolicy(cfg); err != nil {
+	if a.policy, err = newPolicySource(cfg.AuthPolicy, a.log.With("component", "auth")); err != nil {
 		return err
 	}
-	a.log.Info("authorization policy", "policy", a.policy.Summary())
+	a.log.Info("authorization policy", "policy", a.policy.get().Summary())
 	a.net.Creds = creds
 	a.net.ExpectName = a.expectSite
 	a.log.Info("TLS with mutual authentication on Raft and the API", "identity", creds.Identity().String(), "not_after", creds.NotAfter(),

@@ -189,7 +189,7 @@ func TestGuard(t *testing.T) {
 			return client(r.Header.Get("X-Test-Cert")), true
 		}
 	}
-	g := Guard(next, p, cert, fail)
+	g := Guard(next, func() *Policy { return p }, cert, fail)
 	cases := []struct {
 		method, path, cert, auth string
 		err                      error

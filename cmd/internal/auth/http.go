@@ -46,8 +46,12 @@ func FromContext(ctx context.Context) (Identity, bool) {
 // the identity instead, and an unknown one is refused whatever the
 // certificate says. Refusals go to fail (which writes the status the edge
 // maps the error to) and never reach next.
-func Guard(next http.Handler, p *Policy, certIdentity func(*http.Request) (Identity, bool), fail func(http.ResponseWriter, *http.Request, error)) http.Handler {
+//
+// policy gives the policy in force for each request (it may change while
+// the guard serves: a reloaded file).
+func Guard(next http.Handler, policy func() *Policy, certIdentity func(*http.Request) (Identity, bool), fail func(http.ResponseWriter, *http.Request, error)) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		p := policy()
 		id, err := Authenticate(r, p, certIdentity)
 		if err == nil {
 			err = p.Require(id, NeedOf(r), r.Method+" "+r.URL.Path)
