@@ -14,8 +14,14 @@ FUZZTIME  ?= 200000x
 SOAK_ROUNDS    ?= 300
 FAILOVER_KILLS ?= 12
 RECREATE_CYCLES ?= 60
-# package:FuzzTarget pairs run briefly by `make fuzz` (and so by `make test`).
-FUZZ      := ./nbdfront:FuzzHandshake ./nbdfront:FuzzTransmission ./volume:FuzzMeta ./fsm:FuzzDecode ./fsm:FuzzDecodeState ./fsm:FuzzStream ./cmd/internal/config:FuzzParseSize
+# package:FuzzTarget[:count] run briefly by `make fuzz` (and so by `make
+# test`): every fuzz target of the module; a count after a second colon
+# replaces FUZZTIME for a slow target (a full TLS handshake per input).
+FUZZ      := ./nbdfront:FuzzHandshake ./nbdfront:FuzzTransmission ./nbdfront:FuzzHandshakeRequireTLS \
+	./nbdfront:FuzzOptionsAfterTLS:3000x ./volume:FuzzMeta ./fsm:FuzzDecode ./fsm:FuzzDecodeState ./fsm:FuzzStream \
+	./cmd/internal/config:FuzzParseSize ./cmd/internal/auth:FuzzParse ./cmd/internal/pki:FuzzParseGossipKey \
+	./cmd/internal/pki:FuzzParseCerts ./cluster:FuzzDecodeKeyring ./cluster/dcdlog:FuzzSegment \
+	./cluster/dcdlog:FuzzDamagedSegment ./cluster/wire:FuzzDecodeFrame ./cluster/wire:FuzzDecodeStream
 
 # staticcheck 2026.2.2 (module v0.8.2) supports Go 1.26; `make lint`
 # installs it into $(go env GOPATH)/bin when that one is missing or another
@@ -54,9 +60,10 @@ e2e: tools
 
 fuzz:
 	@set -e; for t in $(FUZZ); do \
-		pkg=$${t%%:*}; fn=$${t##*:}; \
-		echo "fuzz $$pkg $$fn ($(FUZZTIME))"; \
-		$(GO) test -run='^$$' -fuzz="^$$fn$$" -fuzztime=$(FUZZTIME) $$pkg; \
+		pkg=$${t%%:*}; rest=$${t#*:}; fn=$${rest%%:*}; n=$(FUZZTIME); \
+		case $$rest in *:*) n=$${rest#*:};; esac; \
+		echo "fuzz $$pkg $$fn ($$n)"; \
+		$(GO) test -run='^$$' -fuzz="^$$fn$$" -fuzztime=$$n $$pkg; \
 	done
 
 # gofmt, go vet, go mod tidy -diff, staticcheck, shellcheck.

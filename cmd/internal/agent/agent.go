@@ -162,8 +162,11 @@ func (a *Agent) expectSite(_ netx.Link, addr string) string {
 // verifyPeer is cluster.Config.VerifyPeer: before a site joins the Raft
 // configuration the leader dials its Raft address over mutual TLS and
 // checks that the certificate there is a site certificate of the cluster
-// CA naming that site.
+// CA naming that site, and that the policy does not revoke the name.
 func (a *Agent) verifyPeer(ctx context.Context, site, raftAddr string) error {
+	if a.policy != nil && a.policy.get().Denied(site) {
+		return fmt.Errorf("site %s is revoked (deny list of %s)", site, a.policy.get().Source())
+	}
 	n := *a.net
 	n.ExpectName = func(netx.Link, string) string { return site }
 	c, err := n.DialContext(ctx, netx.LinkRaft, raftAddr)
