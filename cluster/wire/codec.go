@@ -25,6 +25,9 @@ type encoder struct {
 	// finish), the rest the payload slices.
 	bufs net.Buffers
 	plen uint64
+	// out is writeFrame's scratch for connections without vectored
+	// writes (TLS).
+	out []byte
 }
 
 func (e *encoder) reset() {

@@ -212,7 +212,7 @@ func (s *serverConn) reject(why error) {
 		return
 	}
 	_ = s.nc.SetWriteDeadline(time.Now().Add(s.t.cfg.Timeout))
-	if _, err := bufs.WriteTo(s.nc); err != nil {
+	if err := s.enc.writeFrame(s.nc, bufs); err != nil {
 		return
 	}
 	// Closing with the peer's bytes unread would reset the connection and
@@ -291,7 +291,7 @@ func (s *serverConn) dispatch(kind uint8, msg any) (bool, error) {
 	if err := s.nc.SetWriteDeadline(time.Now().Add(t.cfg.Timeout)); err != nil {
 		return false, err
 	}
-	if _, err := bufs.WriteTo(s.nc); err != nil {
+	if err := s.enc.writeFrame(s.nc, bufs); err != nil {
 		return false, fmt.Errorf("wire: sending a response: %w", err)
 	}
 	// A snapshot connection is used once (the sender closes it).

@@ -313,7 +313,7 @@ func (t *Transport) send(c *conn, msg any, deadline func(size int64) time.Time) 
 			return true, err
 		}
 	}
-	_, err = bufs.WriteTo(c.nc)
+	err = c.enc.writeFrame(c.nc, bufs)
 	c.enc.drop()
 	if err != nil {
 		return true, fmt.Errorf("wire: sending to %s: %w", c.target, err)

@@ -208,8 +208,8 @@ target_jobs() { # TARGET: the jobs it runs
   elif [ -n "$(link_delay "$1")" ] || [ "$1" = robib-3site-fwd ]; then echo "$wan_list"; else echo "$jobs"; fi
 }
 tls_target() { [ "$1" = robib-3site-tls ]; }
-nbd_uri() { # HOST:PORT: the URI of the bench volume there (nbds:// with the client certificate for the TLS target)
-  if [ -n "$tls_client" ]; then echo "nbds://$1/bench?tls-certificates=$tls_client"; else echo "nbd://$1/bench"; fi
+nbd_uri() { # HOST:PORT: the URI of the bench volume there (nbds:// for the TLS target)
+  if [ -n "$tls_client" ]; then echo "nbds://$1/bench"; else echo "nbd://$1/bench"; fi
 }
 make_pki() { # DIR: a cluster CA, site1..3 and the client "bench" (robib cert), in DIR
   local i
@@ -219,6 +219,12 @@ make_pki() { # DIR: a cluster CA, site1..3 and the client "bench" (robib cert), 
       die "robib cert issue site$i failed"
   done
   "$bin" cert issue --ca "$1/ca" --name bench --kind client --out "$1/bench" >/dev/null || die "robib cert issue bench failed"
+  # fio's nbd engine may not name a certificate directory in its URI
+  # (libnbd refuses local files there), so libnbd finds the client's in
+  # its default place, $HOME/.pki/libnbd, with HOME pointed here while the
+  # TLS target runs.
+  mkdir -p "$1/home/.pki"
+  cp -r "$1/bench" "$1/home/.pki/libnbd"
 }
 
 need python3 "apt-get install python3"
@@ -256,6 +262,7 @@ target_pids=()   # this target's processes
 samples=()       # LABEL=PID of the processes whose CPU/RSS we record
 api=""           # robib admin API used for settle/leader queries ("" = not robib)
 tls_client=""    # the bench client certificate directory of robib-3site-tls ("" = plaintext)
+home=${HOME:-/root} # HOME as the script started (robib-3site-tls points it at its client certificate)
 uri=""           # NBD URI fio uses
 raw_file=""
 attached=""      # robib-3site*: the site fio is attached to
@@ -419,6 +426,7 @@ setup_robib_3site() { # TARGET: robib-3site or one of its WAN variants
     make_pki "$d/pki"
     scheme=https
     tls_client=$d/pki/bench
+    export HOME=$d/pki/home
     # The CLI (and benchctl.py's calls of it) authenticate as "bench".
     export ROBIB_TLS_CA=$tls_client/ca-cert.pem ROBIB_TLS_CERT=$tls_client/client-cert.pem ROBIB_TLS_KEY=$tls_client/client-key.pem
   fi
@@ -628,6 +636,7 @@ run_target() { # TARGET
   target_pids=() samples=() api="" uri="" raw_file="" attached="" writer="" tls_client=""
   site_nbd=() site_pid=() site_api=()
   unset ROBIB_TLS_CA ROBIB_TLS_CERT ROBIB_TLS_KEY
+  export HOME=$home
   echo "bench: === $t ===" >&2
   current=$t
   case $t in
