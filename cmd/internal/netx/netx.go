@@ -92,8 +92,10 @@ func (n *Network) Listen(link Link, addr string) (net.Listener, error) {
 }
 
 // DialContext connects to addr for link. With Creds, a LinkRaft or LinkAPI
-// connection is a *tls.Conn whose handshake completed (within the dial
-// timeout, over the link delay) with a site of the cluster.
+// connection is TLS, its handshake completed (within the dial timeout,
+// over the link delay) with a site of the cluster: a *tls.Conn for
+// LinkAPI, one whose Writes are each one system call for LinkRaft
+// (corkedTLS).
 func (n *Network) DialContext(ctx context.Context, link Link, addr string) (net.Conn, error) {
 	timeout := n.DialTimeout
 	if timeout == 0 {
@@ -113,10 +115,21 @@ func (n *Network) DialContext(ctx context.Context, link Link, addr string) (net.
 	if n.Creds == nil || !secured(link) {
 		return c, nil
 	}
+	var raw *corkConn
+	if link == LinkRaft {
+		// Raft frames are large: one write per Write, not per record
+		// (cork.go). The API link stays a plain *tls.Conn, which
+		// net/http recognises.
+		raw = &corkConn{Conn: c}
+		c = raw
+	}
 	tc, err := n.handshake(ctx, c, link, addr, timeout)
 	if err != nil {
 		c.Close()
 		return nil, fmt.Errorf("%s dial %s: TLS: %w", link, addr, err)
+	}
+	if raw != nil {
+		return &corkedTLS{Conn: tc, raw: raw}, nil
 	}
 	return tc, nil
 }

@@ -111,8 +111,8 @@ func TestTLSRaftLink(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, ok := c.(*tls.Conn); !ok {
-		t.Fatalf("dialed a %T, want *tls.Conn", c)
+	if _, ok := c.(*corkedTLS); !ok {
+		t.Fatalf("dialed a %T, want a corked TLS connection", c)
 	}
 	if id, ok := PeerIdentity(c); !ok || id.String() != "site/s1" {
 		t.Fatalf("dialer sees %v (%v), want site/s1", id, ok)
