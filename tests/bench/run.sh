@@ -46,6 +46,12 @@
 #                        defaults (cache=default: through the page cache, 16
 #                        threads, multi-conn) — "a plain file behind a mature
 #                        NBD server"
+#   nbdkit-tls           nbdkit as above with --tls=require and a certificate
+#                        made with `robib cert`, fio over nbds:// with a client
+#                        certificate: what NBD over TLS costs a mature server
+#                        and this machine's NBD clients (fio's libnbd and
+#                        GnuTLS share the same CPUs), the floor for
+#                        robib-3site-tls's NBD link. Runs BENCH_TLS_JOBS
 #   qemu-nbd             `qemu-nbd --format=raw --cache=writeback --aio=threads
 #                        --shared=8 --persistent` on a sparse file: qemu's own
 #                        defaults for a raw image (through the page cache, a
@@ -120,6 +126,9 @@
 #                    under /var/tmp, removed at exit)
 #   BENCH_RAW_DIRECT 1 = raw target uses O_DIRECT (default 0)
 #   BENCH_TLS_JOBS   jobs for robib-3site-tls (see above)
+#   BENCH_TLS_NBD    0: robib-3site-tls runs its agents with --nbd-tls off and
+#                    fio over plain nbd:// (TLS on the site links only), to
+#                    tell the NBD link's share of the cost from the rest
 #   BENCH_ROBIB_ARGS extra flags for every robib agent (word-split), e.g.
 #                    "--dcd-buffer 128MiB"
 #   ROBIB_BIN        robib binary (default: build ./cmd/robib into the working dir)
@@ -136,7 +145,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 all_jobs=" seq-write-1M rand-write-4k-qd1 rand-write-4k-qd32 rand-write-4k-flush write-64k-flush-1M seq-read-1M rand-read-4k multi-conn "
-all_targets=" robib-3site robib-3site-tls robib-3site-fwd robib-3site-wan2ms robib-3site-wan10ms robib-1site nbdkit qemu-nbd raw "
+all_targets=" robib-3site robib-3site-tls robib-3site-fwd robib-3site-wan2ms robib-3site-wan10ms robib-1site nbdkit nbdkit-tls qemu-nbd raw "
 runtime=${BENCH_RUNTIME:-10}
 size=${BENCH_SIZE:-1GiB}
 jobs=${BENCH_JOBS:-$all_jobs}
@@ -204,12 +213,12 @@ link_delay() { # TARGET: its --link-delay ("" for none)
   esac
 }
 target_jobs() { # TARGET: the jobs it runs
-  if [ "$1" = robib-3site-tls ]; then echo "$tls_list";
+  if [ "$1" = robib-3site-tls ] || [ "$1" = nbdkit-tls ]; then echo "$tls_list";
   elif [ -n "$(link_delay "$1")" ] || [ "$1" = robib-3site-fwd ]; then echo "$wan_list"; else echo "$jobs"; fi
 }
 tls_target() { [ "$1" = robib-3site-tls ]; }
 nbd_uri() { # HOST:PORT: the URI of the bench volume there (nbds:// for the TLS target)
-  if [ -n "$tls_client" ]; then echo "nbds://$1/bench"; else echo "nbd://$1/bench"; fi
+  if [ -n "$tls_client" ] && [ "${BENCH_TLS_NBD:-1}" = 1 ]; then echo "nbds://$1/bench"; else echo "nbd://$1/bench"; fi
 }
 make_pki() { # DIR: a cluster CA, site1..3 and the client "bench" (robib cert), in DIR
   local i
@@ -238,7 +247,7 @@ fi
 if has_target raw; then
   fio --enghelp=libaio >/dev/null 2>&1 || die "fio has no libaio engine"
 fi
-if has_target nbdkit; then
+if has_target nbdkit || has_target nbdkit-tls; then
   need nbdkit "ops/scripts/install-test-tools.sh"
 fi
 if has_target qemu-nbd; then
@@ -314,7 +323,7 @@ drop_target() { # TARGET REASON
   skipped+=("$1: $2")
   echo "bench: skipping $1: $2" >&2
 }
-if has_robib; then
+if has_robib || has_target nbdkit-tls; then # nbdkit-tls: robib cert makes its certificates
   bin=${ROBIB_BIN:-}
   if [ -z "$bin" ]; then
     need go "Go toolchain, or set ROBIB_BIN"
@@ -339,6 +348,9 @@ if has_robib; then
       drop_target "$t" "none of BENCH_JOBS is in BENCH_WAN_JOBS"
     fi
   done
+  if has_target nbdkit-tls && [ -z "$tls_list" ]; then
+    drop_target nbdkit-tls "none of BENCH_JOBS is in BENCH_TLS_JOBS"
+  fi
   if has_target robib-3site-tls && [ -z "$tls_list" ]; then
     drop_target robib-3site-tls "none of BENCH_JOBS is in BENCH_TLS_JOBS"
   fi
@@ -441,6 +453,7 @@ setup_robib_3site() { # TARGET: robib-3site or one of its WAN variants
     [ "$t" = robib-3site-fwd ] && args+=(--leader-follows-writes=false)
     if tls_target "$t"; then
       args+=(--tls-ca "$d/pki/site$i/ca-cert.pem" --tls-cert "$d/pki/site$i/server-cert.pem" --tls-key "$d/pki/site$i/server-key.pem")
+      [ "${BENCH_TLS_NBD:-1}" = 1 ] || args+=(--nbd-tls off)
     else
       args+=("${insecure[@]}")
     fi
@@ -514,6 +527,22 @@ wait_nbd() { # TARGET PID: waits until the server at $uri answers with the right
   done
   show_logs "$1"
   die "$1 did not answer within 30 s"
+}
+
+setup_nbdkit_tls() {
+  local d=$work/nbdkit-tls
+  mkdir -p "$d"
+  read -r -a p <<<"$(ctl ports 1)"
+  make_pki "$d/pki"
+  tls_client=$d/pki/bench
+  export HOME=$d/pki/home # fio's and nbdinfo's libnbd find the client certificate there
+  truncate -s "$bytes" "$d/disk.img"
+  start_proc "$d/nbdkit.log" nbdkit --exit-with-parent -f -i 127.0.0.1 -p "${p[0]}" --tls=require \
+    --tls-certificates="$d/pki/site1" --tls-verify-peer file "$d/disk.img"
+  target_pids+=("$last_pid")
+  samples+=("nbdkit=$last_pid")
+  uri="nbds://127.0.0.1:${p[0]}/"
+  wait_nbd nbdkit-tls "$last_pid"
 }
 
 setup_qemu_nbd() {
@@ -643,6 +672,7 @@ run_target() { # TARGET
     robib-3site*) setup_robib_3site "$t" ;;
     robib-1site) setup_robib_1site ;;
     nbdkit) setup_nbdkit ;;
+    nbdkit-tls) setup_nbdkit_tls ;;
     qemu-nbd) setup_qemu_nbd ;;
     raw) setup_raw ;;
   esac
