@@ -1,3 +1,5 @@
+//lint:file-ignore SA1019 raft v1.7.3 still fills and reads the deprecated Leader and Candidate fields, so the frame format carries them
+
 package wire
 
 import (

@@ -198,8 +198,10 @@ for j in $jobs; do
 done
 wan_list=${wan_list% }
 tls_list=""   # BENCH_JOBS in its order, restricted to BENCH_TLS_JOBS
+read -r -a tls_wanted <<<"${BENCH_TLS_JOBS:-rand-write-4k-flush rand-write-4k-qd32 seq-write-1M}"
+tls_jobs=$(canon_jobs "${tls_wanted[@]}")
 for j in $jobs; do
-  if [[ " $(canon_jobs ${BENCH_TLS_JOBS:-rand-write-4k-flush rand-write-4k-qd32 seq-write-1M}) " == *" $j "* ]]; then tls_list+="$j "; fi
+  if [[ " $tls_jobs " == *" $j "* ]]; then tls_list+="$j "; fi
 done
 tls_list=${tls_list% }
 has_target() { [[ " $targets " == *" $1 "* ]]; }

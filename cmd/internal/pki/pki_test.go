@@ -98,7 +98,7 @@ func TestCreateCA(t *testing.T) {
 	if pub, ok := ca.PublicKey.(*ecdsa.PublicKey); !ok || pub.Curve != elliptic.P256() {
 		t.Errorf("CA key %T, want ECDSA P-256", ca.PublicKey)
 	}
-	if life := ca.NotAfter.Sub(time.Now()); life < DefaultCALifetime-time.Hour || life > DefaultCALifetime {
+	if life := time.Until(ca.NotAfter); life < DefaultCALifetime-time.Hour || life > DefaultCALifetime {
 		t.Errorf("CA lifetime %v, want %v", life, DefaultCALifetime)
 	}
 	if err := ca.CheckSignatureFrom(ca); err != nil {
@@ -140,7 +140,7 @@ func TestCreateCA(t *testing.T) {
 		t.Fatal("Force did not replace the key")
 	}
 	ca = readCert(t, filepath.Join(dir, CACertFile))
-	if ca.Subject.CommonName != "second" || ca.NotAfter.Sub(time.Now()) > 48*time.Hour {
+	if ca.Subject.CommonName != "second" || time.Until(ca.NotAfter) > 48*time.Hour {
 		t.Errorf("options ignored: CN %q until %v", ca.Subject.CommonName, ca.NotAfter)
 	}
 	for _, bad := range []CAOptions{{Lifetime: -time.Second}} {
@@ -186,7 +186,7 @@ func TestIssueSite(t *testing.T) {
 	if err := cert.VerifyHostname("10.0.0.1"); err != nil {
 		t.Error(err)
 	}
-	if life := cert.NotAfter.Sub(time.Now()); life < DefaultSiteLifetime-time.Hour || life > DefaultSiteLifetime {
+	if life := time.Until(cert.NotAfter); life < DefaultSiteLifetime-time.Hour || life > DefaultSiteLifetime {
 		t.Errorf("site lifetime %v, want %v", life, DefaultSiteLifetime)
 	}
 	c := loadSite(t, dir)
@@ -231,7 +231,7 @@ func TestIssueClient(t *testing.T) {
 	if len(cert.ExtKeyUsage) != 1 || cert.ExtKeyUsage[0] != x509.ExtKeyUsageClientAuth {
 		t.Errorf("client usages %v, want client auth only", cert.ExtKeyUsage)
 	}
-	if life := cert.NotAfter.Sub(time.Now()); life < DefaultClientLifetime-time.Hour || life > DefaultClientLifetime {
+	if life := time.Until(cert.NotAfter); life < DefaultClientLifetime-time.Hour || life > DefaultClientLifetime {
 		t.Errorf("client lifetime %v, want %v", life, DefaultClientLifetime)
 	}
 	// A lifetime beyond the CA's is cut to it.
