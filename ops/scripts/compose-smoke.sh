@@ -230,7 +230,9 @@ uri=$(nbd_uri site1)
 bounded 300 nbdcopy --flush "$tmp/pattern.bin" "$uri"
 # nbdcopy has disconnected. A FLUSH on a fresh connection covers everything
 # the site buffered for the volume, whichever connection wrote it.
-bounded 120 "$PYTHON" -m nbd -u "$uri" -c 'h.flush()'
+# (libnbd refuses the URI's certificate directory unless told it may read
+# local files, which nbdsh does not say.)
+bounded 120 "$PYTHON" -c 'import nbd, sys; h = nbd.NBD(); h.set_uri_allow_local_file(True); h.connect_uri(sys.argv[1]); h.flush(); h.shutdown()' "$uri"
 log "wrote ${SIZE_MIB}MiB at site1 ($uri), flushed, sha256 ${want:0:16}..."
 
 target=0

@@ -27,11 +27,14 @@ if [ "$insecure" != 1 ] && [ ! -e "$PKI/ca/ca-cert.pem" ]; then
     "$BIN" cert issue --ca "$PKI/ca" --name "$n" --kind site --ip 127.0.0.1 --dns localhost --out "$PKI/$n" >/dev/null
   done
   "$BIN" cert issue --ca "$PKI/ca" --name admin --kind client --out "$PKI/admin" >/dev/null
+  # nbdfuse and fio may not name the certificate directory in their URI;
+  # their libnbd looks in $HOME/.pki/libnbd, so a HOME of their own:
+  mkdir -p "$PKI/home/.pki" && cp -r "$PKI/admin" "$PKI/home/.pki/libnbd"
 fi
 if [ "$insecure" = 1 ]; then
-  scheme=http nbd=nbd q=""
+  scheme=http nbd=nbd q="" fusehome=""
 else
-  scheme=https nbd=nbds q="?tls-certificates=$PKI/admin"
+  scheme=https nbd=nbds q="?tls-certificates=$PKI/admin" fusehome="HOME=$PKI/home "
   # The CLI authenticates as the client "admin" (an admin: no policy file).
   export ROBIB_TLS_CA=$PKI/admin/ca-cert.pem ROBIB_TLS_CERT=$PKI/admin/client-cert.pem ROBIB_TLS_KEY=$PKI/admin/client-key.pem
 fi
@@ -112,7 +115,7 @@ TXT
 fi
 cat <<TXT
   nbdinfo '$nbd://127.0.0.1:10819/$VOL$q'
-  mkdir -p /tmp/robib-fuse && nbdfuse /tmp/robib-fuse/disk '$nbd://127.0.0.1:10819/$VOL$q' &
+  mkdir -p /tmp/robib-fuse && ${fusehome}nbdfuse /tmp/robib-fuse/disk $nbd://127.0.0.1:10819/$VOL &
   nbdinfo '$nbd://127.0.0.1:10829/$VOL@ro$q'        # read-only, while another site writes
   $BIN --api $scheme://127.0.0.1:10820 volume verify $VOL
   $BIN --api $scheme://127.0.0.1:10830 cluster status
