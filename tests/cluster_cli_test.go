@@ -79,7 +79,7 @@ func TestClusterCLI(t *testing.T) {
 	}
 	for _, a := range c.Agents {
 		re := `(?m)^` + regexp.QuoteMeta(a.Name) + `\s+(Leader|Follower)\s+voter\s+alive\s+\d+\s+\d+\s+\d+\s+` +
-			regexp.QuoteMeta(a.RaftAddr) + `\s+` + regexp.QuoteMeta(a.NBDAddr) + `\s+` + regexp.QuoteMeta(a.APIAddr) + `\s*$`
+			regexp.QuoteMeta(a.RaftAddr) + `\s+` + regexp.QuoteMeta(a.NBDAddr) + `\s+` + regexp.QuoteMeta(a.APIAddr) + `\s+INSECURE\s*$`
 		if !regexp.MustCompile(re).MatchString(table) {
 			t.Errorf("cluster status table has no row for %s matching %s:\n%s", a.Name, re, table)
 		}

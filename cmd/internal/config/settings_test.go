@@ -121,14 +121,30 @@ func TestShippedConfigsLoad(t *testing.T) {
 	if err != nil || len(files) < 2 {
 		t.Fatalf("ops/config: %v, %v", files, err)
 	}
+	// They name the TLS files where a deploy installs them
+	// (/etc/robib/tls); here the same names in a scratch directory stand
+	// in, given as flags, which win over the file.
+	dir := t.TempDir()
+	for _, name := range []string{"ca-cert.pem", "server-cert.pem", "server-key.pem", "gossip.key"} {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
 	for _, f := range files {
-		// They carry no TLS files (those are each operator's): plaintext.
-		c, err := load(t, []string{"--config", f, "--insecure"}, nil)
+		raw, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(string(raw), "tls-cert: /etc/robib/tls/server-cert.pem") || strings.Contains(string(raw), "insecure: true") {
+			t.Errorf("%s: not secure by default (no tls-cert in /etc/robib/tls, or insecure)", f)
+		}
+		c, err := load(t, []string{"--config", f, "--tls-ca", filepath.Join(dir, "ca-cert.pem"),
+			"--tls-cert", filepath.Join(dir, "server-cert.pem"), "--tls-key", filepath.Join(dir, "server-key.pem")}, nil)
 		if err != nil {
 			t.Errorf("%s: %v", f, err)
 			continue
 		}
-		if c.Name == "" || c.DataDir != "/var/lib/robib" || len(c.Join) != 2 || c.BootstrapExpect != 3 {
+		if c.Name == "" || c.DataDir != "/var/lib/robib" || len(c.Join) != 2 || c.BootstrapExpect != 3 || c.Insecure {
 			t.Errorf("%s: loaded %+v", f, c)
 		}
 	}
