@@ -32,9 +32,9 @@ if [ "$insecure" != 1 ] && [ ! -e "$PKI/ca/ca-cert.pem" ]; then
   mkdir -p "$PKI/home/.pki" && cp -r "$PKI/admin" "$PKI/home/.pki/libnbd"
 fi
 if [ "$insecure" = 1 ]; then
-  scheme=http nbd=nbd q="" fusehome=""
+  scheme=http nbds=nbd q="" fusehome=""
 else
-  scheme=https nbd=nbds q="?tls-certificates=$PKI/admin" fusehome="HOME=$PKI/home "
+  scheme=https nbds=nbds q="?tls-certificates=$PKI/admin" fusehome="HOME=$PKI/home "
   # The CLI authenticates as the client "admin" (an admin: no policy file).
   export ROBIB_TLS_CA=$PKI/admin/ca-cert.pem ROBIB_TLS_CERT=$PKI/admin/client-cert.pem ROBIB_TLS_KEY=$PKI/admin/client-key.pem
 fi
@@ -95,9 +95,9 @@ robib demo: three sites are running (logs in $DIR/*.log). Volume "$VOL" is
 served by every site; attach it at any of them (read-write at one site at a
 time: the site holding the volume's lease; "$VOL@ro" reads it anywhere):
 
-  site1  $nbd://127.0.0.1:10809/$VOL   (admin API $scheme://127.0.0.1:10810)
-  site2  $nbd://127.0.0.1:10819/$VOL   (admin API $scheme://127.0.0.1:10820)
-  site3  $nbd://127.0.0.1:10829/$VOL   (admin API $scheme://127.0.0.1:10830)
+  site1  $nbds://127.0.0.1:10809/$VOL   (admin API $scheme://127.0.0.1:10810)
+  site2  $nbds://127.0.0.1:10819/$VOL   (admin API $scheme://127.0.0.1:10820)
+  site3  $nbds://127.0.0.1:10829/$VOL   (admin API $scheme://127.0.0.1:10830)
 
 TXT
 if [ "$insecure" = 1 ]; then
@@ -114,9 +114,9 @@ nbd-client read); for the CLI:
 TXT
 fi
 cat <<TXT
-  nbdinfo '$nbd://127.0.0.1:10819/$VOL$q'
-  mkdir -p /tmp/robib-fuse && ${fusehome}nbdfuse /tmp/robib-fuse/disk $nbd://127.0.0.1:10819/$VOL &
-  nbdinfo '$nbd://127.0.0.1:10829/$VOL@ro$q'        # read-only, while another site writes
+  nbdinfo '$nbds://127.0.0.1:10819/$VOL$q'
+  mkdir -p /tmp/robib-fuse && ${fusehome}nbdfuse /tmp/robib-fuse/disk $nbds://127.0.0.1:10819/$VOL &
+  nbdinfo '$nbds://127.0.0.1:10829/$VOL@ro$q'        # read-only, while another site writes
   $BIN --api $scheme://127.0.0.1:10820 volume verify $VOL
   $BIN --api $scheme://127.0.0.1:10830 cluster status
 TXT
