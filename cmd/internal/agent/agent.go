@@ -260,13 +260,11 @@ func (a *Agent) open() error {
 		ccfg.RequirePeer = true
 	}
 	a.node, err = cluster.Open(ccfg, a.fsm)
-	if err == nil {
-		a.nodeRef.Store(a.node)
-	}
 	if err != nil {
 		raftLn.Close()
 		return err
 	}
+	a.nodeRef.Store(a.node)
 	a.backend = &nbdBackend{
 		store:    a.store,
 		node:     a.node,
