@@ -134,10 +134,10 @@ func Load(path string) (*Policy, error) {
 	return p, nil
 }
 
-var (
-	nameRule = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
-	hexRule  = regexp.MustCompile(`^[0-9a-f]{64}$`)
-)
+// hexRule is a token's SHA-256 as the policy file keeps it. Names follow
+// the certificate identities' rule (pki.ValidName), volume keys the
+// volumes' (volume.ValidateName).
+var hexRule = regexp.MustCompile(`^[0-9a-f]{64}$`)
 
 // TokenHash is the form a token is kept in a policy file: the hex SHA-256
 // of the token. The file never holds a token itself.

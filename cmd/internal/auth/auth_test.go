@@ -113,6 +113,16 @@ func TestAttach(t *testing.T) {
 			t.Errorf("%v %s ro=%v: got %v, want %v", c.id, c.vol, c.readOnly, err, c.err)
 		}
 	}
+	// Volume keys follow the volumes' own name rule (up to 64 bytes),
+	// identity names the certificates' (up to 63).
+	long := strings.Repeat("v", 64)
+	lp, err := Parse([]byte("version: 1\nvolumes: {" + long + ": {ro: [x]}}"))
+	if err != nil || lp.Attach(client("x"), long, true) != nil {
+		t.Errorf("64-byte volume name: %v", err)
+	}
+	if _, err := Parse([]byte("version: 1\napi: {admin: [" + long + "]}")); !errors.Is(err, ErrInvalidPolicy) {
+		t.Errorf("64-byte identity name accepted: %v", err)
+	}
 	open := Open()
 	if err := open.Attach(client("anyone"), "db", false); err != nil {
 		t.Errorf("open policy: %v", err)

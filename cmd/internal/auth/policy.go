@@ -9,6 +9,9 @@ import (
 	"io"
 
 	"go.yaml.in/yaml/v3"
+
+	"github.com/robib/robib/cmd/internal/pki"
+	"github.com/robib/robib/volume"
 )
 
 // PolicyVersion is the version of the policy file format Parse reads.
@@ -84,7 +87,7 @@ func Parse(b []byte) (*Policy, error) {
 		source:  "policy",
 	}
 	for _, n := range f.Deny {
-		if !nameRule.MatchString(n) {
+		if !pki.ValidName(n) {
 			return nil, fmt.Errorf("%w: deny: bad name %q", ErrInvalidPolicy, n)
 		}
 		p.deny[n] = true
@@ -95,7 +98,7 @@ func Parse(b []byte) (*Policy, error) {
 		role  Role
 	}{{"api.admin", f.API.Admin, RoleAdmin}, {"api.read", f.API.Read, RoleRead}} {
 		for _, n := range g.names {
-			if !nameRule.MatchString(n) {
+			if !pki.ValidName(n) {
 				return nil, fmt.Errorf("%w: %s: bad name %q", ErrInvalidPolicy, g.key, n)
 			}
 			if _, dup := p.roles[n]; dup {
@@ -105,7 +108,7 @@ func Parse(b []byte) (*Policy, error) {
 		}
 	}
 	for i, t := range f.Tokens {
-		if !nameRule.MatchString(t.Name) {
+		if !pki.ValidName(t.Name) {
 			return nil, fmt.Errorf("%w: tokens[%d]: bad name %q", ErrInvalidPolicy, i, t.Name)
 		}
 		if _, dup := p.tokRole[t.Name]; dup {
@@ -132,7 +135,7 @@ func Parse(b []byte) (*Policy, error) {
 		p.tokRole[t.Name] = r
 	}
 	for vol, rights := range f.Volumes {
-		if vol != AnyVolume && !nameRule.MatchString(vol) {
+		if vol != AnyVolume && volume.ValidateName(vol) != nil {
 			return nil, fmt.Errorf("%w: volumes: bad volume name %q", ErrInvalidPolicy, vol)
 		}
 		m := map[string]Access{}
@@ -142,7 +145,7 @@ func Parse(b []byte) (*Policy, error) {
 			a     Access
 		}{{"rw", rights.RW, AccessWrite}, {"ro", rights.RO, AccessRead}} {
 			for _, n := range g.names {
-				if !nameRule.MatchString(n) {
+				if !pki.ValidName(n) {
 					return nil, fmt.Errorf("%w: volumes.%s.%s: bad name %q", ErrInvalidPolicy, vol, g.key, n)
 				}
 				if _, dup := m[n]; dup {
