@@ -90,6 +90,7 @@ type statusReporter struct {
 func (r *statusReporter) LocalStatus() SiteStatus {
 	st := r.raft.Stats()
 	num := func(k string) uint64 { v, _ := strconv.ParseUint(st[k], 10, 64); return v }
+	security, certNotAfter := r.security()
 	return SiteStatus{
 		Name:              r.cfg.Name,
 		State:             r.raft.State().String(),
@@ -107,29 +108,25 @@ func (r *statusReporter) LocalStatus() SiteStatus {
 		ClusterID:         r.fsm.ClusterID(),
 		Fresh:             r.fresh.Load(),
 		Stages:            r.stages.Snapshot(),
-		Security:          r.security(),
-		CertNotAfter:      r.certNotAfter(),
+		Security:          security,
+		CertNotAfter:      certNotAfter,
 	}
 }
 
-// security is Config.Security's word for this site's links.
-func (r *statusReporter) security() string {
-	if r.cfg.Security != nil {
-		if mode, _ := r.cfg.Security(); mode != "" {
-			return mode
-		}
-	}
-	return "insecure"
-}
-
-func (r *statusReporter) certNotAfter() *time.Time {
+// security is how this site's links are protected and when its
+// certificate expires (nil: no certificate), from Config.Security.
+func (r *statusReporter) security() (string, *time.Time) {
 	if r.cfg.Security == nil {
-		return nil
+		return "insecure", nil
 	}
-	if _, t := r.cfg.Security(); !t.IsZero() {
-		return &t
+	mode, notAfter := r.cfg.Security()
+	if mode == "" {
+		mode = "insecure"
 	}
-	return nil
+	if notAfter.IsZero() {
+		return mode, nil
+	}
+	return mode, &notAfter
 }
 
 // Status implements Node.Status.

@@ -242,11 +242,7 @@ func (a *Agent) Start() error {
 	apiAddr, nbdAddr := a.APIAddr, a.NBDAddr
 	a.mu.Unlock()
 	if apiAddr != "" && !strings.HasSuffix(apiAddr, ":0") && !strings.HasSuffix(nbdAddr, ":0") {
-		base := "http://" + apiAddr
-		if a.opts.TLS != nil {
-			base = "https://" + apiAddr
-		}
-		go probe(p, base, a.httpClient(), nbdAddr, healthy, stopProbe)
+		go probe(p, a.apiBase(apiAddr), a.httpClient(), nbdAddr, healthy, stopProbe)
 	}
 	select {
 	case <-healthy:
@@ -581,11 +577,15 @@ func (a *Agent) env() []string {
 }
 
 // APIURL is the agent's admin API base URL.
-func (a *Agent) APIURL() string {
+func (a *Agent) APIURL() string { return a.apiBase(a.APIAddr) }
+
+// apiBase is the API base URL for an API address: https when the agent
+// runs with TLS.
+func (a *Agent) apiBase(addr string) string {
 	if a.opts.TLS != nil {
-		return "https://" + a.APIAddr
+		return "https://" + addr
 	}
-	return "http://" + a.APIAddr
+	return "http://" + addr
 }
 
 // NBDURI is the NBD URI of an export on this agent: nbds:// with the admin

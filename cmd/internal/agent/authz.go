@@ -12,7 +12,6 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -169,13 +168,8 @@ func (a *Agent) authorizeNBD(p nbdfront.Peer, export string, op nbdfront.Op) err
 			err = fmt.Errorf("%w: listing exports needs a client certificate", auth.ErrUnauthenticated)
 		}
 	} else {
-		vol, readOnly := export, false
-		for _, sfx := range []string{staleSuffix, readOnlySuffix} {
-			if base, ok := strings.CutSuffix(export, sfx); ok {
-				vol, readOnly = base, true
-				break
-			}
-		}
+		vol, suffix := splitExport(export)
+		readOnly := suffix != ""
 		// INFO asks about an export without attaching it: read access
 		// is enough to see it.
 		if op == nbdfront.OpInfo {

@@ -168,16 +168,21 @@ func (b *nbdBackend) List() ([]nbdfront.ExportInfo, error) {
 	return out, nil
 }
 
+// splitExport splits an export name into its volume and access suffix:
+// "" (read-write), readOnlySuffix or staleSuffix.
+func splitExport(name string) (vol, suffix string) {
+	for _, sfx := range []string{staleSuffix, readOnlySuffix} {
+		if base, ok := strings.CutSuffix(name, sfx); ok {
+			return base, sfx
+		}
+	}
+	return name, ""
+}
+
 // lookup resolves an export name to its volume and access mode: suffix is
 // "" (read-write), readOnlySuffix or staleSuffix.
 func (b *nbdBackend) lookup(name string) (v *volume.Volume, suffix string, err error) {
-	vol := name
-	for _, sfx := range []string{staleSuffix, readOnlySuffix} {
-		if base, ok := strings.CutSuffix(name, sfx); ok {
-			vol, suffix = base, sfx
-			break
-		}
-	}
+	vol, suffix := splitExport(name)
 	if vol == "" {
 		return nil, "", fmt.Errorf("%w: robib has no default export; name a volume (or VOLUME%s for read-only)", nbdfront.ErrUnknownExport, readOnlySuffix)
 	}

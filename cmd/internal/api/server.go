@@ -198,11 +198,8 @@ func (h *handler) changeKeyring(w http.ResponseWriter, r *http.Request) {
 	}
 	rep, err := h.svc.ChangeKeyring(r.Context(), req)
 	if err != nil {
-		// The per-site report says where it failed: send it with the
-		// error's status.
-		status := StatusOf(err)
-		h.log.Log(r.Context(), slog.LevelWarn, "api request failed", "method", r.Method, "path", r.URL.Path, "status", status, "err", err)
-		writeJSON(w, status, keyringError{ErrorBody: ErrorBody{Error: err.Error()}, Report: rep})
+		// The per-site report says where it failed: sent with the error.
+		writeError(w, r, err, h.log, keyringError{ErrorBody: ErrorBody{Error: err.Error()}, Report: rep})
 		return
 	}
 	writeJSON(w, http.StatusOK, rep)
@@ -249,6 +246,11 @@ func (h *handler) fail(w http.ResponseWriter, r *http.Request, err error) {
 // bad requests at info). Handlers mounted beside the API's (the
 // authorization guard) use it so every error is mapped here, once.
 func WriteError(w http.ResponseWriter, r *http.Request, err error, log *slog.Logger) {
+	writeError(w, r, err, log, ErrorBody{Error: err.Error()})
+}
+
+// writeError is WriteError with the answer's body given.
+func writeError(w http.ResponseWriter, r *http.Request, err error, log *slog.Logger, body any) {
 	if log == nil {
 		log = slog.Default()
 	}
@@ -258,7 +260,7 @@ func WriteError(w http.ResponseWriter, r *http.Request, err error, log *slog.Log
 		lvl = slog.LevelError
 	}
 	log.Log(r.Context(), lvl, "api request failed", "method", r.Method, "path", r.URL.Path, "status", status, "err", err)
-	writeJSON(w, status, ErrorBody{Error: err.Error()})
+	writeJSON(w, status, body)
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
