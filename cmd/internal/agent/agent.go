@@ -164,8 +164,10 @@ func (a *Agent) expectSite(_ netx.Link, addr string) string {
 // checks that the certificate there is a site certificate of the cluster
 // CA naming that site, and that the policy does not revoke the name.
 func (a *Agent) verifyPeer(ctx context.Context, site, raftAddr string) error {
-	if a.policy != nil && a.policy.get().Denied(site) {
-		return fmt.Errorf("site %s is revoked (deny list of %s)", site, a.policy.get().Source())
+	if a.policy != nil {
+		if p := a.policy.get(); p.Denied(site) {
+			return fmt.Errorf("site %s is revoked (deny list of %s)", site, p.Source())
+		}
 	}
 	n := *a.net
 	n.ExpectName = func(netx.Link, string) string { return site }
