@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"context"
 	"errors"
 	"io"
 	"log/slog"
@@ -9,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/robib/robib/cmd/internal/api"
 	"github.com/robib/robib/cmd/internal/auth"
 )
 
@@ -67,5 +69,24 @@ func TestPolicyReload(t *testing.T) {
 	open, err := newPolicySource("", log)
 	if err != nil || open.get().Require(alice, auth.NeedAdmin, "x") != nil {
 		t.Fatalf("open policy: %v", err)
+	}
+}
+
+// TestChangeKeyringBadInput: a key that is not base64 of 16, 24 or 32
+// bytes, or an unknown operation, is a bad request, refused before any
+// site is asked.
+func TestChangeKeyringBadInput(t *testing.T) {
+	s := &clusterService{} // no node: nothing may reach it
+	good := "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
+	for _, req := range []api.KeyringRequest{
+		{Op: "install", Key: "not base64!"},
+		{Op: "install", Key: "c2hvcnQ="}, // 5 bytes
+		{Op: "use", Key: ""},
+		{Op: "rotate", Key: good},
+		{Op: "", Key: good},
+	} {
+		if _, err := s.ChangeKeyring(context.Background(), req); !errors.Is(err, api.ErrBadRequest) {
+			t.Errorf("%+v: %v, want a bad request", req, err)
+		}
 	}
 }
