@@ -70,6 +70,10 @@ func (s *fsmSnapshot) Release() {}
 // then neither the old state nor the new one, so no entry may be applied.
 func (f *FSM) Restore(rc io.ReadCloser) error {
 	defer rc.Close()
+	// Volumes change until the new applied index is set: no AtBoundary
+	// callback may run in between.
+	f.boundary.Lock()
+	defer f.boundary.Unlock()
 	f.mu.Lock()
 	closed := f.closed
 	f.mu.Unlock()
