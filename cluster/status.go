@@ -48,6 +48,15 @@ type SiteStatus struct {
 	Error        string     `json:"error,omitempty"`
 	// Stages: where writes spend their time at this site (stages.go).
 	Stages []StageLatency `json:"stages,omitempty"`
+	// Degraded lists the volumes whose copy at this site has damaged
+	// blocks (failed checksums, I/O errors): reads of them are served
+	// from other sites and the site rebuilds them in the background.
+	Degraded []DegradedVolume `json:"degraded,omitempty"`
+	// RemoteReadBytes and RepairedBytes count, since the site started,
+	// the bytes of damaged blocks it read from other sites and the bytes
+	// it wrote back into its copy.
+	RemoteReadBytes int64 `json:"remote_read_bytes,omitempty"`
+	RepairedBytes   int64 `json:"repaired_bytes,omitempty"`
 }
 
 // Status is the cluster as seen from the site that answered.
@@ -84,6 +93,7 @@ type statusReporter struct {
 	stages  *Stages
 	members memberLister
 	rpc     jsonGetter
+	heal    *healer // nil: no repair path (tests)
 }
 
 // LocalStatus implements Node.LocalStatus.
@@ -91,7 +101,7 @@ func (r *statusReporter) LocalStatus() SiteStatus {
 	st := r.raft.Stats()
 	num := func(k string) uint64 { v, _ := strconv.ParseUint(st[k], 10, 64); return v }
 	security, certNotAfter := r.security()
-	return SiteStatus{
+	s := SiteStatus{
 		Name:              r.cfg.Name,
 		State:             r.raft.State().String(),
 		RaftAddr:          r.cfg.RaftAddr,
@@ -111,6 +121,11 @@ func (r *statusReporter) LocalStatus() SiteStatus {
 		Security:          security,
 		CertNotAfter:      certNotAfter,
 	}
+	if r.heal != nil {
+		s.Degraded = r.heal.degraded()
+		s.RemoteReadBytes, s.RepairedBytes = r.heal.remoteBytes.Load(), r.heal.repairedBytes.Load()
+	}
+	return s
 }
 
 // security is how this site's links are protected and when its
