@@ -43,8 +43,8 @@ var (
 	// another site's repair: its copy is damaged there, not exact at its
 	// applied index (replaying, installing a snapshot, failed), behind
 	// the index asked for, or it has no such volume. Another site may
-	// serve it (retryable).
-	ErrPeerRefused = fmt.Errorf("%w: the site cannot serve this range of its copy", ErrRetry)
+	// serve it. Served as 503.
+	ErrPeerRefused = errors.New("the site cannot serve this range of its copy")
 	// ErrNoHealthyCopy: a damaged range of this site's copy could not be
 	// read from any other site (all refused or were unreachable, or the
 	// range kept being written during each repair). The read fails rather

@@ -133,7 +133,7 @@ func statusFor(err error) int {
 	switch {
 	case errors.Is(err, ErrForbidden):
 		return http.StatusForbidden
-	case errors.Is(err, ErrRetry):
+	case errors.Is(err, ErrRetry), errors.Is(err, ErrPeerRefused):
 		return http.StatusServiceUnavailable
 	case errors.Is(err, ErrUnknownSite):
 		return http.StatusNotFound

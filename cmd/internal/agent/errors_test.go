@@ -114,6 +114,8 @@ var sentinels = []sentinel{
 	{"cluster.ErrKeyringRefused", cluster.ErrKeyringRefused, eio, s400},
 	{"cluster.ErrKeyringIncomplete", cluster.ErrKeyringIncomplete, eio, s500},
 	{"cluster.ErrBadKeyring", cluster.ErrBadKeyring, eio, s500},
+	{"cluster.ErrPeerRefused", cluster.ErrPeerRefused, eio, s503},
+	{"cluster.ErrNoHealthyCopy", cluster.ErrNoHealthyCopy, eio, s503},
 
 	{"cluster/dcdlog.ErrClosed", dcdlog.ErrClosed, eio, s500},
 	{"cluster/dcdlog.ErrLocked", dcdlog.ErrLocked, eio, s500},
@@ -688,7 +690,7 @@ func TestNBDEdgeEndToEnd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ro := &roExport{vol: v, info: readOnlyInfo(v.Meta(), staleSuffix)}
+	ro := &roExport{vol: v, rd: healingReader{vol: v}, info: readOnlyInfo(v.Meta(), staleSuffix)}
 	if err := store.Resize("v", 512<<10); err != nil {
 		t.Fatal(err)
 	}

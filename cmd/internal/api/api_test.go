@@ -36,6 +36,9 @@ func (f *fakeService) ResizeVolume(_ context.Context, n string, s int64) (Volume
 func (f *fakeService) VerifyVolume(context.Context, string, VerifyRequest) (cluster.VerifyResult, error) {
 	return cluster.VerifyResult{}, f.err
 }
+func (f *fakeService) RepairVolume(context.Context, string, RepairRequest) (cluster.RepairResult, error) {
+	return cluster.RepairResult{}, f.err
+}
 func (f *fakeService) WriteStage(_ context.Context, n string) (WriteStage, error) {
 	return WriteStage{Volume: n, Site: "s1", Attached: true, Commits: 3, CommitP50US: 800}, f.err
 }
