@@ -194,6 +194,9 @@ type healer struct {
 	servedRemote  atomic.Int64 // bytes served from other sites' copies without a local repair
 
 	lastReport map[string]int64 // volume -> damaged bytes last logged at WARN (rebuild goroutine)
+
+	warnMu sync.Mutex           // guards warned
+	warned map[string]time.Time // volume -> last WARN of the read path
 }
 
 // ReadAt reads [off, off+len(p)) of v, a local volume whose own read
@@ -204,13 +207,46 @@ type healer struct {
 // call started. It fails, with an error wrapping ErrNoHealthyCopy, only if
 // no site could supply a damaged block; it never returns other bytes.
 func (h *healer) ReadAt(ctx context.Context, v RepairableVolume, p []byte, off int64) error {
-	h.nudge()
-	_, err := h.heal(ctx, v, p, off, nil, true)
+	rep, err := h.heal(ctx, v, p, off, nil, true)
+	defer h.nudge() // other known damage, and what this read could not repair
 	if err != nil {
 		h.log.Warn("cluster: a read of a damaged range could not be served", "volume", v.Name(), "site", h.self,
 			"off", off, "len", len(p), "err", err)
+		return err
 	}
-	return err
+	if len(rep.damaged) > 0 && h.warnNow(v.Name()) {
+		h.log.Warn("cluster: local copy of a volume is damaged; read its damaged blocks from other sites",
+			"volume", v.Name(), "site", h.self, "ranges", formatRanges(rep.damaged, 8), "sources", rep.sources,
+			"repaired_bytes", rep.repaired)
+	}
+	return nil
+}
+
+// readWarnEvery bounds the read path's WARN records to one per volume in
+// this interval (a damaged region read block by block would flood the
+// log; the rebuild's own records and status say the rest).
+const readWarnEvery = 10 * time.Second
+
+// warnNow reports whether a damaged read of vol should be logged at WARN
+// now, and notes that it was.
+func (h *healer) warnNow(vol string) bool {
+	h.warnMu.Lock()
+	defer h.warnMu.Unlock()
+	if h.warned == nil {
+		h.warned = map[string]time.Time{}
+	}
+	if t, ok := h.warned[vol]; ok && time.Since(t) < readWarnEvery {
+		return false
+	}
+	h.warned[vol] = time.Now()
+	return true
+}
+
+// healReport is what one heal call did.
+type healReport struct {
+	repaired int64    // bytes written back
+	damaged  []Range  // the damaged block ranges its first attempt found
+	sources  []string // the sites read from
 }
 
 // nudge asks the background rebuild for a pass now.
@@ -232,7 +268,7 @@ type remoteCopy struct {
 }
 
 // heal fills p with [off, off+len(p)) of v, fetching damaged blocks from
-// peers and repairing them; it returns the number of bytes repaired.
+// peers and repairing them, and says what it did.
 //
 // Each attempt takes (token, A) at an FSM boundary, reads the local copy
 // (healthy blocks into p, a list of damaged ones), fetches every damaged
@@ -244,44 +280,50 @@ type remoteCopy struct {
 // peer's bytes, if no mutation reached the volume since the token (checked
 // at a boundary after the wait); without it the failure is returned.
 // DESIGN.md, "Repair from peers", has the argument.
-func (h *healer) heal(ctx context.Context, v RepairableVolume, p []byte, off int64, allowed []string, serve bool) (int64, error) {
+func (h *healer) heal(ctx context.Context, v RepairableVolume, p []byte, off int64, allowed []string, serve bool) (healReport, error) {
 	end := off + int64(len(p))
-	var repaired int64
+	var rep healReport
 	var copies []remoteCopy
 	for attempt := 1; ; attempt++ {
 		var token, at uint64
 		h.fsm.AtBoundary(func(applied uint64) { token, at = v.RepairToken(), applied })
 		damaged, err := v.ReadHealthy(p, off)
 		if err != nil {
-			return repaired, err
+			return rep, err
 		}
 		todo := subtractRanges(blockSpan(damaged, off, end, v.Size()), copies)
+		if attempt == 1 {
+			rep.damaged = todo
+		}
 		if len(todo) == 0 {
 			for _, c := range copies {
 				copyOverlap(p, off, c.data, c.r.Off)
 				h.servedRemote.Add(overlap(c.r, off, end))
 			}
-			return repaired, nil
+			return rep, nil
 		}
 		if attempt > maxHealAttempts {
-			return repaired, fmt.Errorf("%w: %s: %d bytes of [%d, +%d) still damaged after %d attempts (written locally during each repair)",
+			return rep, fmt.Errorf("%w: %s: %d bytes of [%d, +%d) still damaged after %d attempts (written locally during each repair)",
 				ErrNoHealthyCopy, v.Name(), rangeBytes(todo), off, len(p), maxHealAttempts)
 		}
 		for _, r := range todo {
 			for piece := range pieces(r, MaxPeerRead) {
 				data, index, src, err := h.fetch(ctx, v.Name(), piece, at, allowed)
 				if err != nil {
-					return repaired, err
+					return rep, err
 				}
 				h.remoteBytes.Add(piece.Len)
+				if !slices.Contains(rep.sources, src) {
+					rep.sources = append(rep.sources, src)
+				}
 				if err := h.fsm.WaitApplied(ctx, index); err != nil {
-					return repaired, fmt.Errorf("%w: %s: this site did not reach index %d of the copy read from %s: %v",
+					return rep, fmt.Errorf("%w: %s: this site did not reach index %d of the copy read from %s: %v",
 						ErrNoHealthyCopy, v.Name(), index, src, err)
 				}
 				fixed, _, err := v.Repair(data, piece.Off, token)
 				if err != nil {
 					if !serve {
-						return repaired, fmt.Errorf("repairing %s [%d, +%d) from %s: %w", v.Name(), piece.Off, piece.Len, src, err)
+						return rep, fmt.Errorf("repairing %s [%d, +%d) from %s: %w", v.Name(), piece.Off, piece.Len, src, err)
 					}
 					untouched := false
 					h.fsm.AtBoundary(func(uint64) { untouched = v.RepairToken() == token })
@@ -293,7 +335,7 @@ func (h *healer) heal(ctx context.Context, v RepairableVolume, p []byte, off int
 					continue
 				}
 				n := rangeBytes(fixed)
-				repaired += n
+				rep.repaired += n
 				h.repairedBytes.Add(n)
 			}
 		}
@@ -331,8 +373,8 @@ func (h *healer) repairRange(ctx context.Context, v RepairableVolume, off, lengt
 	var total int64
 	for o := off; o < off+length; o += rebuildChunk {
 		n := min(rebuildChunk, off+length-o)
-		got, err := h.heal(ctx, v, buf[:n], o, allowed, false)
-		total += got
+		rep, err := h.heal(ctx, v, buf[:n], o, allowed, false)
+		total += rep.repaired
 		if err != nil {
 			return total, err
 		}
@@ -412,7 +454,9 @@ func (h *healer) rebuildPass(ctx context.Context) {
 				"volume", name, "site", h.self, "repaired_bytes", repaired, "damaged_bytes", left, "err", failed)
 		case left == 0:
 			delete(h.lastReport, name)
-			h.log.Info("cluster: damaged ranges repaired from other sites", "volume", name, "site", h.self, "repaired_bytes", repaired)
+			if repaired > 0 {
+				h.log.Info("cluster: damaged ranges repaired from other sites", "volume", name, "site", h.self, "repaired_bytes", repaired)
+			}
 		default:
 			h.log.Info("cluster: damaged ranges partly repaired (the rest was written meanwhile); retrying at the next pass",
 				"volume", name, "site", h.self, "repaired_bytes", repaired, "damaged_bytes", left)

@@ -51,6 +51,11 @@ func TestHealReadFetchesAndRepairs(t *testing.T) {
 	if got := a.vol.Damaged(); len(got) != 1 || got[0] != (Range{Off: 36864, Len: 4096}) {
 		t.Fatalf("after repairing blocks 1-3: damaged %v, want only block 9", got)
 	}
+	const warned = "read its damaged blocks from other sites"
+	if a.log.count(slog.LevelWarn, warned) != 1 || !strings.Contains(a.log.texts(), "ranges=[4096,+8192)") ||
+		!strings.Contains(a.log.texts(), "sources=[b]") || !strings.Contains(a.log.texts(), "site=a") {
+		t.Fatalf("the damaged read was not logged with its ranges and source:\n%s", a.log.texts())
+	}
 	p = make([]byte, size)
 	if err := a.heal.ReadAt(testCtx(t), a.vol, p, 0); err != nil {
 		t.Fatal(err)
@@ -60,6 +65,9 @@ func TestHealReadFetchesAndRepairs(t *testing.T) {
 	}
 	if d := a.vol.Damaged(); len(d) != 0 {
 		t.Fatalf("still damaged: %v", d)
+	}
+	if n := a.log.count(slog.LevelWarn, warned); n != 1 {
+		t.Fatalf("a second damaged read within %v logged at WARN again (%d records)", readWarnEvery, n)
 	}
 	if got := a.heal.repairedBytes.Load(); got != 3*4096 {
 		t.Fatalf("repaired %d bytes, want %d", got, 3*4096)
@@ -359,19 +367,19 @@ func TestBlockSpan(t *testing.T) {
 		lo, hi, size int64
 		want         []Range
 	}{
-		{[]Range{{5000, 10}}, 0, 1 << 20, 1 << 20, []Range{{4096, 4096}}},
-		{[]Range{{8192, 4096}, {0, 4096}}, 0, 1 << 20, 1 << 20, []Range{{0, 4096}, {8192, 4096}}},
-		{[]Range{{0, 4096}, {4096, 4096}}, 0, 1 << 20, 1 << 20, []Range{{0, 8192}}},
-		{[]Range{{0, 1 << 20}}, 5000, 6000, 1 << 20, []Range{{4096, 4096}}},
-		{[]Range{{10000, 100}}, 0, 10050, 10050, []Range{{8192, 10050 - 8192}}},
-		{[]Range{{0, 100}}, 200, 300, 1 << 20, nil},
+		{[]Range{{Off: 5000, Len: 10}}, 0, 1 << 20, 1 << 20, []Range{{Off: 4096, Len: 4096}}},
+		{[]Range{{Off: 8192, Len: 4096}, {Off: 0, Len: 4096}}, 0, 1 << 20, 1 << 20, []Range{{Off: 0, Len: 4096}, {Off: 8192, Len: 4096}}},
+		{[]Range{{Off: 0, Len: 4096}, {Off: 4096, Len: 4096}}, 0, 1 << 20, 1 << 20, []Range{{Off: 0, Len: 8192}}},
+		{[]Range{{Off: 0, Len: 1 << 20}}, 5000, 6000, 1 << 20, []Range{{Off: 4096, Len: 4096}}},
+		{[]Range{{Off: 10000, Len: 100}}, 0, 10050, 10050, []Range{{Off: 8192, Len: 10050 - 8192}}},
+		{[]Range{{Off: 0, Len: 100}}, 200, 300, 1 << 20, nil},
 	} {
 		if got := blockSpan(c.in, c.lo, c.hi, c.size); !equalRanges(got, c.want) {
 			t.Errorf("blockSpan(%v, %d, %d, %d) = %v, want %v", c.in, c.lo, c.hi, c.size, got, c.want)
 		}
 	}
-	got := subtractRanges([]Range{{0, 16384}}, []remoteCopy{{r: Range{4096, 4096}}, {r: Range{12288, 4096}}})
-	if want := []Range{{0, 4096}, {8192, 4096}}; !equalRanges(got, want) {
+	got := subtractRanges([]Range{{Off: 0, Len: 16384}}, []remoteCopy{{r: Range{Off: 4096, Len: 4096}}, {r: Range{Off: 12288, Len: 4096}}})
+	if want := []Range{{Off: 0, Len: 4096}, {Off: 8192, Len: 4096}}; !equalRanges(got, want) {
 		t.Errorf("subtractRanges = %v, want %v", got, want)
 	}
 }
