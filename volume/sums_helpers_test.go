@@ -116,3 +116,6 @@ func (r *logRecorder) Handle(_ context.Context, rec slog.Record) error {
 }
 func (r *logRecorder) WithAttrs([]slog.Attr) slog.Handler { return r }
 func (r *logRecorder) WithGroup(string) slog.Handler      { return r }
+
+// testLoggerTo logs to rec.
+func testLoggerTo(rec *logRecorder) *slog.Logger { return slog.New(rec) }
