@@ -33,7 +33,7 @@ func goldenSmallVolume() (Meta, []byte) {
 	copy(data[2*4096:3*4096], bytes.Repeat([]byte{0xFF}, 4096)) // block 2
 	// block 3: written, then trimmed
 	copy(data[4*4096:5*4096], bytes.Repeat([]byte("robib"), 820)) // block 4
-	for i := range 1024 {                                        // block 5, short
+	for i := range 1024 {                                         // block 5, short
 		data[5*4096+i] = byte(255 - i%256)
 	}
 	return m, data

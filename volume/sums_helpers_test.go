@@ -3,9 +3,9 @@ package volume
 import (
 	"bytes"
 	"context"
-	"log/slog"
 	"encoding/binary"
 	"errors"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"

@@ -135,8 +135,8 @@ func TestCorruptByteDetected(t *testing.T) {
 
 	blk := Range{5 * 4096, 4096}
 	wantDamage(t, v, 0, MiB, []Range{blk})
-	wantDamage(t, v, bad, 1, []Range{blk})                // sub-block read
-	wantDamage(t, v, 3*4096+100, 3*4096, []Range{blk})    // unaligned, spans it
+	wantDamage(t, v, bad, 1, []Range{blk})                                   // sub-block read
+	wantDamage(t, v, 3*4096+100, 3*4096, []Range{blk})                       // unaligned, spans it
 	if got := mustRead(t, v, 0, 5*4096); !bytes.Equal(got, model[:5*4096]) { // just before
 		t.Fatal("read before the damaged block differs")
 	}

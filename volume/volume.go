@@ -21,7 +21,6 @@
 // crash-safety argument.
 package volume
 
-
 import (
 	"encoding/binary"
 	"errors"
