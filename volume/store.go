@@ -1,6 +1,7 @@
 package volume
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -91,6 +92,55 @@ func Open(dir string, log *slog.Logger) (*Store, error) {
 	return s, nil
 }
 
+// shrinkLocked finishes a committed shrink from old to size bytes: the
+// new last block, if short, gets the sum of the block cut at size (if it
+// was damaged it stays so), the files are truncated and fsynced, and the
+// damage past the size is forgotten. The caller holds v.mu for writing and
+// has set v.meta.Size = size.
+func (v *Volume) shrinkLocked(old, size int64, gen uint64) error {
+	var last *edge
+	if size%SumBlockSize != 0 {
+		// The block as it was, up to the old end: a zeroing of its part
+		// past size. v.meta.Size is already size, so load it by hand.
+		var e edge
+		lb := (size - 1) / SumBlockSize
+		buf := make([]byte, SumBlockSize)
+		e.b, e.blk = lb, buf[:min(SumBlockSize, old-lb*SumBlockSize)]
+		var sb [4]byte
+		if err := v.readSums(lb, sb[:]); err != nil {
+			return fmt.Errorf("read block checksums: %w", err)
+		}
+		e.stored = binary.LittleEndian.Uint32(sb[:])
+		e.ok = v.readData(e.blk, lb*SumBlockSize) == nil && blockSum(e.blk) == e.stored
+		s := e.apply(nil, size, old) // the zeros are the padding of the cut block
+		if err := v.writeSums(lb, binary.LittleEndian.AppendUint32(nil, s)); err != nil {
+			return fmt.Errorf("write block checksums: %w", err)
+		}
+		last = &e
+	}
+	err := v.f.Truncate(size)
+	if err == nil {
+		err = v.sums.Truncate(sumsFileLen(size))
+	}
+	if err == nil {
+		err = v.f.Sync()
+	}
+	if err == nil {
+		err = v.sums.Sync()
+	}
+	if err != nil {
+		return fmt.Errorf("truncate: %w", err)
+	}
+	nb := sumBlocks(size)
+	v.dmg.mu.Lock()
+	v.dmg.removeRangeLocked(nb, sumBlocks(old)-1)
+	v.dmg.mu.Unlock()
+	if last != nil {
+		v.dmg.noteMutation(1, 0, last, nil, gen)
+	}
+	return nil
+}
+
 // load scans the volumes directory. Only Open calls it, before s is shared.
 func (s *Store) load() error {
 	entries, err := os.ReadDir(s.volDir)
@@ -166,15 +216,10 @@ func (s *Store) loadVolume(name, path string) (*Volume, error) {
 	} else if !errors.Is(err, fs.ErrNotExist) {
 		v.log.Warn("cannot remove leftover temporary meta file", "err", err)
 	}
-	if st.Size() != m.Size {
-		v.log.Warn("data file length differs from volume size; reconciling",
-			"file_length", st.Size(), "size", m.Size)
-		if err := v.f.Truncate(m.Size); err != nil {
-			return fail(err)
-		}
-		if err := v.f.Sync(); err != nil {
-			return fail(err)
-		}
+	// loadSums reconciles the data file's length with the size, and
+	// builds or rebuilds the sums file if it is missing or corrupt.
+	if err := v.loadSums(st.Size()); err != nil {
+		return fail(fmt.Errorf("block checksums: %w", err))
 	}
 	return v, nil
 }
@@ -228,6 +273,11 @@ func (s *Store) Create(m Meta) (*Volume, error) {
 	if err == nil {
 		v, err = openVolume(path, m, s.log)
 	}
+	if err == nil {
+		if err = v.openSums(); err != nil {
+			v.closeLocked() // v is not shared yet
+		}
+	}
 	if err != nil {
 		// The volume is in place but may vanish in a crash or cannot
 		// be opened. Do not hand it out; an operator can Delete it.
@@ -246,9 +296,13 @@ func (s *Store) Create(m Meta) (*Volume, error) {
 }
 
 // populate writes a new volume's files into the empty directory dir and
-// makes them durable: the data file, all zeros and m.Size long, and
-// meta.json, then an fsync of dir.
+// makes them durable: the data file, all zeros and m.Size long, the sums
+// file (header, then a hole: the sums of zero blocks are 0) and meta.json,
+// then an fsync of dir.
 func populate(dir string, m Meta) error {
+	if err := createSumsFile(filepath.Join(dir, sumsFileName), m.Size); err != nil {
+		return err
+	}
 	f, err := os.OpenFile(filepath.Join(dir, dataFileName), os.O_RDWR|os.O_CREATE|os.O_EXCL|openFlags, 0o600)
 	if err != nil {
 		return err
@@ -433,10 +487,14 @@ func (s *Store) Resize(name string, size int64) error {
 	if size == old.Size {
 		return nil
 	}
+	gen := v.gen.Add(1)
 	if size > old.Size {
-		// Cut the file to the old size first: if an earlier shrink
-		// committed but failed to truncate, stale bytes are still past
-		// old.Size and must not reappear. Normally this is a no-op.
+		// Cut the files to the old size first: if an earlier shrink
+		// committed but failed to truncate, stale bytes (and sums) are
+		// still past old.Size and must not reappear. Normally this is a
+		// no-op. The grown blocks are zeros and their sums 0; the old
+		// last block, if short, keeps its sum: it was computed padded
+		// with zeros, which is what the grow adds.
 		err := v.f.Truncate(old.Size)
 		if err == nil {
 			err = v.f.Truncate(size)
@@ -445,12 +503,22 @@ func (s *Store) Resize(name string, size int64) error {
 			err = v.f.Sync()
 		}
 		if err == nil {
+			err = v.sums.Truncate(sumsFileLen(old.Size))
+		}
+		if err == nil {
+			err = v.sums.Truncate(sumsFileLen(size))
+		}
+		if err == nil {
+			err = v.sums.Sync()
+		}
+		if err == nil {
 			err = writeMetaFile(v.path, m)
 		}
 		if err != nil {
-			// Not committed. Put the file back; if that fails too,
+			// Not committed. Put the files back; if that fails too,
 			// Open will do it.
 			_ = v.f.Truncate(old.Size)
+			_ = v.sums.Truncate(sumsFileLen(old.Size))
 			return fmt.Errorf("volume %q: grow to %d: %w", name, size, err)
 		}
 		v.meta = m
@@ -458,13 +526,9 @@ func (s *Store) Resize(name string, size int64) error {
 		if err := writeMetaFile(v.path, m); err != nil {
 			return fmt.Errorf("volume %q: shrink to %d: write meta: %w", name, size, err)
 		}
-		v.meta = m // committed; Open reconciles the file if the rest fails
-		err := v.f.Truncate(size)
-		if err == nil {
-			err = v.f.Sync()
-		}
-		if err != nil {
-			return fmt.Errorf("volume %q: shrink to %d: truncate: %w", name, size, err)
+		v.meta = m // committed; Open reconciles the files if the rest fails
+		if err := v.shrinkLocked(old.Size, size, gen); err != nil {
+			return fmt.Errorf("volume %q: shrink to %d: %w", name, size, err)
 		}
 	}
 	v.log.Info("volume resized", "old_size", old.Size, "size", size)
@@ -488,8 +552,8 @@ func (s *Store) Close() error {
 	for _, v := range vols {
 		v.mu.Lock()
 		if v.f != nil {
-			if err := v.f.Sync(); err != nil {
-				errs = append(errs, fmt.Errorf("volume %q: fsync: %w", v.name, err))
+			if err := v.syncLocked(); err != nil {
+				errs = append(errs, err)
 			}
 		}
 		errs = append(errs, v.closeLocked())

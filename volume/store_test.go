@@ -704,8 +704,10 @@ func TestResizeBeyondFilesystemLimit(t *testing.T) {
 }
 
 // TestShortDataFile shrinks the data file behind a live volume's back (as a
-// failed truncate could): the missing tail still reads as zeros and is
-// reported as a hole, and writing there works.
+// failed truncate or outside damage could): the missing tail still reads as
+// zeros and is reported as a hole, but the stored sums of the cut blocks no
+// longer match, so reads report exactly those blocks damaged; writing there
+// works, and a full-block write heals a block.
 func TestShortDataFile(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
@@ -715,9 +717,14 @@ func TestShortDataFile(t *testing.T) {
 	if err := os.Truncate(filepath.Join(dir, volumesDirName, "v", dataFileName), 256*KiB); err != nil {
 		t.Fatal(err)
 	}
-	wantZeros(t, v, 256*KiB, 768*KiB)
-	if got := mustRead(t, v, 256*KiB-1, 2); !bytes.Equal(got, []byte{7, 0}) {
-		t.Fatalf("read across EOF = %v", got)
+	wantDamage(t, v, 256*KiB, 768*KiB, []Range{{256 * KiB, 768 * KiB}})
+	p := make([]byte, 8*KiB)
+	bad, err := v.ReadHealthy(p, 256*KiB-4*KiB)
+	if err != nil || !slices.Equal(bad, []Range{{256 * KiB, 4 * KiB}}) {
+		t.Fatalf("ReadHealthy across EOF = %v, %v", bad, err)
+	}
+	if !bytes.Equal(p[:4*KiB], bytes.Repeat([]byte{7}, 4*KiB)) {
+		t.Fatal("ReadHealthy: healthy block before EOF differs")
 	}
 	exts, err := v.BlockStatus(0, MiB)
 	if err != nil {
@@ -730,8 +737,14 @@ func TestShortDataFile(t *testing.T) {
 	if err := v.Hash(0, MiB, nopHash{}); err != nil {
 		t.Fatal(err)
 	}
+	// A partial write to a damaged block writes but does not heal.
 	mustWrite(t, v, []byte{9}, MiB-1)
-	if got := mustRead(t, v, MiB-2, 2); !bytes.Equal(got, []byte{0, 9}) {
+	wantDamage(t, v, MiB-2, 2, []Range{{MiB - 4096, 4096}})
+	// A full-block write heals it.
+	blk := bytes.Repeat([]byte{3}, 4096)
+	blk[4095] = 9
+	mustWrite(t, v, blk, MiB-4096)
+	if got := mustRead(t, v, MiB-2, 2); !bytes.Equal(got, []byte{3, 9}) {
 		t.Fatalf("read = %v", got)
 	}
 }

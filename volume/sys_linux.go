@@ -66,3 +66,7 @@ func lockDir(path string) (*os.File, error) {
 	}
 	return f, nil
 }
+
+// readFunc has the signature of (*os.File).ReadAt. Volumes read their data
+// file through a field of this type so tests can inject I/O errors.
+type readFunc func(f *os.File, p []byte, off int64) (int, error)

@@ -136,6 +136,8 @@ func (a *Agent) secure() error {
 		return err
 	}
 	a.log.Info("authorization policy", "policy", a.policy.get().Summary())
+	policy := a.policy
+	creds.SetRevoked(func(name string) bool { return policy.get().Denied(name) })
 	a.net.Creds = creds
 	a.net.ExpectName = a.expectSite
 	a.log.Info("TLS with mutual authentication on Raft and the API", "identity", creds.Identity().String(), "not_after", creds.NotAfter(),

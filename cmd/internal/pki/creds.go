@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -39,6 +40,33 @@ type Credentials struct {
 	checked time.Time        // when the files were last looked at
 	lastErr error            // the last reload's failure, nil after a success
 	log     *slog.Logger
+
+	revoked atomic.Pointer[func(name string) bool] // SetRevoked; nil: none
+}
+
+// SetRevoked installs the revocation check of the site links: a site whose
+// name revoked reports is refused in the TLS handshake of every Raft
+// connection and site-to-site dial, in both directions (the deny list of
+// the authorization policy, read at each handshake, so a new list takes
+// effect without a restart; connections already open are not cut). The API
+// and NBD listeners leave revocation to the authorization layer, which
+// answers with a reason (HTTP 403, NBD_REP_ERR_POLICY).
+func (c *Credentials) SetRevoked(revoked func(name string) bool) {
+	c.revoked.Store(&revoked)
+}
+
+// checkSite is checkPeer for a site link, plus the revocation check.
+func (c *Credentials) checkSite(cs tls.ConnectionState, expect string) error {
+	if err := checkPeer(cs, "site link", KindSite, expect); err != nil {
+		return err
+	}
+	if f := c.revoked.Load(); f != nil && *f != nil {
+		id, _ := IdentityOf(cs.VerifiedChains[0][0]) // checkPeer parsed it
+		if (*f)(id.Name) {
+			return fmt.Errorf("%w: site link: peer %s is revoked", ErrPeerRefused, id)
+		}
+	}
+	return nil
 }
 
 // fileStamp tells a changed file from an unchanged one.
@@ -198,24 +226,25 @@ func (c *Credentials) base() *tls.Config {
 }
 
 // SiteServer is the configuration of a site-to-site listener (Raft): the
-// peer must present a certificate of the cluster CA with a site identity.
+// peer must present a certificate of the cluster CA with a site identity
+// that is not revoked (SetRevoked).
 func (c *Credentials) SiteServer() *tls.Config {
 	cfg := c.base()
 	cfg.GetCertificate = c.getCertificate
 	cfg.ClientAuth = tls.RequireAndVerifyClientCert
-	cfg.VerifyConnection = func(cs tls.ConnectionState) error { return checkPeer(cs, "site link", KindSite, "") }
+	cfg.VerifyConnection = func(cs tls.ConnectionState) error { return c.checkSite(cs, "") }
 	return cfg
 }
 
 // SiteClient is the configuration for dialing another site (Raft, API
 // forwarding): it presents this site's certificate, and the server must be
-// a site of the cluster CA; if expect is not "", the site named expect
-// (one site cannot pose as another). The caller sets ServerName to the
+// a site of the cluster CA, not revoked (SetRevoked); if expect is not "",
+// the site named expect (one site cannot pose as another). The caller sets ServerName to the
 // dialed host (netx does), which the server's certificate must list.
 func (c *Credentials) SiteClient(expect string) *tls.Config {
 	cfg := c.base()
 	cfg.GetClientCertificate = c.getClientCertificate
-	cfg.VerifyConnection = func(cs tls.ConnectionState) error { return checkPeer(cs, "site link", KindSite, expect) }
+	cfg.VerifyConnection = func(cs tls.ConnectionState) error { return c.checkSite(cs, expect) }
 	return cfg
 }
 

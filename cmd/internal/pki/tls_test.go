@@ -345,3 +345,40 @@ func TestRotation(t *testing.T) {
 		t.Fatalf("lost the certificate when its key file went away: %s", got)
 	}
 }
+
+// TestRevokedSites: SetRevoked refuses a revoked site on the site links in
+// both directions, reads the list at each handshake (a site revoked later
+// is refused from then on, one taken off the list is accepted again), and
+// leaves the API to the authorization layer.
+func TestRevokedSites(t *testing.T) {
+	w := newWorld(t)
+	var mu sync.Mutex
+	denied := map[string]bool{}
+	revoked := func(name string) bool { mu.Lock(); defer mu.Unlock(); return denied[name] }
+	set := func(name string, v bool) { mu.Lock(); denied[name] = v; mu.Unlock() }
+	w.s1.SetRevoked(revoked)
+	w.s2.SetRevoked(revoked)
+
+	mustPass := func(what string, server, client *tls.Config) {
+		t.Helper()
+		if srv, cli := handshake(t, server, client, "127.0.0.1"); srv.err != nil || cli.err != nil {
+			t.Fatalf("%s: refused: server %v, client %v", what, srv.err, cli.err)
+		}
+	}
+	mustPass("nobody revoked", w.s1.SiteServer(), w.s2.SiteClient(""))
+
+	set("s2", true)
+	srv, cli := handshake(t, w.s1.SiteServer(), w.s2.SiteClient(""), "127.0.0.1")
+	if srv.err == nil || !errors.Is(srv.err, ErrPeerRefused) || !strings.Contains(srv.err.Error(), "site/s2 is revoked") {
+		t.Fatalf("revoked site dialing in: server %v, client %v; want the server to refuse it as revoked", srv.err, cli.err)
+	}
+	srv, cli = handshake(t, w.s2.SiteServer(), w.s1.SiteClient(""), "127.0.0.1")
+	if cli.err == nil || !errors.Is(cli.err, ErrPeerRefused) || !strings.Contains(cli.err.Error(), "site/s2 is revoked") {
+		t.Fatalf("dialing a revoked site: server %v, client %v; want the client to refuse it as revoked", srv.err, cli.err)
+	}
+	// The API leaves revocation to the HTTP layer, which says why.
+	mustPass("revoked site at the API", w.s1.APIServer(), w.s2.SiteClient("s1"))
+
+	set("s2", false)
+	mustPass("taken off the list", w.s1.SiteServer(), w.s2.SiteClient(""))
+}
