@@ -2,7 +2,6 @@ package cluster
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"slices"
@@ -23,11 +22,14 @@ import (
 // background.
 
 // Range is a byte range of a volume, as the volume's damage API reports it.
-type Range struct{ Off, Len int64 }
+type Range = volume.Range
 
 // RepairBlock is the granularity of damage and repair: the volume's
-// checksum block (volume.SumBlockSize).
-const RepairBlock = 4096
+// checksum block.
+const RepairBlock = volume.SumBlockSize
+
+// *volume.Volume is what the repair path repairs.
+var _ RepairableVolume = (*volume.Volume)(nil)
 
 // RepairableVolume is what the repair path needs of a local volume: the
 // block checksum API of *volume.Volume (see volume/DESIGN.md). Every
@@ -60,23 +62,15 @@ type volumeSource interface {
 	volumeNames() []string
 }
 
-// storeVolumes is the volume store as a volumeSource. A volume that
-// keeps no block checksums cannot be repaired (errNoChecksums).
+// storeVolumes is the volume store as a volumeSource.
 type storeVolumes struct{ store *volume.Store }
-
-// errNoChecksums: the volume implementation has no damage API.
-var errNoChecksums = errors.New("this site's volumes keep no block checksums")
 
 func (s storeVolumes) repairable(name string) (RepairableVolume, error) {
 	v, err := s.store.Get(name)
 	if err != nil {
 		return nil, err
 	}
-	rv, ok := any(v).(RepairableVolume)
-	if !ok {
-		return nil, fmt.Errorf("volume %q: %w", name, errNoChecksums)
-	}
-	return rv, nil
+	return v, nil
 }
 
 func (s storeVolumes) volumeNames() []string {

@@ -92,6 +92,10 @@ var sentinels = []sentinel{
 	{"volume.ErrOutOfRange", volume.ErrOutOfRange, einval, s500},
 	{"volume.ErrCorrupt", volume.ErrCorrupt, eio, s500},
 	{"volume.ErrClosed", volume.ErrClosed, eshutdown, s500},
+	// Reads reach NBD through the repair path (heal.go), which turns a
+	// damaged read into the right bytes or cluster.ErrNoHealthyCopy; a
+	// damage error that gets through anyway is an I/O error.
+	{"volume.ErrDamaged", volume.ErrDamaged, eio, s500},
 
 	{"dcd.ErrClosed", dcd.ErrClosed, eshutdown, s500},
 	{"dcd.ErrOutOfRange", dcd.ErrOutOfRange, einval, s500},
