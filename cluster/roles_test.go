@@ -88,7 +88,7 @@ type roleSite struct {
 
 // roleCluster is a few roleSites; book resolves a site's API address.
 type roleCluster struct {
-	t     *testing.T
+	t     testing.TB
 	sites map[string]*roleSite
 	order []*roleSite
 	clock *manualClock
@@ -109,7 +109,7 @@ const testLeaseTTL = time.Second
 
 // newRoleCluster starts len(names) bootstrapped voters and waits for a
 // leader.
-func newRoleCluster(t *testing.T, names ...string) *roleCluster {
+func newRoleCluster(t testing.TB, names ...string) *roleCluster {
 	t.Helper()
 	c := &roleCluster{t: t, sites: map[string]*roleSite{}, clock: &manualClock{now: time.Unix(1_000_000, 0)}, stop: make(chan struct{})}
 	log := slog.New(slog.DiscardHandler)
@@ -218,7 +218,7 @@ func (c *roleCluster) isolate(s *roleSite) {
 }
 
 // waitFor polls cond until it holds or the deadline passes.
-func waitFor(t *testing.T, what string, within time.Duration, cond func() bool) {
+func waitFor(t testing.TB, what string, within time.Duration, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(within)
 	for !cond() {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"log/slog"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -132,5 +133,28 @@ func TestCopyExact(t *testing.T) {
 	}
 	if s.fsm.CopyExact() {
 		t.Fatal("exact after Close")
+	}
+}
+
+// BenchmarkApplyWriteBatch4K applies one-op 4 KiB batches: the smallest
+// entries, where the boundary lock Apply takes per entry weighs most.
+func BenchmarkApplyWriteBatch4K(b *testing.B) {
+	s := newSite(b, b.TempDir(), Options{Logger: slog.New(slog.DiscardHandler)})
+	l := &testLog{t: b}
+	const volSize = 64 * MiB
+	s.mustApply(l, create("bench", volSize))
+	data := bytes.Repeat([]byte{7}, 4*KiB)
+	b.SetBytes(4 * KiB)
+	off, seq, index := int64(0), uint64(0), uint64(len(l.entries))
+	for b.Loop() {
+		b.StopTimer()
+		seq++
+		index++
+		e := entry(b, index, &WriteBatch{Volume: "bench", Session: 1, Seq: seq, Ops: []Op{write(off, data)}})
+		off = (off + 4*KiB) % volSize
+		b.StartTimer()
+		if r := s.fsm.Apply(e).(*Result); r.Err != nil {
+			b.Fatal(r.Err)
+		}
 	}
 }
