@@ -195,8 +195,8 @@ type healer struct {
 
 // ReadAt reads [off, off+len(p)) of v, a local volume whose own read
 // reported damage: healthy blocks come from the local copy, damaged ones
-// from another site (a voter; only the allowed ones if allowed is not
-// nil) at an index this site has applied, and are written back. p then
+// from another voter's copy at an index this site has applied, and are
+// written back. p then
 // holds the volume's contents as of some applied index at or after the
 // call started. It fails, with an error wrapping ErrNoHealthyCopy, only if
 // no site could supply a damaged block; it never returns other bytes.
