@@ -506,7 +506,7 @@ func TestGoldenStateStream(t *testing.T) {
 	if err != nil {
 		t.Fatalf("readPrologue: %v", err)
 	}
-	checkFields(t, "header", h, streamHeader{Kind: kindState})
+	checkFields(t, "header", h, streamHeader{Version: 1, Kind: kindState})
 	checkFields(t, "state", got, img)
 	end, err := rr.readEpilogue()
 	if err != nil {
@@ -529,7 +529,7 @@ func TestGoldenStateStream(t *testing.T) {
 
 // streamEvent is one call of an imageSink.
 type streamEvent struct {
-	Kind string // "volume", "data", "zero"
+	Kind string // "volume", "data", "zero", "keep"
 	I    int
 	Off  int64
 	N    int64
@@ -550,6 +550,11 @@ func (s *recordingSink) data(off int64, p []byte) error {
 
 func (s *recordingSink) zero(off, n int64) error {
 	s.events = append(s.events, streamEvent{Kind: "zero", Off: off, N: n})
+	return nil
+}
+
+func (s *recordingSink) keep(off, n int64) error {
+	s.events = append(s.events, streamEvent{Kind: "keep", Off: off, N: n})
 	return nil
 }
 
@@ -641,10 +646,10 @@ func TestGoldenFullStream(t *testing.T) {
 	if err != nil {
 		t.Fatalf("readPrologue: %v", err)
 	}
-	checkFields(t, "header", h, streamHeader{Kind: kindFull, Index: index})
+	checkFields(t, "header", h, streamHeader{Version: 1, Kind: kindFull, Index: index})
 	checkFields(t, "state", got, img)
 	var sink recordingSink
-	if err := rr.readImage(got, &sink); err != nil {
+	if err := rr.readImage(h, got, &sink); err != nil {
 		t.Fatalf("readImage: %v", err)
 	}
 	checkFields(t, "records", sink.events, events)
