@@ -166,9 +166,10 @@ func newChunkMarks(size int64, fill uint64) *chunkMarks {
 	return m
 }
 
-// resize makes room for chunks chunks; new pages are marked 0 (callers
+// resize makes room for chunks chunks; chunks added are marked 0 (callers
 // mark a grown region themselves).
 func (m *chunkMarks) resize(chunks int64) {
+	old := m.chunks
 	np := int((chunks + markPageChunks - 1) >> markPageShift)
 	if np <= len(m.fill) {
 		clear(m.pages[np:]) // let the collector have them
@@ -178,6 +179,9 @@ func (m *chunkMarks) resize(chunks int64) {
 		m.pages = append(m.pages, make([]*[markPageChunks]uint64, np-len(m.pages))...)
 	}
 	m.chunks = chunks
+	if chunks > old {
+		m.mark(old, chunks, 0) // the old last page may hold marks past its end
+	}
 }
 
 func (m *chunkMarks) get(c int64) uint64 {

@@ -69,7 +69,7 @@ const (
 	endPayload      = 16
 	zeroPayload     = 8
 	keepPayload     = 8
-	baseFixed       = 8 // base index, before the keep ends
+	baseFixed       = 8       // base index, before the keep ends
 	streamChunk     = 1 << 20 // data record size and restore granularity
 	maxStatePayload = maxStateFileBytes
 )
