@@ -805,6 +805,22 @@ func TestReceivedThinSnapshotStreamsLive(t *testing.T) {
 		t.Fatal(err)
 	}
 	ssD := d.snapStore()
+	did, err := receive(t, ssD, meta, bytes.NewReader(stream))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Refused by Restore (as raft would call it): removed at once.
+	_, src, err := ssD.Open(did)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.fsm.Restore(src); !errors.Is(err, errCorruptStream) {
+		t.Fatalf("Restore at d: %v", err)
+	}
+	if list, _ := ssD.List(); len(list) != 0 {
+		t.Fatalf("the refused thin snapshot is still listed: %+v", list)
+	}
+	// Received again, and the site crashed before the restore.
 	if _, err := receive(t, ssD, meta, bytes.NewReader(stream)); err != nil {
 		t.Fatal(err)
 	}
@@ -898,5 +914,77 @@ func TestThinStreamBadRecords(t *testing.T) {
 		if _, err := decodeBase(p, h, img); !errors.Is(err, errCorruptStream) {
 			t.Errorf("base %s: %v", name, err)
 		}
+	}
+}
+
+// gateReader passes n bytes, then waits for open before the rest.
+type gateReader struct {
+	r    io.Reader
+	n    int64
+	at   chan struct{} // closed when n bytes were read
+	open chan struct{}
+	once bool
+}
+
+func (g *gateReader) Read(p []byte) (int, error) {
+	if g.n == 0 && !g.once {
+		g.once = true
+		close(g.at)
+		<-g.open
+	}
+	if g.n > 0 && int64(len(p)) > g.n {
+		p = p[:g.n]
+	}
+	n, err := g.r.Read(p)
+	if g.n > 0 {
+		g.n -= int64(n)
+	}
+	return n, err
+}
+
+// TestInstallProgress: Stats.CatchUp shows the stream being received
+// (bytes so far) and then restored (bytes read of the stored stream's
+// length), and nothing once done.
+func TestInstallProgress(t *testing.T) {
+	_, b, _, meta, stream := thinFixture(t)
+	ss := b.snapStore()
+	sink, err := ss.Create(1, meta.Index, meta.Term, meta.Configuration, meta.ConfigurationIndex, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sink.Write(stream[:len(stream)/2]); err != nil {
+		t.Fatal(err)
+	}
+	if p := b.fsm.Stats().CatchUp; p.Phase != "receiving" || p.Done != int64(len(stream)/2) || p.Total != 0 || p.Started.IsZero() {
+		t.Fatalf("while receiving: %+v", p)
+	}
+	if _, err := sink.Write(stream[len(stream)/2:]); err != nil {
+		t.Fatal(err)
+	}
+	if err := sink.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if p := b.fsm.Stats().CatchUp; p.Phase != "" {
+		t.Fatalf("after receiving: %+v", p)
+	}
+	_, src, err := ss.Open(sink.ID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := &gateReader{r: src, n: int64(len(stream)) - 100, at: make(chan struct{}), open: make(chan struct{})}
+	done := make(chan error, 1)
+	go func() { done <- b.fsm.Restore(io.NopCloser(g)) }()
+	<-g.at
+	p := b.fsm.Stats().CatchUp
+	close(g.open)
+	if p.Phase != "restoring" || p.Total != int64(len(stream)) || p.Done != int64(len(stream))-100 {
+		t.Fatalf("while restoring: %+v (stream of %d bytes)", p, len(stream))
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	src.Close()
+	if p := b.fsm.Stats().CatchUp; p.Phase != "" {
+		t.Fatalf("after restoring: %+v", p)
 	}
 }

@@ -179,6 +179,9 @@ type FSM struct {
 
 	// marks is the last-write map (catchup.go; its own lock).
 	marks writeMap
+	// onThinRefused, set by SnapshotStore before raft starts, removes the
+	// received thin snapshots of an index Restore refused (checkThin).
+	onThinRefused func(index uint64)
 }
 
 // New returns an FSM over store that keeps its state in stateDir (created

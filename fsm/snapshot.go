@@ -113,6 +113,9 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 		// Keep records rely on this site's bytes: refused before anything
 		// changes if they cannot be honoured here.
 		if err := f.checkThin(h, img, base); err != nil {
+			if f.onThinRefused != nil {
+				f.onThinRefused(h.Index)
+			}
 			return fmt.Errorf("fsm: restore: %w", err)
 		}
 	}

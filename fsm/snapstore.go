@@ -56,8 +56,11 @@ type snapshotStore struct {
 	// unrestored holds the thin (version 2) snapshots a sink of this
 	// process published and that no Open has handed out since: raft opens
 	// a received snapshot right after publishing it, to restore it, and
-	// that Open must return the stored stream. Guarded by mu.
+	// that Open must return the stored stream. thin holds the index of
+	// every thin snapshot a sink of this process published. Both guarded
+	// by mu.
 	unrestored map[string]bool
+	thin       map[string]uint64
 }
 
 // storedMeta is the content of meta.json's "meta" field.
@@ -98,7 +101,7 @@ func (f *FSM) SnapshotStore(dir string, retain int) (raft.SnapshotStore, error) 
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("fsm: snapshot store: %w", err)
 	}
-	s := &snapshotStore{fsm: f, dir: dir, retain: retain, log: f.log, unrestored: map[string]bool{}}
+	s := &snapshotStore{fsm: f, dir: dir, retain: retain, log: f.log, unrestored: map[string]bool{}, thin: map[string]uint64{}}
 	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return nil, fmt.Errorf("fsm: snapshot store: %w", err)
@@ -114,7 +117,32 @@ func (f *FSM) SnapshotStore(dir string, retain int) (raft.SnapshotStore, error) 
 	if err := s.recover(); err != nil {
 		return nil, fmt.Errorf("fsm: snapshot store: %w", err)
 	}
+	f.onThinRefused = s.dropThin
 	return s, nil
+}
+
+// dropThin removes the thin snapshots of index this process received:
+// Restore refused to install them here (their keep records do not apply
+// to this site's volumes), so they must neither be restored at the next
+// start nor be sent to anyone.
+func (s *snapshotStore) dropThin(index uint64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for id, i := range s.thin {
+		if i != index {
+			continue
+		}
+		s.log.Warn("fsm: removing a received thin snapshot that does not apply to this site's volumes", "id", id, "index", i)
+		if err := os.RemoveAll(filepath.Join(s.dir, id)); err != nil {
+			s.log.Warn("fsm: cannot remove a snapshot", "id", id, "err", err)
+			continue
+		}
+		delete(s.thin, id)
+		delete(s.unrestored, id)
+	}
+	if err := volume.SyncDir(s.dir); err != nil {
+		s.log.Warn("fsm: cannot sync the snapshot directory", "err", err)
+	}
 }
 
 // recover finishes an interrupted snapshot installation; see SnapshotStore.
@@ -426,7 +454,7 @@ func encodeSnapMeta(sm *storedMeta) ([]byte, error) {
 
 // commit moves a finished snapshot directory into place and reaps old
 // snapshots.
-func (s *snapshotStore) commit(tmp, id string, thin bool) error {
+func (s *snapshotStore) commit(tmp, id string, index uint64, thin bool) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := os.Rename(tmp, filepath.Join(s.dir, id)); err != nil {
@@ -434,6 +462,7 @@ func (s *snapshotStore) commit(tmp, id string, thin bool) error {
 	}
 	if thin {
 		s.unrestored[id] = true
+		s.thin[id] = index
 	}
 	if err := volume.SyncDir(s.dir); err != nil {
 		return err
@@ -451,6 +480,7 @@ func (s *snapshotStore) reapLocked() {
 		}
 		s.log.Info("fsm: removing old snapshot", "id", sm.ID, "index", sm.Index, "kind", sm.Kind)
 		delete(s.unrestored, sm.ID)
+		delete(s.thin, sm.ID)
 		if err := os.RemoveAll(filepath.Join(s.dir, sm.ID)); err != nil {
 			s.log.Warn("fsm: cannot remove old snapshot", "id", sm.ID, "err", err)
 		}
@@ -577,5 +607,5 @@ func (k *snapshotSink) finish() error {
 	if err := volume.SyncDir(k.tmp); err != nil {
 		return err
 	}
-	return k.store.commit(k.tmp, k.meta.ID, k.thin)
+	return k.store.commit(k.tmp, k.meta.ID, k.meta.Index, k.thin)
 }
