@@ -988,3 +988,36 @@ func TestInstallProgress(t *testing.T) {
 		t.Fatalf("after restoring: %+v", p)
 	}
 }
+
+// BenchmarkSetBase1TiB plans a thin stream for one sparse 1 TiB volume
+// (a million chunks) whose map has scattered marks.
+func BenchmarkSetBase1TiB(b *testing.B) {
+	st, err := volume.Open(b.TempDir(), testLogger(b))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer st.Close()
+	m := volume.Meta{Name: "v", Size: 1 << 40, BlockSize: 4096, Created: time.Unix(0, testCreated).UTC()}
+	if _, err := st.Create(m); err != nil {
+		b.Fatal(err)
+	}
+	img := &stateImage{Applied: 100, Volumes: []volume.Meta{m}}
+	s, err := newFullStream(st, 100, img, func() uint64 { return 101 })
+	if err != nil {
+		b.Fatal(err)
+	}
+	var w writeMap
+	w.reset(10, img.Volumes)
+	for c := int64(0); c < chunksOf(m.Size); c += 997 {
+		w.vols["v"].mark(c, c+1, 60)
+	}
+	s.marks = &w
+	base := CatchUpBase{Index: 50, Volumes: img.Volumes}
+	b.ResetTimer()
+	for range b.N {
+		if _, err := s.SetBase(base); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ReportMetric(float64(s.Plan().KeptRuns), "keep-records")
+}
