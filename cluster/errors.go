@@ -39,6 +39,10 @@ var (
 	ErrKeyringIncomplete = errors.New("gossip keyring change did not reach every live site")
 	// ErrBadKeyring: the persisted gossip keyring cannot be read.
 	ErrBadKeyring = errors.New("unreadable gossip keyring file")
+	// ErrBadCatchUpBase: a site's answer to the catch-up base request is
+	// not a valid catch-up base (the leader then sends the whole
+	// snapshot).
+	ErrBadCatchUpBase = errors.New("malformed catch-up base")
 )
 
 // retryable lists the errors after which the same command may be proposed

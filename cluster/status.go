@@ -48,6 +48,9 @@ type SiteStatus struct {
 	Error        string     `json:"error,omitempty"`
 	// Stages: where writes spend their time at this site (stages.go).
 	Stages []StageLatency `json:"stages,omitempty"`
+	// CatchUp: the snapshot install running at this site, if any
+	// (catchup.go).
+	CatchUp *CatchUpStatus `json:"catch_up,omitempty"`
 }
 
 // Status is the cluster as seen from the site that answered.
@@ -110,6 +113,7 @@ func (r *statusReporter) LocalStatus() SiteStatus {
 		Stages:            r.stages.Snapshot(),
 		Security:          security,
 		CertNotAfter:      certNotAfter,
+		CatchUp:           catchUpStatus(r.fsm),
 	}
 }
 

@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"text/tabwriter"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -70,11 +71,44 @@ func newClusterStatusCmd(g *globals) *cobra.Command {
 				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%d\t%s\t%s\t%s\t%s\n", s.Name, s.State, suffrage(s), s.Gossip,
 					s.AppliedIndex, s.CommitIndex, s.Lag, s.RaftAddr, s.NBDAddr, s.APIAddr, security(s))
 			}
-			return tw.Flush()
+			if err := tw.Flush(); err != nil {
+				return err
+			}
+			for _, s := range st.Sites {
+				if note := catchUpNote(s); note != "" {
+					fmt.Fprintf(out, "%s: %s\n", s.Name, note)
+				}
+			}
+			return nil
 		},
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	return cmd
+}
+
+// catchUpNote describes a snapshot install running at the site ("" if
+// none): "catching up: X of Y MiB, R MiB/s, ETA D" while the stored stream
+// is restored, "catching up: receiving X MiB, R MiB/s" while the leader's
+// stream arrives (its length is not known there). The rate is over the
+// whole phase, on the site's own clock.
+func catchUpNote(s cluster.SiteStatus) string {
+	c := s.CatchUp
+	if c == nil {
+		return ""
+	}
+	mib := func(n int64) float64 { return float64(n) / (1 << 20) }
+	rate := 0.0
+	if el := time.Duration(c.ElapsedNanos); el > 0 {
+		rate = float64(c.BytesDone) / el.Seconds()
+	}
+	if c.BytesTotal <= 0 {
+		return fmt.Sprintf("catching up: %s %.1f MiB, %.1f MiB/s", c.Phase, mib(c.BytesDone), mib(int64(rate)))
+	}
+	eta := "unknown"
+	if left := c.BytesTotal - c.BytesDone; rate > 0 && left >= 0 {
+		eta = time.Duration(float64(left) / rate * float64(time.Second)).Round(time.Second).String()
+	}
+	return fmt.Sprintf("catching up: %.1f of %.1f MiB, %.1f MiB/s, ETA %s", mib(c.BytesDone), mib(c.BytesTotal), mib(int64(rate)), eta)
 }
 
 // suffrage says what a site may do in elections: voter, non-voter (a
