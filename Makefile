@@ -18,7 +18,7 @@ RECREATE_CYCLES ?= 60
 # test`): every fuzz target of the module; a count after a second colon
 # replaces FUZZTIME for a slow target (a full TLS handshake per input).
 FUZZ      := ./nbdfront:FuzzHandshake ./nbdfront:FuzzTransmission ./nbdfront:FuzzHandshakeRequireTLS \
-	./nbdfront:FuzzOptionsAfterTLS:3000x ./volume:FuzzMeta ./fsm:FuzzDecode ./fsm:FuzzDecodeState ./fsm:FuzzStream \
+	./nbdfront:FuzzOptionsAfterTLS:3000x ./volume:FuzzMeta ./volume:FuzzSumsHeader ./fsm:FuzzDecode ./fsm:FuzzDecodeState ./fsm:FuzzStream \
 	./cmd/internal/config:FuzzParseSize ./cmd/internal/auth:FuzzParse ./cmd/internal/pki:FuzzParseGossipKey \
 	./cmd/internal/pki:FuzzParseCerts ./cluster:FuzzDecodeKeyring ./cluster/dcdlog:FuzzSegment \
 	./cluster/dcdlog:FuzzDamagedSegment ./cluster/wire:FuzzDecodeFrame ./cluster/wire:FuzzDecodeStream \

@@ -41,6 +41,9 @@ type Node struct {
 	raft  *raft.Raft
 	store io.Closer  // the Raft log and stable store (openLogStore)
 	trans *voteGuard // the Raft transport; keeps a fresh site out of elections
+	// catchUp makes snapshot installs catch-ups (catchup.go); it learns
+	// the peers' addresses once the roles are wired.
+	catchUp *catchUpTransport
 
 	id       *identity       // fresh state, refusals, cluster ID (identity.go)
 	watch    *leaderWatch    // leader changes (leader.go)
@@ -145,6 +148,9 @@ func (n *Node) wire() {
 		members: n.gossip, rpc: rpc}
 	n.id.config, n.id.barrier, n.id.prop, n.id.meta = n.raft, n.raft, n.prop, n.gossip
 	n.verify = &verifier{self: cfg.Name, prop: n.prop, config: n.raft, fsm: n.fsm, book: n.gossip, rpc: rpc}
+	if n.catchUp != nil {
+		n.catchUp.setPeers(n.gossip, rpc)
+	}
 	n.heal = &healer{self: cfg.Name, log: n.log, fsm: n.fsm, vols: storeVolumes{n.fsm.Store()},
 		sources: voterSources{self: cfg.Name, config: n.raft, leader: lead, book: n.gossip}, rpc: rpc,
 		interval: cfg.RebuildInterval, rate: cfg.RebuildRate, stop: n.stop,
@@ -261,6 +267,8 @@ func (n *Node) openRaft() error {
 	if lsync != nil {
 		tr = &syncedTransport{guardedTransport: tr, sync: lsync}
 	}
+	n.catchUp = &catchUpTransport{guardedTransport: tr, log: n.log, timeout: catchUpBaseTimeout}
+	tr = n.catchUp
 	n.trans = newVoteGuard(tr, &n.id.fresh, func(id string) bool { return foreign(n.fsm.ClusterID(), n.id.refused.clusterOf(id)) }, n.log)
 	var machine raft.FSM = n.fsm
 	if n.cfg.Stages != nil {

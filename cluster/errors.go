@@ -50,6 +50,10 @@ var (
 	// range kept being written during each repair). The read fails rather
 	// than return other bytes.
 	ErrNoHealthyCopy = errors.New("no healthy copy of a damaged range could be read from another site")
+	// ErrBadCatchUpBase: a site's answer to the catch-up base request is
+	// not a valid catch-up base (the leader then sends the whole
+	// snapshot).
+	ErrBadCatchUpBase = errors.New("malformed catch-up base")
 )
 
 // retryable lists the errors after which the same command may be proposed

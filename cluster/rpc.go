@@ -60,6 +60,7 @@ func (n *Node) Handler() http.Handler {
 	mux.HandleFunc("POST "+pathLeaseRenew, n.leases.handleLease)
 	mux.HandleFunc("POST "+pathReadIndex, n.leases.handleLease)
 	mux.HandleFunc("POST "+pathKeyring, n.keyAdmin.handleKeyring)
+	mux.HandleFunc("GET "+pathCatchUpBase, handleCatchUpBase(n.fsm))
 	mux.HandleFunc("GET "+pathRead, n.heal.handleRead)
 	mux.HandleFunc("POST "+pathRepair, n.heal.handleRepair)
 	return &peerGate{name: n.cfg.PeerName, require: n.cfg.RequirePeer, next: mux}

@@ -48,6 +48,9 @@ type SiteStatus struct {
 	Error        string     `json:"error,omitempty"`
 	// Stages: where writes spend their time at this site (stages.go).
 	Stages []StageLatency `json:"stages,omitempty"`
+	// CatchUp: the snapshot install running at this site, if any
+	// (catchup.go).
+	CatchUp *CatchUpStatus `json:"catch_up,omitempty"`
 	// Degraded lists the volumes whose copy at this site has damaged
 	// blocks (failed checksums, I/O errors): reads of them are served
 	// from other sites and the site rebuilds them in the background.
@@ -120,6 +123,7 @@ func (r *statusReporter) LocalStatus() SiteStatus {
 		Stages:            r.stages.Snapshot(),
 		Security:          security,
 		CertNotAfter:      certNotAfter,
+		CatchUp:           catchUpStatus(r.fsm),
 	}
 	if r.heal != nil {
 		s.Degraded = r.heal.degraded()

@@ -103,8 +103,13 @@ type Stats struct {
 	Restores            int    // snapshots installed
 	RestoreBytesWritten int64  // bytes written or trimmed by restores
 	RestoreBytesSkipped int64  // bytes restores found already identical
+	RestoreBytesKept    int64  // bytes restores left alone for a thin stream's keep records
 	Sessions            int    // writer sessions in the dedup table
 	Failed              error  // non-nil in the failed state
+	// CatchUp is the snapshot install running at this site, if any
+	// (Phase ""): bytes done of the stream's length since Started, from
+	// which a rate and an ETA follow.
+	CatchUp CatchUpProgress
 }
 
 // FSM is the replicated state machine over a volume.Store. It implements
@@ -169,6 +174,22 @@ type FSM struct {
 	verify      map[string]VerifyReport
 	verifyOrder []string      // IDs in verify, oldest first
 	changed     chan struct{} // closed when applied/failed/closed change; nil if nobody waits
+	// base is the applied index of the state file last written (the
+	// marker's while a restore is unfinished): CatchUpBase.Index.
+	base uint64
+	prog progress // the install in progress (Stats.CatchUp)
+	// restoreSize is the length of the received stream the snapshot
+	// store last opened for a restore (index 0: none), for progress.
+	restoreSize struct {
+		index uint64
+		size  int64
+	}
+
+	// marks is the last-write map (catchup.go; its own lock).
+	marks writeMap
+	// onThinRefused, set by SnapshotStore before raft starts, removes the
+	// received thin snapshots of an index Restore refused (checkThin).
+	onThinRefused func(index uint64)
 }
 
 // New returns an FSM over store that keeps its state in stateDir (created
@@ -231,8 +252,16 @@ func New(store *volume.Store, stateDir string, opts Options) (*FSM, error) {
 		clusterID:    img.ClusterID,
 		verify:       make(map[string]VerifyReport),
 	}
+	f.base = img.Applied
 	f.stats.CheckpointIndex = img.Applied
 	f.stats.Sessions = len(f.sessions)
+	if img.Restoring {
+		f.marks.invalidate() // the volumes are neither state
+	} else {
+		// Entries after the checkpoint are replayed through Apply and
+		// marked; what came before is not known.
+		f.marks.reset(img.Applied, store.List())
+	}
 	f.dropOrphanLeases("state file", func(name string) bool {
 		_, err := store.Get(name)
 		return err == nil || !errors.Is(err, volume.ErrNotFound)
@@ -393,6 +422,9 @@ func (f *FSM) Stats() Stats {
 	s := f.stats
 	s.AppliedIndex = f.applied
 	s.Failed = f.failed
+	if f.prog.phase != "" {
+		s.CatchUp = CatchUpProgress{Phase: f.prog.phase, Started: f.prog.started, Done: f.prog.done.Load(), Total: f.prog.total}
+	}
 	return s
 }
 
@@ -538,11 +570,11 @@ func (f *FSM) applyCommand(index uint64, cmd Command) (outcome, error) {
 	case *WriteBatch:
 		return f.applyWriteBatch(index, c)
 	case *CreateVolume:
-		return f.applyCreate(c)
+		return f.applyCreate(index, c)
 	case *DeleteVolume:
 		return f.applyDelete(c)
 	case *ResizeVolume:
-		return f.applyResize(c)
+		return f.applyResize(index, c)
 	case *EndSession:
 		if c.Session == 0 {
 			return outcome{err: fmt.Errorf("%w: session 0", ErrInvalidCommand)}, nil
@@ -606,7 +638,7 @@ func (f *FSM) applyWriteBatch(index uint64, b *WriteBatch) (outcome, error) {
 	case s != nil && b.Seq > s.LastSeq+1:
 		return outcome{err: fmt.Errorf("%w: session %x seq %d after %d", ErrSeqGap, b.Session, b.Seq, s.LastSeq)}, nil
 	}
-	verdict, local := f.applyOps(b)
+	verdict, local := f.applyOps(index, b)
 	if local != nil {
 		return outcome{}, local
 	}
@@ -621,7 +653,7 @@ func (f *FSM) applyWriteBatch(index uint64, b *WriteBatch) (outcome, error) {
 
 // applyOps range-checks every op of b against the volume, then applies them
 // all. It returns a replicated verdict or a local error.
-func (f *FSM) applyOps(b *WriteBatch) (verdict, local error) {
+func (f *FSM) applyOps(index uint64, b *WriteBatch) (verdict, local error) {
 	v, verdict, local := f.getVolume(b.Volume)
 	if verdict != nil || local != nil {
 		return verdict, local
@@ -640,6 +672,7 @@ func (f *FSM) applyOps(b *WriteBatch) (verdict, local error) {
 				ErrOutOfRange, i, op.Off, op.Len, b.Volume, size), nil
 		}
 	}
+	f.marks.markOps(b.Volume, size, b.Ops, index) // before any op lands
 	for i := range b.Ops {
 		op := &b.Ops[i]
 		if op.Len == 0 {
@@ -740,7 +773,7 @@ func sameIncarnation(a, b volume.Meta) bool {
 		a.Created.UnixNano() == b.Created.UnixNano() && a.SyncWrites == b.SyncWrites
 }
 
-func (f *FSM) applyCreate(c *CreateVolume) (outcome, error) {
+func (f *FSM) applyCreate(index uint64, c *CreateVolume) (outcome, error) {
 	bs := c.BlockSize
 	if bs == 0 {
 		bs = volume.DefaultBlockSize
@@ -755,6 +788,9 @@ func (f *FSM) applyCreate(c *CreateVolume) (outcome, error) {
 		// Creating the identical volume again is a no-op, which makes
 		// a replayed Create idempotent (see DESIGN.md).
 		if sameMeta(v.Meta(), m) {
+			// Possibly the replay of the Create that made it, whose
+			// marks were lost with a restart: marked anew (DESIGN.md).
+			f.marks.markCreate(c.Name, m.Size, index)
 			return outcome{}, nil
 		}
 		return outcome{err: fmt.Errorf("%w: %q", ErrVolumeExists, c.Name)}, nil
@@ -764,6 +800,7 @@ func (f *FSM) applyCreate(c *CreateVolume) (outcome, error) {
 	if err := f.checkpoint(); err != nil {
 		return outcome{}, err
 	}
+	f.marks.markCreate(c.Name, m.Size, index)
 	if _, err := f.store.Create(m); err != nil {
 		return outcome{}, err
 	}
@@ -786,6 +823,7 @@ func (f *FSM) applyDelete(c *DeleteVolume) (outcome, error) {
 		}
 		f.dropSessions(c.Name) // its writer sessions too, as the first apply did
 		delete(f.dirty, c.Name)
+		f.marks.drop(c.Name)
 		return outcome{err: fmt.Errorf("%w: %q", ErrUnknownVolume, c.Name)}, nil
 	case err != nil && !errors.Is(err, volume.ErrCorrupt):
 		return outcome{}, err // a broken volume (ErrCorrupt) can be deleted
@@ -794,6 +832,7 @@ func (f *FSM) applyDelete(c *DeleteVolume) (outcome, error) {
 		return outcome{}, err
 	}
 	delete(f.dirty, c.Name)
+	f.marks.drop(c.Name)
 	if err := f.store.Delete(c.Name); err != nil {
 		return outcome{}, err
 	}
@@ -802,7 +841,7 @@ func (f *FSM) applyDelete(c *DeleteVolume) (outcome, error) {
 	return outcome{metaChanged: true}, nil
 }
 
-func (f *FSM) applyResize(c *ResizeVolume) (outcome, error) {
+func (f *FSM) applyResize(index uint64, c *ResizeVolume) (outcome, error) {
 	v, verdict, local := f.getVolume(c.Name)
 	if verdict != nil || local != nil {
 		return outcome{err: verdict}, local
@@ -811,6 +850,7 @@ func (f *FSM) applyResize(c *ResizeVolume) (outcome, error) {
 	if m.Size == c.Size {
 		return outcome{}, nil
 	}
+	old := m.Size
 	m.Size = c.Size
 	if err := volume.ValidateMeta(m); err != nil {
 		return outcome{err: fmt.Errorf("%w: %w", ErrInvalidCommand, err)}, nil
@@ -818,6 +858,7 @@ func (f *FSM) applyResize(c *ResizeVolume) (outcome, error) {
 	if err := f.checkpoint(); err != nil {
 		return outcome{}, err
 	}
+	f.marks.markResize(c.Name, old, c.Size, index)
 	if err := f.store.Resize(c.Name, c.Size); err != nil {
 		return outcome{}, err
 	}
@@ -900,6 +941,7 @@ func (f *FSM) checkpoint() error {
 	if err := writeStateFile(f.stateDir, img); err != nil {
 		return fmt.Errorf("checkpoint: %w", err)
 	}
+	f.setBase(f.applied, false)
 	f.checkpointed = f.applied
 	f.setFuzzyUntil(img.FuzzyUntil)
 	f.pendingBytes = 0
@@ -946,6 +988,7 @@ func (f *FSM) startCheckpoint() {
 			bg.done <- fmt.Errorf("checkpoint: %w", err)
 			return
 		}
+		f.setBase(img.Applied, true)
 		f.mu.Lock()
 		f.stats.Checkpoints++
 		f.stats.CheckpointIndex = max(f.stats.CheckpointIndex, img.Applied)

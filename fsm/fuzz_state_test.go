@@ -123,6 +123,11 @@ func (a sinkAdapter) zero(off, n int64) error {
 	a.s.recs = append(a.s.recs, streamEvent{Kind: "zero", Off: off, N: n})
 	return nil
 }
+func (a sinkAdapter) keep(off, n int64) error {
+	a.s.at(off, n)
+	a.s.recs = append(a.s.recs, streamEvent{Kind: "keep", Off: off, N: n})
+	return nil
+}
 
 // parsedStream is everything a stream says.
 type parsedStream struct {
@@ -141,7 +146,7 @@ func parseStream(t *testing.T, b []byte) (*parsedStream, error) {
 	p := &parsedStream{h: h, img: img}
 	if h.Kind == kindFull {
 		s := &checkingSink{t: t, img: img, cur: -1}
-		if err := rr.readImage(img, sinkAdapter{s}); err != nil {
+		if err := rr.readImage(h, img, sinkAdapter{s}); err != nil {
 			return nil, err
 		}
 		s.close()
@@ -160,6 +165,9 @@ func parseStream(t *testing.T, b []byte) (*parsedStream, error) {
 func encodeParsed(p *parsedStream) []byte {
 	b := append([]byte(streamMagic), appendRecord(nil, recHeader, headerRecordPayload(p.h))...)
 	b = appendRecord(b, recState, encodeState(p.img))
+	if p.h.Base != nil {
+		b = appendRecord(b, recBase, baseRecordPayload(p.h.Base))
+	}
 	for _, r := range p.recs {
 		switch r.Kind {
 		case "volume":
@@ -168,6 +176,8 @@ func encodeParsed(p *parsedStream) []byte {
 			b = appendRecord(b, recData, r.Data)
 		case "zero":
 			b = appendRecord(b, recZero, leUint64(uint64(r.N)))
+		case "keep":
+			b = appendRecord(b, recKeep, leUint64(uint64(r.N)))
 		}
 	}
 	return appendRecord(b, recEnd, endRecordPayload(p.end))
@@ -203,7 +213,7 @@ func FuzzStream(f *testing.F) {
 			return
 		}
 		b := encodeParsed(p)
-		if data[len(streamMagic)+recOverhead+headerPayload+5] == stateVersion && !bytes.Equal(b, data) {
+		if data[len(streamMagic)+recOverhead+headerPayload+5] == stateVersion && !bytes.Equal(b, data) { // the state record's version byte
 			t.Fatalf("written back differently:\nin  %x\nout %x", data, b)
 		}
 		p2, err := parseStream(t, b)

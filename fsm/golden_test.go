@@ -29,6 +29,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -506,7 +507,7 @@ func TestGoldenStateStream(t *testing.T) {
 	if err != nil {
 		t.Fatalf("readPrologue: %v", err)
 	}
-	checkFields(t, "header", h, streamHeader{Kind: kindState})
+	checkFields(t, "header", h, streamHeader{Version: 1, Kind: kindState})
 	checkFields(t, "state", got, img)
 	end, err := rr.readEpilogue()
 	if err != nil {
@@ -529,7 +530,7 @@ func TestGoldenStateStream(t *testing.T) {
 
 // streamEvent is one call of an imageSink.
 type streamEvent struct {
-	Kind string // "volume", "data", "zero"
+	Kind string // "volume", "data", "zero", "keep"
 	I    int
 	Off  int64
 	N    int64
@@ -550,6 +551,11 @@ func (s *recordingSink) data(off int64, p []byte) error {
 
 func (s *recordingSink) zero(off, n int64) error {
 	s.events = append(s.events, streamEvent{Kind: "zero", Off: off, N: n})
+	return nil
+}
+
+func (s *recordingSink) keep(off, n int64) error {
+	s.events = append(s.events, streamEvent{Kind: "keep", Off: off, N: n})
 	return nil
 }
 
@@ -641,10 +647,10 @@ func TestGoldenFullStream(t *testing.T) {
 	if err != nil {
 		t.Fatalf("readPrologue: %v", err)
 	}
-	checkFields(t, "header", h, streamHeader{Kind: kindFull, Index: index})
+	checkFields(t, "header", h, streamHeader{Version: 1, Kind: kindFull, Index: index})
 	checkFields(t, "state", got, img)
 	var sink recordingSink
-	if err := rr.readImage(got, &sink); err != nil {
+	if err := rr.readImage(h, got, &sink); err != nil {
 		t.Fatalf("readImage: %v", err)
 	}
 	checkFields(t, "records", sink.events, events)
@@ -658,6 +664,151 @@ func TestGoldenFullStream(t *testing.T) {
 	}
 	// Re-encode from the decoded state with the live generator.
 	sameBytes(t, name, produceFullStream(t, got, writes, h.Index, end.FuzzyUntil), golden)
+}
+
+// goldenThin is the content of the golden thin (version 2) stream: four
+// volumes against a base at index 40 that holds a, c and d in the same
+// incarnation and b in another: a was written after the base (sent), b is
+// sent (its zeros), c keeps its first and last chunk around a chunk
+// trimmed after the base (a zero run), d is kept whole (one merged keep
+// record of 2 MiB + 4 KiB).
+func goldenThin() (img *stateImage, writes map[string][]streamEvent, marks map[string][]uint64, base CatchUpBase, events []streamEvent) {
+	created := time.Unix(0, testCreated).UTC()
+	img = &stateImage{
+		Applied: 46,
+		Volumes: []volume.Meta{
+			{Name: "a", Size: 4096, BlockSize: 4096, Created: created},
+			{Name: "b", Size: 4096, BlockSize: 4096, Created: created},
+			{Name: "c", Size: 3 * streamChunk, BlockSize: 4096, Created: created},
+			{Name: "d", Size: 2*streamChunk + 4096, BlockSize: 4096, Created: created, SyncWrites: true},
+		},
+		Sessions:  []sessionEntry{{ID: 5, session: session{LastSeq: 9, LastIndex: 45, Volume: "a", Epoch: 1}}},
+		Leases:    []leaseEntry{{Volume: "a", Lease: Lease{Holder: "site-1", Epoch: 1}}},
+		ClusterID: "c0ffee-42",
+	}
+	fill := func(n int, b byte) []byte { return bytes.Repeat([]byte{b}, n) }
+	writes = map[string][]streamEvent{
+		"a": {{Off: 0, Data: fill(4096, 0xa1)}},
+		"c": {{Off: 0, Data: fill(4096, 0xc0)}, {Off: 2 * streamChunk, Data: fill(4096, 0xc2)}},
+		"d": {{Off: streamChunk, Data: fill(4096, 0xd1)}},
+	}
+	marks = map[string][]uint64{"a": {41}, "b": {3}, "c": {12, 45, 12}, "d": {30, 30, 30}}
+	bm := slices.Clone(img.Volumes)
+	bm[1].Created = created.Add(-time.Second) // another incarnation of b
+	base = CatchUpBase{Index: 40, Volumes: bm}
+	events = []streamEvent{
+		{Kind: "volume", I: 0},
+		{Kind: "data", Off: 0, N: 4096, Data: fill(4096, 0xa1)},
+		{Kind: "volume", I: 1},
+		{Kind: "zero", Off: 0, N: 4096},
+		{Kind: "volume", I: 2},
+		{Kind: "keep", Off: 0, N: streamChunk},
+		{Kind: "zero", Off: streamChunk, N: streamChunk},
+		{Kind: "keep", Off: 2 * streamChunk, N: streamChunk},
+		{Kind: "volume", I: 3},
+		{Kind: "keep", Off: 0, N: 2*streamChunk + 4096},
+	}
+	return img, writes, marks, base, events
+}
+
+// produceThinStream runs the live generator with a last-write map holding
+// marks and plans it against base.
+func produceThinStream(t *testing.T, img *stateImage, writes map[string][]streamEvent, marks map[string][]uint64,
+	base CatchUpBase, index, fuzzy uint64) []byte {
+	t.Helper()
+	st, err := volume.Open(t.TempDir(), testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	for _, m := range img.Volumes {
+		v, err := st.Create(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, w := range writes[m.Name] {
+			if _, err := v.WriteAt(w.Data, w.Off); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	s, err := newFullStream(st, index, img, func() uint64 { return fuzzy })
+	if err != nil {
+		t.Fatal(err)
+	}
+	var w writeMap
+	w.reset(10, img.Volumes)
+	for name, ms := range marks {
+		for c, idx := range ms {
+			w.vols[name].mark(int64(c), int64(c)+1, idx)
+		}
+	}
+	s.marks = &w
+	size, err := s.SetBase(base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := io.ReadAll(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if int64(len(b)) != size {
+		t.Fatalf("stream of %d bytes, announced %d", len(b), size)
+	}
+	return b
+}
+
+func TestGoldenThinStream(t *testing.T) {
+	const name = "stream_thin.bin"
+	const index, fuzzy = 50, 47
+	img, writes, marks, base, events := goldenThin()
+	var produced []byte
+	if updating() {
+		produced = produceThinStream(t, img, writes, marks, base, index, fuzzy)
+	}
+	golden := goldenCurrent(t, name, produced)
+
+	rr := newRecordReader(bytes.NewReader(golden))
+	h, got, err := rr.readPrologue()
+	if err != nil {
+		t.Fatalf("readPrologue: %v", err)
+	}
+	wantBase := &streamBase{Index: 40, KeepEnd: []int64{0, 0, 3 * streamChunk, 2*streamChunk + 4096}}
+	checkFields(t, "header", h, streamHeader{Version: 2, Kind: kindFull, Index: index, Base: wantBase})
+	checkFields(t, "state", got, img)
+	var sink recordingSink
+	if err := rr.readImage(h, got, &sink); err != nil {
+		t.Fatalf("readImage: %v", err)
+	}
+	checkFields(t, "records", sink.events, events)
+	end, err := rr.readEpilogue()
+	if err != nil {
+		t.Fatalf("readEpilogue: %v", err)
+	}
+	checkFields(t, "end", end, streamEnd{Records: uint64(3 + len(events)), FuzzyUntil: fuzzy})
+	if _, _, err := validateStream(bytes.NewReader(golden)); err != nil {
+		t.Fatalf("validateStream: %v", err)
+	}
+	sameBytes(t, name, produceThinStream(t, got, writes, marks, base, h.Index, end.FuzzyUntil), golden)
+
+	// The documented layout of the version 2 records, by hand: header,
+	// base and keep records.
+	rec := func(typ byte, payload []byte) []byte {
+		b := cat([]byte{typ}, binary.LittleEndian.AppendUint32(nil, uint32(len(payload))), payload)
+		return append(b, crcLE(b)...)
+	}
+	le := func(v uint64) []byte { return binary.LittleEndian.AppendUint64(nil, v) }
+	prologue := cat([]byte("robibsnp"),
+		rec(1, cat([]byte{2, 2}, le(index))),
+		rec(2, encodeState(img)),
+		rec(8, cat(le(40), []byte{4, 0, 0}, binary.AppendUvarint(nil, 3*streamChunk), binary.AppendUvarint(nil, 2*streamChunk+4096))))
+	if !bytes.HasPrefix(golden, prologue) {
+		t.Fatalf("%s: the prologue is not the documented layout", name)
+	}
+	keepD := rec(7, le(2*streamChunk+4096))
+	if !bytes.Contains(golden, cat(rec(3, cat([]byte{3, 1}, []byte("d"))), keepD)) {
+		t.Fatalf("%s: volume d is not one keep record of the documented layout", name)
+	}
 }
 
 // ---- newer versions are refused ----

@@ -63,11 +63,17 @@ func (s *fsmSnapshot) Release() {}
 // zeros). Finally all volumes are synced and the state file records the
 // snapshot's applied index and session table.
 //
+// A thin stream (version 2, planned against this site's CatchUpBase) leaves
+// the bytes of its keep records as they are (Stats.RestoreBytesKept); it is
+// refused before anything changes unless this site can honour them
+// (checkThin).
+//
 // A stream whose header or state record is bad is rejected before anything
 // changes. A failure after volumes started changing (corrupt data record,
 // I/O error) leaves the FSM in the failed state, and the state file marked
-// "restoring" with the old index, until a Restore succeeds: the volumes are
-// then neither the old state nor the new one, so no entry may be applied.
+// "restoring" with the base index (see below), until a Restore succeeds:
+// the volumes are then neither the old state nor the new one, so no entry
+// may be applied.
 func (f *FSM) Restore(rc io.ReadCloser) error {
 	defer rc.Close()
 	// Volumes change until the new applied index is set: no AtBoundary
@@ -76,6 +82,12 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 	defer f.boundary.Unlock()
 	f.mu.Lock()
 	closed := f.closed
+	total, totalFor := f.restoreSize.size, f.restoreSize.index // recorded by the snapshot store's Open
+	f.restoreSize.index, f.restoreSize.size = 0, 0
+	base := f.base
+	// What the volumes may already reflect beyond the applied index: kept
+	// bytes (a thin stream's keep records) carry it over.
+	local := max(f.fuzzyUntil, f.applied+1)
 	f.mu.Unlock()
 	if closed {
 		return ErrClosed
@@ -85,7 +97,10 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 	if err := f.reapCheckpoint(true); err != nil {
 		f.log.Warn("fsm: background checkpoint failed before a restore; the restore replaces its state", "err", err)
 	}
-	rr := newRecordReader(rc)
+	owner := new(int)
+	f.startProgress(owner, "restoring", total)
+	defer f.endProgress(owner)
+	rr := newRecordReader(&progressReader{r: rc, done: &f.prog.done})
 	h, img, err := rr.readPrologue()
 	if err != nil {
 		return fmt.Errorf("fsm: restore: %w", err)
@@ -93,16 +108,46 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 	if h.Kind != kindFull {
 		return fmt.Errorf("fsm: restore: %w", corruptf("stream kind %d is not a full snapshot", h.Kind))
 	}
+	if totalFor != 0 && totalFor != h.Index {
+		f.mu.Lock()
+		f.prog.total = 0 // the size was recorded for another snapshot
+		f.mu.Unlock()
+	}
+	if h.Base != nil {
+		// Keep records rely on this site's bytes: refused before anything
+		// changes if they cannot be honoured here.
+		if err := f.checkThin(h, img, base); err != nil {
+			if f.onThinRefused != nil {
+				f.onThinRefused(h.Index)
+			}
+			return fmt.Errorf("fsm: restore: %w", err)
+		}
+	}
 	f.log.Info("fsm: restoring snapshot", "snapshot_index", h.Index, "applied", img.Applied,
-		"volumes", len(img.Volumes), "sessions", len(img.Sessions))
+		"volumes", len(img.Volumes), "sessions", len(img.Sessions), "thin", h.Base != nil)
 
-	// From here on the volumes change: record that first.
-	if err := writeStateFile(f.stateDir, &stateImage{Applied: f.checkpointed, Restoring: true, ClusterID: f.clusterID}); err != nil {
+	// From here on the volumes change: record that first. The marker's
+	// index is this site's base while the install is unfinished
+	// (CatchUpBase): it stays the old base when the snapshot is ahead of
+	// it and no volume is broken, because then whatever part of the image
+	// lands holds values of the snapshot's index or later, and a volume the
+	// reconcile creates is of an incarnation created after the base. Else
+	// 0: the volumes may end up holding values older than the base.
+	marker := base
+	if h.Index <= base || len(f.store.Broken()) > 0 {
+		marker = 0
+	}
+	if err := writeStateFile(f.stateDir, &stateImage{Applied: marker, Restoring: true, FuzzyUntil: local, ClusterID: f.clusterID}); err != nil {
 		return fmt.Errorf("fsm: restore: %w", err)
 	}
+	f.setBase(marker, false)
+	f.marks.invalidate()
 	f.restoring = true
 	clear(f.dirty)
-	r, err := f.installImage(rr, h, img)
+	if h.Base == nil {
+		local = 0 // every byte is rewritten from the image
+	}
+	r, err := f.installImage(rr, h, img, local)
 	if err != nil {
 		f.mu.Lock()
 		f.failed = fmt.Errorf("%w: snapshot restore failed: %v", ErrFailed, err)
@@ -118,8 +163,10 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 	f.checkpointed = r.state.Applied
 	f.pendingBytes = 0
 	f.pendingSince = time.Time{}
+	f.marks.reset(max(r.state.Applied, r.state.FuzzyUntil), f.store.List())
 	f.mu.Lock()
 	f.applied = r.state.Applied
+	f.base = r.state.Applied
 	f.fuzzyUntil = r.state.FuzzyUntil
 	f.failed = nil
 	f.leases = leases
@@ -129,25 +176,28 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 	f.stats.CheckpointIndex = r.state.Applied
 	f.stats.RestoreBytesWritten += r.written
 	f.stats.RestoreBytesSkipped += r.skipped
+	f.stats.RestoreBytesKept += r.kept
 	f.stats.Sessions = len(f.sessions)
 	f.notifyLocked()
 	f.mu.Unlock()
 	f.log.Info("fsm: snapshot restored", "applied", r.state.Applied, "fuzzy_until", r.state.FuzzyUntil,
-		"bytes_written", r.written, "bytes_skipped", r.skipped)
+		"bytes_written", r.written, "bytes_skipped", r.skipped, "bytes_kept", r.kept)
 	return nil
 }
 
 // installImage reconciles the volumes with img, applies the image records
 // of rr, syncs the volumes and writes the new state file: applied index
 // max(img.Applied, h.Index) (entries in between are not commands), the
-// snapshot's sessions, and the end record's fuzzy-until index.
-func (f *FSM) installImage(rr *recordReader, h streamHeader, img *stateImage) (*restorer, error) {
+// snapshot's sessions, and as fuzzy-until index the larger of the end
+// record's and local (what kept bytes may already reflect; 0 for a stream
+// without keep records).
+func (f *FSM) installImage(rr *recordReader, h streamHeader, img *stateImage, local uint64) (*restorer, error) {
 	vols, err := f.reconcileVolumes(img)
 	if err != nil {
 		return nil, err
 	}
 	r := &restorer{vols: vols, local: make([]byte, streamChunk), zeros: make([]byte, streamChunk)}
-	if err := rr.readImage(img, r); err != nil {
+	if err := rr.readImage(h, img, r); err != nil {
 		return nil, err
 	}
 	end, err := rr.readEpilogue()
@@ -160,8 +210,8 @@ func (f *FSM) installImage(rr *recordReader, h streamHeader, img *stateImage) (*
 		}
 	}
 	r.state = stateImage{Applied: max(img.Applied, h.Index), Sessions: img.Sessions, Leases: existingLeases(img), ClusterID: img.ClusterID}
-	if end.FuzzyUntil > r.state.Applied {
-		r.state.FuzzyUntil = end.FuzzyUntil
+	if fuzzy := max(end.FuzzyUntil, local); fuzzy > r.state.Applied {
+		r.state.FuzzyUntil = fuzzy
 	}
 	if err := writeStateFile(f.stateDir, &r.state); err != nil {
 		return nil, err
@@ -219,7 +269,16 @@ type restorer struct {
 	zeros   []byte // all zeros, never written
 	written int64
 	skipped int64
+	kept    int64
 	state   stateImage // the state file written at the end
+}
+
+// keep leaves [off, off+n) as it is (checkThin checked, before anything
+// changed, that this site holds the volume in the snapshot's incarnation
+// and at least this far).
+func (r *restorer) keep(_, n int64) error {
+	r.kept += n
+	return nil
 }
 
 func (r *restorer) volume(i int, _ volume.Meta) error {
@@ -299,6 +358,9 @@ type fullStream struct {
 	state  []byte // state record payload
 	vols   []volumeLayout
 	bound  func() uint64 // the source FSM's fuzzyBound
+	marks  *writeMap     // the source FSM's last-write map (SetBase); nil: none
+	plan   CatchUpPlan   // record counts (layout)
+	reason string        // why SetBase keeps nothing
 
 	size    int64 // total stream length
 	emitted int64
@@ -322,26 +384,37 @@ const (
 
 // volumeLayout is one volume of a fullStream.
 type volumeLayout struct {
-	meta   volume.Meta
-	v      *volume.Volume // nil: deleted since the snapshot, all zeros
-	chunks int64
-	data   []uint64 // bit per chunk: 1 = send data, 0 = part of a zero run
+	meta    volume.Meta
+	v       *volume.Volume // nil: deleted since the snapshot, all zeros
+	chunks  int64
+	data    []uint64 // bit per chunk: 1 = send data, 0 = part of a zero run
+	keep    []uint64 // bit per chunk: 1 = part of a keep run (SetBase); nil: none
+	keepEnd int64    // where the last kept chunk ends (0: none)
 }
 
 func (l *volumeLayout) isData(c int64) bool { return l.data[c/64]&(1<<(c%64)) != 0 }
 
-// run returns the record starting at chunk c: zero run or data chunk, its
-// byte length and the chunk after it.
-func (l *volumeLayout) run(c int64) (zero bool, length int64, next int64) {
+func (l *volumeLayout) isKeep(c int64) bool { return l.keep != nil && l.keep[c/64]&(1<<(c%64)) != 0 }
+
+// run returns the record starting at chunk c: its type (keep run, data
+// chunk or zero run), its byte length and the chunk after it.
+func (l *volumeLayout) run(c int64) (typ byte, length int64, next int64) {
 	start := c * streamChunk
-	if l.isData(c) {
-		return false, min(streamChunk, l.meta.Size-start), c + 1
+	switch {
+	case l.isKeep(c):
+		next = c + 1
+		for next < l.chunks && l.isKeep(next) {
+			next++
+		}
+		return recKeep, min(next*streamChunk, l.meta.Size) - start, next
+	case l.isData(c):
+		return recData, min(streamChunk, l.meta.Size-start), c + 1
 	}
 	next = c + 1
-	for next < l.chunks && !l.isData(next) {
+	for next < l.chunks && !l.isData(next) && !l.isKeep(next) {
 		next++
 	}
-	return true, min(next*streamChunk, l.meta.Size) - start, next
+	return recZero, min(next*streamChunk, l.meta.Size) - start, next
 }
 
 // layoutWindow is the range of one BlockStatus call while opening a stream.
@@ -351,30 +424,53 @@ const layoutWindow = 64 << 20
 // index index and state img, reading the volumes of store.
 func newFullStream(store *volume.Store, index uint64, img *stateImage, bound func() uint64) (*fullStream, error) {
 	s := &fullStream{
-		header: streamHeader{Kind: kindFull, Index: index},
+		header: streamHeader{Version: streamVersionV1, Kind: kindFull, Index: index},
 		state:  encodeState(img),
 		bound:  bound,
 		rec:    make([]byte, 0, recOverhead+streamChunk),
+		reason: "planned without a base",
 	}
-	s.size = int64(len(streamMagic)) + recOverhead + headerPayload + recOverhead + int64(len(s.state)) + recOverhead + endPayload
-	for i, m := range img.Volumes {
+	for _, m := range img.Volumes {
 		l, err := layoutVolume(store, m)
 		if err != nil {
 			return nil, err
 		}
-		s.size += recOverhead + int64(len(volumeRecordPayload(i, m.Name)))
+		s.vols = append(s.vols, l)
+	}
+	s.layout()
+	return s, nil
+}
+
+// layout computes the stream's exact length and record counts from the
+// volume layouts and the header.
+func (s *fullStream) layout() {
+	p := CatchUpPlan{}
+	size := int64(len(streamMagic)) + recOverhead + headerPayload + recOverhead + int64(len(s.state)) + recOverhead + endPayload
+	if s.header.Base != nil {
+		size += recOverhead + int64(len(baseRecordPayload(s.header.Base)))
+	}
+	for i := range s.vols {
+		l := &s.vols[i]
+		size += recOverhead + int64(len(volumeRecordPayload(i, l.meta.Name)))
 		for c := int64(0); c < l.chunks; {
-			zero, n, next := l.run(c)
-			if zero {
-				s.size += recOverhead + zeroPayload
-			} else {
-				s.size += recOverhead + n
+			typ, n, next := l.run(c)
+			switch typ {
+			case recData:
+				size += recOverhead + n
+				p.DataChunks++
+			case recZero:
+				size += recOverhead + zeroPayload
+				p.ZeroRuns++
+			case recKeep:
+				size += recOverhead + keepPayload
+				p.KeptRuns++
+				p.KeptBytes += n
 			}
 			c = next
 		}
-		s.vols = append(s.vols, l)
 	}
-	return s, nil
+	p.Size = size
+	s.size, s.plan = size, p
 }
 
 // layoutVolume classifies the chunks of m's live volume: a chunk is sent as
@@ -457,7 +553,12 @@ func (s *fullStream) fill() error {
 		b = append(b, streamMagic...)
 		b = appendRecord(b, recHeader, headerRecordPayload(s.header))
 		b = appendRecord(b, recState, s.state)
-		s.out, s.records, s.stage = b, 2, stageVolumes
+		s.records = 2
+		if s.header.Base != nil {
+			b = appendRecord(b, recBase, baseRecordPayload(s.header.Base))
+			s.records++
+		}
+		s.out, s.stage = b, stageVolumes
 		return nil
 	case stageVolumes:
 		if s.vi == len(s.vols) {
@@ -474,9 +575,9 @@ func (s *fullStream) fill() error {
 			s.vi, s.started, s.chunk = s.vi+1, false, 0
 			return nil
 		}
-		zero, n, next := l.run(s.chunk)
-		if zero {
-			s.emit(recZero, binary.LittleEndian.AppendUint64(nil, uint64(n)))
+		typ, n, next := l.run(s.chunk)
+		if typ != recData {
+			s.emit(typ, binary.LittleEndian.AppendUint64(nil, uint64(n)))
 		} else {
 			// Build the record in place around the volume bytes.
 			b := s.rec[:5+n]

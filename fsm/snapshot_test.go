@@ -466,7 +466,7 @@ func parseFull(b []byte) (streamHeader, streamEnd, *stateImage, error) {
 	if err != nil {
 		return h, streamEnd{}, nil, err
 	}
-	if err := rr.readImage(img, nil); err != nil {
+	if err := rr.readImage(h, img, nil); err != nil {
 		return h, streamEnd{}, nil, err
 	}
 	e, err := rr.readEpilogue()

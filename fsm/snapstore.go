@@ -53,6 +53,14 @@ type snapshotStore struct {
 	log    *slog.Logger
 	seq    atomic.Uint64 // makes IDs created in the same millisecond unique
 	mu     sync.Mutex
+	// unrestored holds the thin (version 2) snapshots a sink of this
+	// process published and that no Open has handed out since: raft opens
+	// a received snapshot right after publishing it, to restore it, and
+	// that Open must return the stored stream. thin holds the index of
+	// every thin snapshot a sink of this process published. Both guarded
+	// by mu.
+	unrestored map[string]bool
+	thin       map[string]uint64
 }
 
 // storedMeta is the content of meta.json's "meta" field.
@@ -93,7 +101,7 @@ func (f *FSM) SnapshotStore(dir string, retain int) (raft.SnapshotStore, error) 
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("fsm: snapshot store: %w", err)
 	}
-	s := &snapshotStore{fsm: f, dir: dir, retain: retain, log: f.log}
+	s := &snapshotStore{fsm: f, dir: dir, retain: retain, log: f.log, unrestored: map[string]bool{}, thin: map[string]uint64{}}
 	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return nil, fmt.Errorf("fsm: snapshot store: %w", err)
@@ -109,45 +117,100 @@ func (f *FSM) SnapshotStore(dir string, retain int) (raft.SnapshotStore, error) 
 	if err := s.recover(); err != nil {
 		return nil, fmt.Errorf("fsm: snapshot store: %w", err)
 	}
+	f.onThinRefused = s.dropThin
 	return s, nil
+}
+
+// dropThin removes the thin snapshots of index this process received:
+// Restore refused to install them here (their keep records do not apply
+// to this site's volumes), so they must neither be restored at the next
+// start nor be sent to anyone.
+func (s *snapshotStore) dropThin(index uint64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for id, i := range s.thin {
+		if i != index {
+			continue
+		}
+		s.log.Warn("fsm: removing a received thin snapshot that does not apply to this site's volumes", "id", id, "index", i)
+		if err := os.RemoveAll(filepath.Join(s.dir, id)); err != nil {
+			s.log.Warn("fsm: cannot remove a snapshot", "id", id, "err", err)
+			continue
+		}
+		delete(s.thin, id)
+		delete(s.unrestored, id)
+	}
+	if err := volume.SyncDir(s.dir); err != nil {
+		s.log.Warn("fsm: cannot sync the snapshot directory", "err", err)
+	}
 }
 
 // recover finishes an interrupted snapshot installation; see SnapshotStore.
 func (s *snapshotStore) recover() error {
 	f := s.fsm
-	snaps := s.load()
-	if len(snaps) == 0 {
-		if f.restoring {
-			return errors.New("an interrupted snapshot restore cannot be finished: no snapshot is stored")
+	for {
+		snaps := s.load()
+		if len(snaps) == 0 {
+			if f.restoring {
+				return errors.New("an interrupted snapshot restore cannot be finished: no snapshot is stored")
+			}
+			return nil
 		}
-		return nil
+		again, err := s.recoverFrom(snaps[0])
+		if err != nil || !again {
+			return err
+		}
 	}
-	newest := snaps[0]
+}
+
+// recoverFrom finishes the installation of the newest snapshot if needed.
+// It reports again when it removed that snapshot instead (a thin stream
+// that does not apply to this site's volumes, received but never
+// restored: nothing was changed, and raft's log still holds what it held
+// before the install), so that the next newest is looked at.
+func (s *snapshotStore) recoverFrom(newest *storedMeta) (again bool, err error) {
+	f := s.fsm
 	path := s.dataPath(newest)
 	file, err := os.Open(path)
 	if err != nil {
-		return err
+		return false, err
 	}
 	defer file.Close()
 	h, img, err := newRecordReader(file).readPrologue()
 	if err != nil {
-		return fmt.Errorf("snapshot %s: %w", newest.ID, err)
+		return false, fmt.Errorf("snapshot %s: %w", newest.ID, err)
 	}
 	switch {
 	case newest.Kind == kindNameState && f.restoring:
-		return fmt.Errorf("an interrupted snapshot restore cannot be finished: the newest snapshot %s is local", newest.ID)
+		return false, fmt.Errorf("an interrupted snapshot restore cannot be finished: the newest snapshot %s is local", newest.ID)
 	case newest.Kind == kindNameState && img.Applied > f.checkpointed:
-		return fmt.Errorf("local snapshot %s covers index %d but the fsm state file only %d: "+
+		return false, fmt.Errorf("local snapshot %s covers index %d but the fsm state file only %d: "+
 			"the state directory was lost or rolled back; the volumes cannot be trusted", newest.ID, img.Applied, f.checkpointed)
 	case newest.Kind == kindNameFull && (f.restoring || max(img.Applied, h.Index) > f.checkpointed):
-		s.log.Warn("fsm: installing a received snapshot that was not restored before the last shutdown",
-			"id", newest.ID, "index", newest.Index, "checkpoint", f.checkpointed)
-		if _, err := file.Seek(0, io.SeekStart); err != nil {
-			return err
+		if h.Base != nil && !f.restoring {
+			if terr := f.checkThin(h, img, f.base); terr != nil {
+				s.log.Warn("fsm: removing a received thin snapshot that does not apply to this site's volumes; the leader sends another",
+					"id", newest.ID, "index", newest.Index, "err", terr)
+				file.Close()
+				if err := os.RemoveAll(filepath.Join(s.dir, newest.ID)); err != nil {
+					return false, err
+				}
+				return true, volume.SyncDir(s.dir)
+			}
 		}
-		return f.Restore(file)
+		s.log.Warn("fsm: installing a received snapshot that was not restored before the last shutdown",
+			"id", newest.ID, "index", newest.Index, "checkpoint", f.checkpointed, "thin", h.Base != nil)
+		st, err := file.Stat()
+		if err != nil {
+			return false, err
+		}
+		if _, err := file.Seek(0, io.SeekStart); err != nil {
+			return false, err
+		}
+		f.noteRestoreSize(h.Index, st.Size())
+		return false, f.Restore(file)
 	}
-	return nil
+	return false, nil
 }
 
 // Create implements raft.SnapshotStore. Only snapshot version 1 is
@@ -201,7 +264,11 @@ func (s *snapshotStore) List() ([]*raft.SnapshotMeta, error) {
 // Open implements raft.SnapshotStore. It always returns a full stream: a
 // received snapshot's file as it is, or for a local snapshot a stream
 // generated from its state record and the live volumes, whose exact length
-// is the returned meta's Size (raft sends exactly Size bytes).
+// is the returned meta's Size (raft sends exactly Size bytes). A received
+// thin snapshot (keep records, meaningful only at the site it was planned
+// for) is streamed from the live volumes like a local one once this site
+// installed it; until then Open returns the stored stream, for raft's
+// restore. A generated stream has SetBase and Plan (see fullStream).
 func (s *snapshotStore) Open(id string) (*raft.SnapshotMeta, io.ReadCloser, error) {
 	if id == "" || id == "." || id == ".." || filepath.Base(id) != id || strings.HasSuffix(id, snapTmpSuffix) {
 		return nil, nil, fmt.Errorf("fsm: open snapshot: invalid id %q", id)
@@ -216,13 +283,27 @@ func (s *snapshotStore) Open(id string) (*raft.SnapshotMeta, io.ReadCloser, erro
 		return nil, nil, fmt.Errorf("fsm: open snapshot: %w", err)
 	}
 	if sm.Kind == kindNameFull {
-		st, err := file.Stat()
+		img, live, err := s.openReceived(id, sm, file)
 		if err != nil {
 			file.Close()
-			return nil, nil, fmt.Errorf("fsm: open snapshot: %w", err)
+			return nil, nil, fmt.Errorf("fsm: open snapshot %s: %w", id, err)
 		}
-		meta.Size = st.Size()
-		return &meta, file, nil
+		if !live {
+			st, err := file.Stat()
+			if err != nil {
+				file.Close()
+				return nil, nil, fmt.Errorf("fsm: open snapshot: %w", err)
+			}
+			if _, err := file.Seek(0, io.SeekStart); err != nil {
+				file.Close()
+				return nil, nil, fmt.Errorf("fsm: open snapshot: %w", err)
+			}
+			meta.Size = st.Size()
+			s.fsm.noteRestoreSize(meta.Index, meta.Size)
+			return &meta, file, nil
+		}
+		file.Close()
+		return s.openLive(id, meta, img)
 	}
 	defer file.Close()
 	b, err := io.ReadAll(io.LimitReader(file, maxStatePayload+4096))
@@ -233,12 +314,48 @@ func (s *snapshotStore) Open(id string) (*raft.SnapshotMeta, io.ReadCloser, erro
 	if err != nil {
 		return nil, nil, fmt.Errorf("fsm: open snapshot %s: %w", id, err)
 	}
+	return s.openLive(id, meta, img)
+}
+
+// openReceived decides how a received snapshot is opened: live (with the
+// state record img) if it is thin, installed here (the durable base is at
+// or past its index) and not just published by a sink of this process.
+func (s *snapshotStore) openReceived(id string, sm *storedMeta, file *os.File) (*stateImage, bool, error) {
+	h, img, err := newRecordReader(file).readPrologue()
+	if err != nil {
+		return nil, false, err
+	}
+	if h.Base == nil {
+		return nil, false, nil
+	}
+	s.mu.Lock()
+	fresh := s.unrestored[id]
+	delete(s.unrestored, id)
+	s.mu.Unlock()
+	s.fsm.mu.Lock()
+	installed := s.fsm.base >= sm.Index
+	s.fsm.mu.Unlock()
+	return img, !fresh && installed, nil
+}
+
+// openLive returns the full stream of snapshot id generated from its state
+// record img and the live volumes.
+func (s *snapshotStore) openLive(id string, meta raft.SnapshotMeta, img *stateImage) (*raft.SnapshotMeta, io.ReadCloser, error) {
 	stream, err := newFullStream(s.fsm.store, meta.Index, img, s.fsm.fuzzyBound)
 	if err != nil {
 		return nil, nil, fmt.Errorf("fsm: open snapshot %s: %w", id, err)
 	}
+	stream.marks = &s.fsm.marks
 	meta.Size = stream.Size()
 	return &meta, stream, nil
+}
+
+// noteRestoreSize records the length of the stream about to be restored
+// for snapshot index (progress in Stats).
+func (f *FSM) noteRestoreSize(index uint64, size int64) {
+	f.mu.Lock()
+	f.restoreSize.index, f.restoreSize.size = index, size
+	f.mu.Unlock()
 }
 
 // dataPath is the path of a snapshot's stream file.
@@ -337,11 +454,15 @@ func encodeSnapMeta(sm *storedMeta) ([]byte, error) {
 
 // commit moves a finished snapshot directory into place and reaps old
 // snapshots.
-func (s *snapshotStore) commit(tmp, id string) error {
+func (s *snapshotStore) commit(tmp, id string, index uint64, thin bool) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := os.Rename(tmp, filepath.Join(s.dir, id)); err != nil {
 		return err
+	}
+	if thin {
+		s.unrestored[id] = true
+		s.thin[id] = index
 	}
 	if err := volume.SyncDir(s.dir); err != nil {
 		return err
@@ -358,6 +479,8 @@ func (s *snapshotStore) reapLocked() {
 			continue
 		}
 		s.log.Info("fsm: removing old snapshot", "id", sm.ID, "index", sm.Index, "kind", sm.Kind)
+		delete(s.unrestored, sm.ID)
+		delete(s.thin, sm.ID)
 		if err := os.RemoveAll(filepath.Join(s.dir, sm.ID)); err != nil {
 			s.log.Warn("fsm: cannot remove old snapshot", "id", sm.ID, "err", err)
 		}
@@ -377,7 +500,14 @@ type snapshotSink struct {
 	bw     *bufio.Writer
 	meta   storedMeta
 	closed bool
+	head   []byte // the stream's first bytes, up to the header record's kind
+	recv   bool   // a full stream (received): its progress is in Stats
+	thin   bool   // set by finish: a version 2 stream
 }
+
+// sinkHead is how much of a stream tells its kind: magic, then the header
+// record's type, length, version and kind.
+const sinkHead = len(streamMagic) + 5 + 2
 
 // ID implements raft.SnapshotSink.
 func (k *snapshotSink) ID() string { return k.meta.ID }
@@ -387,7 +517,18 @@ func (k *snapshotSink) Write(p []byte) (int, error) {
 	if k.closed {
 		return 0, errors.New("fsm: write to a closed snapshot sink")
 	}
-	return k.bw.Write(p)
+	if len(k.head) < sinkHead {
+		k.head = append(k.head, p[:min(len(p), sinkHead-len(k.head))]...)
+		if len(k.head) == sinkHead && k.head[len(streamMagic)] == recHeader && k.head[sinkHead-1] == kindFull {
+			k.recv = true
+			k.store.fsm.startProgress(k, "receiving", 0)
+		}
+	}
+	n, err := k.bw.Write(p)
+	if k.recv {
+		k.store.fsm.prog.done.Add(int64(n))
+	}
+	return n, err
 }
 
 // Cancel implements raft.SnapshotSink: the snapshot is discarded.
@@ -396,6 +537,7 @@ func (k *snapshotSink) Cancel() error {
 		return nil
 	}
 	k.closed = true
+	k.store.fsm.endProgress(k)
 	k.file.Close()
 	return os.RemoveAll(k.tmp)
 }
@@ -407,6 +549,7 @@ func (k *snapshotSink) Close() error {
 		return nil
 	}
 	k.closed = true
+	defer k.store.fsm.endProgress(k)
 	if err := k.finish(); err != nil {
 		k.file.Close()
 		os.RemoveAll(k.tmp)
@@ -448,6 +591,7 @@ func (k *snapshotSink) finish() error {
 			return fmt.Errorf("full stream is for index %d, snapshot for %d", h.Index, k.meta.Index)
 		}
 		k.meta.Kind = kindNameFull
+		k.thin = h.Base != nil
 	}
 	k.meta.Size = st.Size()
 	if err := os.Rename(data, filepath.Join(k.tmp, k.meta.Kind)); err != nil {
@@ -463,5 +607,5 @@ func (k *snapshotSink) finish() error {
 	if err := volume.SyncDir(k.tmp); err != nil {
 		return err
 	}
-	return k.store.commit(k.tmp, k.meta.ID)
+	return k.store.commit(k.tmp, k.meta.ID, k.meta.Index, k.thin)
 }

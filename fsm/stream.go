@@ -11,7 +11,7 @@ import (
 	"github.com/robib/robib/volume"
 )
 
-// Snapshot stream format (version 1).
+// Snapshot stream format (versions 1 and 2).
 //
 //	magic "robibsnp" (8 bytes), then records:
 //	type 1 byte | payload length 4 bytes LE | payload | crc32c 4 bytes LE
@@ -20,22 +20,37 @@ import (
 //
 //	header  version 1 byte, kind 1 byte, snapshot index 8 bytes LE
 //	state   a stateImage (encodeState): applied index, volumes, sessions
+//	base    (version 2 only) base index 8 bytes LE, count uv, then per
+//	        volume of the state its keep end uv: the stream's keep records
+//	        of volume i end at or below keep end i, and one ends exactly
+//	        there (0: the volume has none)
 //	volume  index uv, name str: the following records cover volume i
 //	data    up to 1 MiB of volume bytes at the current offset
 //	zero    length 8 bytes LE: that many zero bytes at the current offset
+//	keep    (version 2 only) length 8 bytes LE: the receiver keeps its own
+//	        bytes for that many bytes at the current offset
 //	end     record count 8 bytes LE (records before this one),
 //	        fuzzy-until index 8 bytes LE
 //
-// A "state" stream (kind 1) is header, state, end: what FSMSnapshot.Persist
-// writes and what a local snapshot stores. A "full" stream (kind 2) is
-// header, state, then for every volume of the state in order a volume
-// record followed by data and zero records that cover [0, size) exactly, in
-// order, then end. Nothing may follow the end record. The header's snapshot
-// index is raft's index of the snapshot (0 in a state stream, where the
-// store keeps it in its metadata).
+// A "state" stream (kind 1, always version 1) is header, state, end: what
+// FSMSnapshot.Persist writes and what a local snapshot stores. A "full"
+// stream (kind 2) is header, state, (version 2: base), then for every
+// volume of the state in order a volume record followed by data, zero (and,
+// version 2, keep) records that cover [0, size) exactly, in order, then
+// end. Nothing may follow the end record. The header's snapshot index is
+// raft's index of the snapshot (0 in a state stream, where the store keeps
+// it in its metadata).
+//
+// Version 2 is the "thin" full stream (a catch-up against the receiver's
+// base, see CatchUpBase and DESIGN.md, "Catch-up proportional to what
+// changed"). Its base index is below the snapshot index. A writer writes
+// version 2 only for a stream that has a keep record, so a stream planned
+// without a base is byte for byte a version 1 stream, which older builds
+// read.
 const (
-	streamMagic   = "robibsnp"
-	streamVersion = 1
+	streamMagic     = "robibsnp"
+	streamVersion   = 2 // the newest stream version this build reads (and writes, for thin streams)
+	streamVersionV1 = 1 // every state stream and every full stream without keep records
 
 	kindState byte = 1
 	kindFull  byte = 2
@@ -46,11 +61,15 @@ const (
 	recData   byte = 4
 	recZero   byte = 5
 	recEnd    byte = 6
+	recKeep   byte = 7
+	recBase   byte = 8
 
 	recOverhead     = 9 // type, length, crc
 	headerPayload   = 10
 	endPayload      = 16
 	zeroPayload     = 8
+	keepPayload     = 8
+	baseFixed       = 8       // base index, before the keep ends
 	streamChunk     = 1 << 20 // data record size and restore granularity
 	maxStatePayload = maxStateFileBytes
 )
@@ -62,10 +81,29 @@ func corruptf(format string, args ...any) error {
 	return fmt.Errorf("%w: %s", errCorruptStream, fmt.Sprintf(format, args...))
 }
 
-// streamHeader is the header record.
+// streamHeader is the header record, and in a version 2 stream the base
+// record that follows the state record.
 type streamHeader struct {
-	Kind  byte
-	Index uint64 // raft snapshot index (full streams)
+	Version byte // 0 is written as streamVersionV1
+	Kind    byte
+	Index   uint64      // raft snapshot index (full streams)
+	Base    *streamBase // version 2 only
+}
+
+// version is the stream version h is written as.
+func (h streamHeader) version() byte {
+	if h.Version == 0 {
+		return streamVersionV1
+	}
+	return h.Version
+}
+
+// streamBase is the base record of a version 2 (thin) stream: the keep
+// records assume that each receiver byte of a kept range holds its
+// replicated value at Index or a value a later entry gave it.
+type streamBase struct {
+	Index   uint64
+	KeepEnd []int64 // per volume of the state: where its last keep record ends (0: none)
 }
 
 // streamEnd is the end record.
@@ -84,8 +122,50 @@ func appendRecord(b []byte, typ byte, payload []byte) []byte {
 }
 
 func headerRecordPayload(h streamHeader) []byte {
-	p := []byte{streamVersion, h.Kind}
+	p := []byte{h.version(), h.Kind}
 	return binary.LittleEndian.AppendUint64(p, h.Index)
+}
+
+func baseRecordPayload(b *streamBase) []byte {
+	e := encoder{buf: binary.LittleEndian.AppendUint64(nil, b.Index)}
+	e.uvarint(uint64(len(b.KeepEnd)))
+	for _, k := range b.KeepEnd {
+		e.uvarint(uint64(k))
+	}
+	return e.buf
+}
+
+// decodeBase decodes a base record for the volumes of img and checks it
+// against the header: base index below the snapshot index, one keep end
+// per volume, each within its volume.
+func decodeBase(p []byte, h streamHeader, img *stateImage) (*streamBase, error) {
+	if len(p) < baseFixed {
+		return nil, corruptf("base record of %d bytes", len(p))
+	}
+	b := &streamBase{Index: binary.LittleEndian.Uint64(p)}
+	if b.Index >= h.Index {
+		return nil, corruptf("base index %d is not below the snapshot index %d", b.Index, h.Index)
+	}
+	d := decoder{buf: p[baseFixed:], kind: errCorruptStream}
+	n := d.uvarint()
+	if d.err == nil && n != uint64(len(img.Volumes)) {
+		return nil, corruptf("base record for %d volumes, the state has %d", n, len(img.Volumes))
+	}
+	b.KeepEnd = make([]int64, 0, len(img.Volumes))
+	for i := 0; i < len(img.Volumes) && d.err == nil; i++ {
+		k := d.int64("keep end")
+		if d.err == nil && k > img.Volumes[i].Size {
+			return nil, corruptf("keep end %d in volume %q of size %d", k, img.Volumes[i].Name, img.Volumes[i].Size)
+		}
+		b.KeepEnd = append(b.KeepEnd, k)
+	}
+	if d.err != nil {
+		return nil, d.err
+	}
+	if d.remaining() != 0 {
+		return nil, corruptf("%d bytes after the base record's keep ends", d.remaining())
+	}
+	return b, nil
 }
 
 func endRecordPayload(e streamEnd) []byte {
@@ -147,6 +227,10 @@ func maxPayload(typ byte) int {
 		return streamChunk
 	case recZero:
 		return zeroPayload
+	case recKeep:
+		return keepPayload
+	case recBase:
+		return maxStatePayload
 	case recEnd:
 		return endPayload
 	}
@@ -209,12 +293,15 @@ func (rr *recordReader) readPrologue() (streamHeader, *stateImage, error) {
 	if len(p) != headerPayload {
 		return h, nil, corruptf("header of %d bytes", len(p))
 	}
-	if p[0] != streamVersion {
-		return h, nil, corruptf("unsupported stream version %d", p[0])
+	if p[0] != streamVersionV1 && p[0] != streamVersion {
+		return h, nil, corruptf("unsupported stream version %d (this build reads %d to %d)", p[0], streamVersionV1, streamVersion)
 	}
-	h.Kind, h.Index = p[1], binary.LittleEndian.Uint64(p[2:])
+	h.Version, h.Kind, h.Index = p[0], p[1], binary.LittleEndian.Uint64(p[2:])
 	if h.Kind != kindState && h.Kind != kindFull {
 		return h, nil, corruptf("unknown stream kind %d", h.Kind)
+	}
+	if h.Version != streamVersionV1 && h.Kind != kindFull {
+		return h, nil, corruptf("stream version %d of kind %d (only full streams are thin)", h.Version, h.Kind)
 	}
 	if p, err = rr.expect(recState); err != nil {
 		return h, nil, err
@@ -225,6 +312,14 @@ func (rr *recordReader) readPrologue() (streamHeader, *stateImage, error) {
 	}
 	if img.Restoring || img.FuzzyUntil != 0 {
 		return h, nil, corruptf("state record carries local-only fields")
+	}
+	if h.Version == streamVersion {
+		if p, err = rr.expect(recBase); err != nil {
+			return h, nil, err
+		}
+		if h.Base, err = decodeBase(p, h, img); err != nil {
+			return h, nil, err
+		}
 	}
 	return h, img, nil
 }
@@ -258,12 +353,15 @@ type imageSink interface {
 	volume(i int, m volume.Meta) error
 	data(off int64, p []byte) error
 	zero(off, n int64) error
+	keep(off, n int64) error
 }
 
 // readImage reads the volume records of a full stream for the volumes of
-// img, checking that they cover every volume exactly and in order, and
-// passes them to sink (nil: only validate).
-func (rr *recordReader) readImage(img *stateImage, sink imageSink) error {
+// img, checking that they cover every volume exactly and in order (keep
+// records only in a version 2 stream, where those of each volume must end
+// exactly at the base record's keep end), and passes them to sink (nil:
+// only validate).
+func (rr *recordReader) readImage(h streamHeader, img *stateImage, sink imageSink) error {
 	for i, m := range img.Volumes {
 		p, err := rr.expect(recVolume)
 		if err != nil {
@@ -280,6 +378,10 @@ func (rr *recordReader) readImage(img *stateImage, sink imageSink) error {
 				return err
 			}
 		}
+		var keepEnd, keptUpTo int64 // declared by the base record; reached by keep records
+		if h.Base != nil {
+			keepEnd = h.Base.KeepEnd[i]
+		}
 		for off := int64(0); off < m.Size; {
 			typ, p, err := rr.next()
 			if err != nil {
@@ -289,13 +391,16 @@ func (rr *recordReader) readImage(img *stateImage, sink imageSink) error {
 			switch typ {
 			case recData:
 				n = int64(len(p))
-			case recZero:
+			case recZero, recKeep:
+				if typ == recKeep && h.Base == nil {
+					return corruptf("keep record in a version %d stream", h.version())
+				}
 				if len(p) != zeroPayload {
-					return corruptf("zero record of %d bytes", len(p))
+					return corruptf("run record (type %d) of %d bytes", typ, len(p))
 				}
 				u := binary.LittleEndian.Uint64(p)
 				if u > uint64(m.Size) {
-					return corruptf("zero run of %d bytes in volume %q of size %d", u, m.Name, m.Size)
+					return corruptf("run (type %d) of %d bytes in volume %q of size %d", typ, u, m.Name, m.Size)
 				}
 				n = int64(u)
 			default:
@@ -304,17 +409,29 @@ func (rr *recordReader) readImage(img *stateImage, sink imageSink) error {
 			if n == 0 || n > m.Size-off {
 				return corruptf("record of %d bytes at %d in volume %q of size %d", n, off, m.Name, m.Size)
 			}
+			if typ == recKeep {
+				if off+n > keepEnd {
+					return corruptf("keep run [%d, +%d) in volume %q past its keep end %d", off, n, m.Name, keepEnd)
+				}
+				keptUpTo = off + n
+			}
 			if sink != nil {
-				if typ == recData {
+				switch typ {
+				case recData:
 					err = sink.data(off, p)
-				} else {
+				case recZero:
 					err = sink.zero(off, n)
+				case recKeep:
+					err = sink.keep(off, n)
 				}
 				if err != nil {
 					return err
 				}
 			}
 			off += n
+		}
+		if keptUpTo != keepEnd {
+			return corruptf("keep records of volume %q end at %d, the base record says %d", m.Name, keptUpTo, keepEnd)
 		}
 	}
 	return nil
@@ -329,7 +446,7 @@ func validateStream(r io.Reader) (streamHeader, *stateImage, error) {
 		return h, nil, err
 	}
 	if h.Kind == kindFull {
-		if err := rr.readImage(img, nil); err != nil {
+		if err := rr.readImage(h, img, nil); err != nil {
 			return h, nil, err
 		}
 	}

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"strings"
 	"text/tabwriter"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -89,8 +90,11 @@ func newClusterStatusCmd(g *globals) *cobra.Command {
 				return err
 			}
 			for _, s := range st.Sites {
+				if note := catchUpNote(s); note != "" {
+					fmt.Fprintf(out, "%s: %s\n", s.Name, note)
+				}
 				for _, d := range s.Degraded {
-					fmt.Fprintf(out, "\nsite %s: volume %s has %s damaged in %d ranges, served from other sites while it is rebuilt:",
+					fmt.Fprintf(out, "%s: volume %s has %s damaged in %d ranges, served from other sites while it is rebuilt:",
 						s.Name, d.Volume, config.FormatSize(d.DamagedBytes), d.Ranges)
 					for _, r := range d.First {
 						fmt.Fprintf(out, " [%d,+%d)", r.Offset, r.Length)
@@ -106,6 +110,31 @@ func newClusterStatusCmd(g *globals) *cobra.Command {
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	return cmd
+}
+
+// catchUpNote describes a snapshot install running at the site ("" if
+// none): "catching up: X of Y MiB, R MiB/s, ETA D" while the stored stream
+// is restored, "catching up: receiving X MiB, R MiB/s" while the leader's
+// stream arrives (its length is not known there). The rate is over the
+// whole phase, on the site's own clock.
+func catchUpNote(s cluster.SiteStatus) string {
+	c := s.CatchUp
+	if c == nil {
+		return ""
+	}
+	mib := func(n int64) float64 { return float64(n) / (1 << 20) }
+	rate := 0.0
+	if el := time.Duration(c.ElapsedNanos); el > 0 {
+		rate = float64(c.BytesDone) / el.Seconds()
+	}
+	if c.BytesTotal <= 0 {
+		return fmt.Sprintf("catching up: %s %.1f MiB, %.1f MiB/s", c.Phase, mib(c.BytesDone), mib(int64(rate)))
+	}
+	eta := "unknown"
+	if left := c.BytesTotal - c.BytesDone; rate > 0 && left >= 0 {
+		eta = time.Duration(float64(left) / rate * float64(time.Second)).Round(time.Second).String()
+	}
+	return fmt.Sprintf("catching up: %.1f of %.1f MiB, %.1f MiB/s, ETA %s", mib(c.BytesDone), mib(c.BytesTotal), mib(int64(rate)), eta)
 }
 
 // suffrage says what a site may do in elections: voter, non-voter (a
