@@ -120,6 +120,7 @@ var sentinels = []sentinel{
 	{"cluster.ErrBadKeyring", cluster.ErrBadKeyring, eio, s500},
 	{"cluster.ErrPeerRefused", cluster.ErrPeerRefused, eio, s503},
 	{"cluster.ErrNoHealthyCopy", cluster.ErrNoHealthyCopy, eio, s503},
+	{"cluster.ErrBadCatchUpBase", cluster.ErrBadCatchUpBase, eio, s500},
 
 	{"cluster/dcdlog.ErrClosed", dcdlog.ErrClosed, eio, s500},
 	{"cluster/dcdlog.ErrLocked", dcdlog.ErrLocked, eio, s500},
