@@ -57,6 +57,8 @@ type Node struct {
 	verify   *verifier       // verify coordination (verify.go)
 	keys     *gossipKeyring  // gossip encryption keys (keyring.go)
 	keyAdmin *keyAdmin       // cluster-wide keyring operations (keyring.go)
+	heal     *healer         // reads and repairs damaged local copies from peers (heal.go)
+	repair   *repairer       // volume repair by majority (repair.go)
 
 	needBootstrap bool // set by openRaft: wait for BootstrapExpect sites
 	stop          chan struct{}
@@ -117,6 +119,8 @@ func Open(cfg Config, f *fsm.FSM) (*Node, error) {
 		}()
 	}
 	n.watch.run(n.raft, n.stop, &n.wg)
+	n.wg.Add(1)
+	go n.heal.run(&n.wg)
 	return n, nil
 }
 
@@ -147,6 +151,12 @@ func (n *Node) wire() {
 	if n.catchUp != nil {
 		n.catchUp.setPeers(n.gossip, rpc)
 	}
+	n.heal = &healer{self: cfg.Name, log: n.log, fsm: n.fsm, vols: storeVolumes{n.fsm.Store()},
+		sources: voterSources{self: cfg.Name, config: n.raft, leader: lead, book: n.gossip}, rpc: rpc,
+		interval: cfg.RebuildInterval, rate: cfg.RebuildRate, stop: n.stop,
+		kick: make(chan struct{}, 1), readSlots: make(chan struct{}, peerReadSlots), catchUp: peerCatchUpWait}
+	n.reporter.heal = n.heal
+	n.repair = &repairer{self: cfg.Name, log: n.log, verify: n.verify, heal: n.heal, book: n.gossip, rpc: rpc}
 }
 
 func (n *Node) openRaft() error {
@@ -501,6 +511,36 @@ func (n *Node) KeyringUse(ctx context.Context, key []byte) (KeyringReport, error
 // does not answer, changing nothing.
 func (n *Node) KeyringRemove(ctx context.Context, key []byte) (KeyringReport, error) {
 	return n.keyAdmin.Remove(ctx, key)
+}
+
+// ReadHealed reads [off, off+len(p)) of v, a local volume whose own read
+// reported damage (volume.ErrDamaged): healthy blocks from the local copy,
+// damaged ones from another voter's copy at an index this site has
+// applied, repairing them here (DESIGN.md, "Repair from peers"). p then
+// holds the volume's contents as of an applied index at or after the
+// call. It fails (ErrNoHealthyCopy) rather than return other bytes; ctx
+// bounds it, as does a timeout of its own.
+func (n *Node) ReadHealed(ctx context.Context, v RepairableVolume, p []byte, off int64) error {
+	ctx, cancel := context.WithTimeout(ctx, healReadTimeout)
+	defer cancel()
+	go func() { // Close ends it too
+		select {
+		case <-n.stop:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	return n.heal.ReadAt(ctx, v, p, off)
+}
+
+// RepairRange verifies [off, off+length) of vol across the voters (as
+// VerifyRange) and, for every chunk where a strict majority of the voters
+// holds one hash, has each other site (only site only, if given) mark the
+// chunk damaged and repair it from majority sites. Chunks without a strict
+// majority are reported and left alone. off and chunk are multiples of
+// RepairBlock.
+func (n *Node) RepairRange(ctx context.Context, vol string, off, length, chunk int64, only string) (RepairResult, error) {
+	return n.repair.RepairRange(ctx, vol, off, length, chunk, only)
 }
 
 // VerifyRange has every site hash [off, off+length) of vol in chunks at the

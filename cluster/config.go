@@ -95,6 +95,13 @@ type Config struct {
 	// Nil reports "insecure".
 	Security func() (mode string, certNotAfter time.Time)
 
+	// RebuildInterval is how often the background rebuild walks every
+	// local volume's damaged ranges and repairs them from other sites
+	// (also right after a read found damage); RebuildRate caps it, in
+	// bytes per second.
+	RebuildInterval time.Duration
+	RebuildRate     int64
+
 	// Stages, if set, records where a write's time goes at this site
 	// (see stages.go); nil records nothing.
 	Stages *Stages
@@ -123,6 +130,8 @@ func DefaultConfig() Config {
 		LeaseTTL:            DefaultLeaseTTL,
 		LeaderFollowsWrites: true,
 		LeaderOverlap:       true,
+		RebuildInterval:     DefaultRebuildInterval,
+		RebuildRate:         DefaultRebuildRate,
 		HTTPClient:          &http.Client{Timeout: 2 * time.Minute},
 		Logger:              slog.Default(),
 	}
@@ -141,6 +150,8 @@ func (c *Config) setDefaults() {
 	orDefault(&c.LeaderLeaseTimeout, d.LeaderLeaseTimeout)
 	orDefault(&c.CommitTimeout, d.CommitTimeout)
 	orDefault(&c.LeaseTTL, d.LeaseTTL)
+	orDefault(&c.RebuildInterval, d.RebuildInterval)
+	orDefault(&c.RebuildRate, d.RebuildRate)
 	orDefault(&c.HTTPClient, d.HTTPClient)
 	orDefault(&c.Logger, d.Logger)
 }

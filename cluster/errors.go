@@ -39,6 +39,17 @@ var (
 	ErrKeyringIncomplete = errors.New("gossip keyring change did not reach every live site")
 	// ErrBadKeyring: the persisted gossip keyring cannot be read.
 	ErrBadKeyring = errors.New("unreadable gossip keyring file")
+	// ErrPeerRefused: a site refused to serve a range of its copy to
+	// another site's repair: its copy is damaged there, not exact at its
+	// applied index (replaying, installing a snapshot, failed), behind
+	// the index asked for, or it has no such volume. Another site may
+	// serve it. Served as 503.
+	ErrPeerRefused = errors.New("the site cannot serve this range of its copy")
+	// ErrNoHealthyCopy: a damaged range of this site's copy could not be
+	// read from any other site (all refused or were unreachable, or the
+	// range kept being written during each repair). The read fails rather
+	// than return other bytes.
+	ErrNoHealthyCopy = errors.New("no healthy copy of a damaged range could be read from another site")
 	// ErrBadCatchUpBase: a site's answer to the catch-up base request is
 	// not a valid catch-up base (the leader then sends the whole
 	// snapshot).

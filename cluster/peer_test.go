@@ -226,6 +226,12 @@ func TestInternalHandlerPeerModes(t *testing.T) {
 	if err := anon.postJSON(ctx, strict.addr, pathTransfer, siteRequest{}); !errors.Is(err, ErrForbidden) {
 		t.Fatalf("transfer from no identity: %v", err)
 	}
+	if _, _, err := anon.readRange(ctx, strict.addr, "v", 0, 4096, 0); !errors.Is(err, ErrForbidden) {
+		t.Fatalf("peer read from no identity: %v", err)
+	}
+	if _, err := anon.repair(ctx, strict.addr, repairRequest{Version: 1, Volume: "v", Length: 4096, Sources: []string{"b"}}); !errors.Is(err, ErrForbidden) {
+		t.Fatalf("repair request from no identity: %v", err)
+	}
 	if n, _ := strict.raft.counts(); n != 0 {
 		t.Fatalf("%d proposals from no identity", n)
 	}

@@ -80,12 +80,15 @@ type roleSite struct {
 	watch  *leaderWatch
 	prop   *proposer
 	leases *leaseArbiter
+	heal   *healer
+	verify *verifier
+	repair *repairer
 	api    string // host:port of its internal endpoints
 }
 
 // roleCluster is a few roleSites; book resolves a site's API address.
 type roleCluster struct {
-	t     *testing.T
+	t     testing.TB
 	sites map[string]*roleSite
 	order []*roleSite
 	clock *manualClock
@@ -106,7 +109,7 @@ const testLeaseTTL = time.Second
 
 // newRoleCluster starts len(names) bootstrapped voters and waits for a
 // leader.
-func newRoleCluster(t *testing.T, names ...string) *roleCluster {
+func newRoleCluster(t testing.TB, names ...string) *roleCluster {
 	t.Helper()
 	c := &roleCluster{t: t, sites: map[string]*roleSite{}, clock: &manualClock{now: time.Unix(1_000_000, 0)}, stop: make(chan struct{})}
 	log := slog.New(slog.DiscardHandler)
@@ -176,7 +179,16 @@ func (c *roleCluster) wire(s *roleSite, log *slog.Logger) {
 		fwd: rpc, applied: s.fsm, stop: c.stop, seq: newSequencer(500 * time.Millisecond)}
 	s.leases = &leaseArbiter{self: s.name, ttl: testLeaseTTL, log: log, raft: s.raft, state: s.fsm, prop: s.prop,
 		leader: lead, book: c, rpc: rpc, stop: c.stop, now: c.clock.Now}
+	s.verify = &verifier{self: s.name, prop: s.prop, config: s.raft, fsm: s.fsm, book: c, rpc: rpc}
+	s.heal = &healer{self: s.name, log: log, fsm: s.fsm, vols: storeVolumes{s.store},
+		sources: voterSources{self: s.name, config: s.raft, leader: lead, book: c}, rpc: rpc,
+		interval: DefaultRebuildInterval, stop: c.stop, kick: make(chan struct{}, 1),
+		readSlots: make(chan struct{}, peerReadSlots), catchUp: peerCatchUpWait}
+	s.repair = &repairer{self: s.name, log: log, verify: s.verify, heal: s.heal, book: c, rpc: rpc}
 	mux := http.NewServeMux()
+	mux.HandleFunc("GET "+pathVerify+"{id}", s.verify.handleVerify)
+	mux.HandleFunc("GET "+pathRead, s.heal.handleRead)
+	mux.HandleFunc("POST "+pathRepair, s.heal.handleRepair)
 	mux.HandleFunc("POST "+pathApply, s.prop.handleApply)
 	mux.HandleFunc("POST "+pathLeaseAcquire, s.leases.handleLease)
 	mux.HandleFunc("POST "+pathLeaseRenew, s.leases.handleLease)
@@ -206,7 +218,7 @@ func (c *roleCluster) isolate(s *roleSite) {
 }
 
 // waitFor polls cond until it holds or the deadline passes.
-func waitFor(t *testing.T, what string, within time.Duration, cond func() bool) {
+func waitFor(t testing.TB, what string, within time.Duration, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(within)
 	for !cond() {

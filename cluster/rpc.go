@@ -61,6 +61,8 @@ func (n *Node) Handler() http.Handler {
 	mux.HandleFunc("POST "+pathReadIndex, n.leases.handleLease)
 	mux.HandleFunc("POST "+pathKeyring, n.keyAdmin.handleKeyring)
 	mux.HandleFunc("GET "+pathCatchUpBase, handleCatchUpBase(n.fsm))
+	mux.HandleFunc("GET "+pathRead, n.heal.handleRead)
+	mux.HandleFunc("POST "+pathRepair, n.heal.handleRepair)
 	return &peerGate{name: n.cfg.PeerName, require: n.cfg.RequirePeer, next: mux}
 }
 
@@ -132,7 +134,7 @@ func statusFor(err error) int {
 	switch {
 	case errors.Is(err, ErrForbidden):
 		return http.StatusForbidden
-	case errors.Is(err, ErrRetry):
+	case errors.Is(err, ErrRetry), errors.Is(err, ErrPeerRefused):
 		return http.StatusServiceUnavailable
 	case errors.Is(err, ErrUnknownSite):
 		return http.StatusNotFound

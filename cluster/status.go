@@ -51,6 +51,15 @@ type SiteStatus struct {
 	// CatchUp: the snapshot install running at this site, if any
 	// (catchup.go).
 	CatchUp *CatchUpStatus `json:"catch_up,omitempty"`
+	// Degraded lists the volumes whose copy at this site has damaged
+	// blocks (failed checksums, I/O errors): reads of them are served
+	// from other sites and the site rebuilds them in the background.
+	Degraded []DegradedVolume `json:"degraded,omitempty"`
+	// RemoteReadBytes and RepairedBytes count, since the site started,
+	// the bytes of damaged blocks it read from other sites and the bytes
+	// it wrote back into its copy.
+	RemoteReadBytes int64 `json:"remote_read_bytes,omitempty"`
+	RepairedBytes   int64 `json:"repaired_bytes,omitempty"`
 }
 
 // Status is the cluster as seen from the site that answered.
@@ -87,6 +96,7 @@ type statusReporter struct {
 	stages  *Stages
 	members memberLister
 	rpc     jsonGetter
+	heal    *healer // nil: no repair path (tests)
 }
 
 // LocalStatus implements Node.LocalStatus.
@@ -94,7 +104,7 @@ func (r *statusReporter) LocalStatus() SiteStatus {
 	st := r.raft.Stats()
 	num := func(k string) uint64 { v, _ := strconv.ParseUint(st[k], 10, 64); return v }
 	security, certNotAfter := r.security()
-	return SiteStatus{
+	s := SiteStatus{
 		Name:              r.cfg.Name,
 		State:             r.raft.State().String(),
 		RaftAddr:          r.cfg.RaftAddr,
@@ -115,6 +125,11 @@ func (r *statusReporter) LocalStatus() SiteStatus {
 		CertNotAfter:      certNotAfter,
 		CatchUp:           catchUpStatus(r.fsm),
 	}
+	if r.heal != nil {
+		s.Degraded = r.heal.degraded()
+		s.RemoteReadBytes, s.RepairedBytes = r.heal.remoteBytes.Load(), r.heal.repairedBytes.Load()
+	}
+	return s
 }
 
 // security is how this site's links are protected and when its

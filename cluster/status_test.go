@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"context"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -91,5 +92,31 @@ func TestStatusCollectsEverySite(t *testing.T) {
 	}
 	if n := by["n"]; n.State != "Follower" || n.Suffrage != "non-voter" || n.Voter {
 		t.Errorf("n %+v, want a non-voter", n)
+	}
+}
+
+// A site with damaged blocks says so in its own status: which volumes,
+// how many bytes, the first ranges, and what it read and repaired.
+func TestLocalStatusShowsDegradedVolumes(t *testing.T) {
+	s := newHealSites(t, 64<<10, "a")[0]
+	s.vol.corrupt(5000, 10)
+	s.vol.corrupt(20000, 10000)
+	s.heal.remoteBytes.Store(123)
+	s.heal.repairedBytes.Store(45)
+	r := &statusReporter{cfg: Config{Name: "a"}, raft: statsRaft{stats: map[string]string{}}, leader: &fakeLeadership{leaders: []string{"a"}},
+		fsm: statusIDs{}, fresh: &atomic.Bool{}, heal: s.heal}
+	st := r.LocalStatus()
+	if len(st.Degraded) != 1 || st.RemoteReadBytes != 123 || st.RepairedBytes != 45 {
+		t.Fatalf("status %+v", st)
+	}
+	d := st.Degraded[0]
+	want := []ByteRange{{Offset: 4096, Length: 4096}, {Offset: 16384, Length: 16384}}
+	if d.Volume != "v" || d.DamagedBytes != 20480 || d.Ranges != 2 || !slices.Equal(d.First, want) {
+		t.Fatalf("degraded %+v", d)
+	}
+	s.vol.corrupt(0, 1)
+	s.heal.rebuildPass(testCtx(t)) // no peers: stays degraded
+	if st := r.LocalStatus(); len(st.Degraded) != 1 {
+		t.Fatalf("status %+v", st)
 	}
 }

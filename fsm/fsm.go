@@ -127,8 +127,9 @@ type Stats struct {
 //     uses only the volume.Store (safe for concurrent use) and
 //     fuzzyBound (under mu).
 //   - SetReplayBound is called before raft starts, like New.
-//   - AppliedIndex, WaitApplied, VerifyResult, Stats and Store are safe
-//     from any goroutine; they read the fields guarded by mu.
+//   - AppliedIndex, WaitApplied, VerifyResult, Stats, Store, CopyExact
+//     and AtBoundary are safe from any goroutine; they read the fields
+//     guarded by mu (AtBoundary also takes boundary).
 //
 // The FSM must be the only writer of its volume.Store: volume metadata is
 // replicated state, and Apply trusts the store to hold exactly what the log
@@ -147,6 +148,13 @@ type FSM struct {
 	pendingBytes int64                     // bytes applied since the last checkpoint
 	pendingSince time.Time                 // first apply since the last checkpoint; zero if none
 	bg           *bgCheckpoint             // periodic checkpoint running in the background, or nil
+
+	// boundary is held by the FSM goroutine while one entry changes the
+	// volumes and the applied index (Apply, from the first volume write
+	// to setApplied) and for a whole Restore; AtBoundary holds it around
+	// its callback, which therefore runs between two entries. Lock order:
+	// boundary, then mu, then the volumes' locks.
+	boundary sync.Mutex
 
 	// mu guards the fields below. The FSM goroutine writes them under mu
 	// and may read them without it (it is their only writer).
@@ -314,6 +322,35 @@ func (f *FSM) setFuzzyUntil(v uint64) {
 	f.mu.Lock()
 	f.fuzzyUntil = v
 	f.mu.Unlock()
+}
+
+// AtBoundary runs fn between two entries: while fn runs no entry is being
+// applied to any volume (nor a snapshot installed), and applied is the
+// index of the last entry applied, so the volumes hold exactly what the
+// entries up to applied left in them (CopyExact says whether they hold
+// nothing later). A caller can read a volume's state and the index it
+// reflects together, e.g. a repair token and the applied index.
+//
+// fn must be short (the apply loop waits for it) and must not wait for
+// the FSM (WaitApplied, Apply: a deadlock); it may read volumes and call
+// AppliedIndex, Stats and CopyExact. AtBoundary waits for the entry being
+// applied, and for a snapshot install for as long as it runs.
+func (f *FSM) AtBoundary(fn func(applied uint64)) {
+	f.boundary.Lock()
+	defer f.boundary.Unlock()
+	fn(f.AppliedIndex())
+}
+
+// CopyExact reports whether this site's volumes hold exactly the
+// replicated state at its applied index: the FSM is neither failed nor
+// closed, and neither a snapshot image nor a restart's replay leaves the
+// volumes ahead of the applied index (it is at or past the fuzzy-until
+// index; see DESIGN.md). Call it inside AtBoundary for an answer that
+// holds for what the callback reads.
+func (f *FSM) CopyExact() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.failed == nil && !f.closed && f.applied >= f.fuzzyUntil
 }
 
 // AppliedIndex returns the index of the last log entry applied (including
@@ -485,6 +522,7 @@ func (f *FSM) Apply(l *raft.Log) interface{} {
 		local error
 	)
 	cmd, err := Decode(l.Data)
+	f.boundary.Lock()
 	if err != nil {
 		out.err = err
 	} else {
@@ -492,10 +530,12 @@ func (f *FSM) Apply(l *raft.Log) interface{} {
 	}
 	if local != nil {
 		res.Err = f.fail(l.Index, local)
+		f.boundary.Unlock()
 		return res
 	}
 	res.Err, res.Duplicate = out.err, out.duplicate
 	f.setApplied(l.Index)
+	f.boundary.Unlock()
 
 	f.pendingBytes += int64(len(l.Data))
 	now := time.Now()

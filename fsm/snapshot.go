@@ -76,6 +76,10 @@ func (s *fsmSnapshot) Release() {}
 // may be applied.
 func (f *FSM) Restore(rc io.ReadCloser) error {
 	defer rc.Close()
+	// Volumes change until the new applied index is set: no AtBoundary
+	// callback may run in between.
+	f.boundary.Lock()
+	defer f.boundary.Unlock()
 	f.mu.Lock()
 	closed := f.closed
 	total, totalFor := f.restoreSize.size, f.restoreSize.index // recorded by the snapshot store's Open
@@ -282,18 +286,21 @@ func (r *restorer) volume(i int, _ volume.Meta) error {
 	return nil
 }
 
-// data makes [off, off+len(p)) equal p.
+// data makes [off, off+len(p)) equal p. A local chunk with damaged
+// blocks (failed checksums) differs: it is written whole, which repairs
+// them.
 func (r *restorer) data(off int64, p []byte) error {
 	local := r.local[:len(p)]
-	if _, err := r.cur.ReadAt(local, off); err != nil {
+	_, err := r.cur.ReadAt(local, off)
+	damaged := errors.Is(err, volume.ErrDamaged)
+	if err != nil && !damaged {
 		return err
 	}
 	n := int64(len(p))
-	if bytes.Equal(local, p) {
+	if !damaged && bytes.Equal(local, p) {
 		r.skipped += n
 		return nil
 	}
-	var err error
 	if bytes.Equal(p, r.zeros[:len(p)]) {
 		err = r.cur.Trim(off, n)
 	} else {
@@ -321,10 +328,12 @@ func (r *restorer) zero(off, n int64) error {
 		for pos, end := e.Offset, e.Offset+e.Length; pos < end; {
 			k := min(int64(streamChunk), end-pos)
 			local := r.local[:k]
-			if _, err := r.cur.ReadAt(local, pos); err != nil {
+			_, err := r.cur.ReadAt(local, pos)
+			damaged := errors.Is(err, volume.ErrDamaged)
+			if err != nil && !damaged {
 				return err
 			}
-			if bytes.Equal(local, r.zeros[:k]) {
+			if !damaged && bytes.Equal(local, r.zeros[:k]) {
 				r.skipped += k
 			} else {
 				if err := r.cur.Trim(pos, k); err != nil {

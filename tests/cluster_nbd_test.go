@@ -1,10 +1,13 @@
 package tests
 
 import (
+	"encoding/json"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/robib/robib/tests/harness"
 )
@@ -79,6 +82,34 @@ func TestClusterThreeSitesNBD(t *testing.T) {
 	if r.ExitCode == 0 || !strings.Contains(r.Stdout, fmt.Sprintf("MISMATCH at offset %d", 5*MiB)) || !strings.Contains(r.Stdout, victim.Name+"=") {
 		t.Errorf("volume verify (text) exit %d, output does not name offset %d and site %s:\n%s%s", r.ExitCode, 5*MiB, victim.Name, r.Stdout, r.Stderr)
 	}
+
+	// volume repair: the victim holds the minority copy of that chunk; it
+	// is repaired from the two other sites, and verify agrees again.
+	r = harness.Run(t, 5*time.Minute, writer.CLIEnv(), writer.Bin, "--api", writer.APIURL(), "volume", "repair", "rep", "--json", "-q")
+	var fixed struct {
+		OK      bool `json:"ok"`
+		Repairs []struct {
+			Site    string   `json:"site"`
+			Offset  int64    `json:"offset"`
+			Length  int64    `json:"length"`
+			Sources []string `json:"sources"`
+			Error   string   `json:"error"`
+		} `json:"repairs"`
+	}
+	if err := json.Unmarshal([]byte(r.Stdout), &fixed); err != nil || r.ExitCode != 0 || !fixed.OK || len(fixed.Repairs) != 1 {
+		t.Fatalf("volume repair: exit %d, %v: %+v\n%s%s", r.ExitCode, err, fixed, r.Stdout, r.Stderr)
+	}
+	if f := fixed.Repairs[0]; f.Site != victim.Name || f.Offset != 5*MiB || f.Length != MiB || len(f.Sources) != 2 || slices.Contains(f.Sources, victim.Name) || f.Error != "" {
+		t.Fatalf("volume repair changed %+v, want %s's chunk at %d from the two others", f, victim.Name, 5*MiB)
+	}
+	mustVerify(t, c.Agents[0], "rep", 3)
+
+	// A block damaged on disk and read over NBD at that site: the right
+	// bytes, read from another site and repaired there on the way.
+	harness.MustRun(t, toolTimeout, "dd", "if="+junk, "of="+path, "bs=11", "count=1",
+		fmt.Sprintf("seek=%d", 9*MiB+7), "oflag=seek_bytes", "conv=notrunc", "status=none")
+	assertExportEquals(t, victim, "rep", want)
+	mustVerify(t, writer, "rep", 3)
 }
 
 // TestClusterKill9EverySiteKeepsFlushedData: flushed data survives SIGKILL

@@ -2,12 +2,14 @@ package main
 
 import (
 	"fmt"
+	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/robib/robib/cluster"
+	"github.com/robib/robib/cmd/internal/config"
 )
 
 func newClusterCmd(g *globals) *cobra.Command {
@@ -35,6 +37,19 @@ func security(s cluster.SiteStatus) string {
 		return fmt.Sprintf("%s (cert until %s)", s.Security, s.CertNotAfter.UTC().Format("2006-01-02"))
 	}
 	return s.Security
+}
+
+// degraded is the DEGRADED column: the volumes whose copy at the site has
+// damaged blocks and how many bytes, or "-".
+func degraded(s cluster.SiteStatus) string {
+	if len(s.Degraded) == 0 {
+		return "-"
+	}
+	var parts []string
+	for _, d := range s.Degraded {
+		parts = append(parts, fmt.Sprintf("%s (%s)", d.Volume, config.FormatSize(d.DamagedBytes)))
+	}
+	return strings.Join(parts, ", ")
 }
 
 func newClusterStatusCmd(g *globals) *cobra.Command {
@@ -66,10 +81,10 @@ func newClusterStatusCmd(g *globals) *cobra.Command {
 			}
 			fmt.Fprintf(out, "cluster: %s   leader: %s   commit index: %d\n\n", clusterID, leader, st.CommitIndex)
 			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "SITE\tSTATE\tSUFFRAGE\tGOSSIP\tAPPLIED\tCOMMIT\tLAG\tRAFT\tNBD\tAPI\tSECURITY")
+			fmt.Fprintln(tw, "SITE\tSTATE\tSUFFRAGE\tGOSSIP\tAPPLIED\tCOMMIT\tLAG\tRAFT\tNBD\tAPI\tSECURITY\tDEGRADED")
 			for _, s := range st.Sites {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%d\t%s\t%s\t%s\t%s\n", s.Name, s.State, suffrage(s), s.Gossip,
-					s.AppliedIndex, s.CommitIndex, s.Lag, s.RaftAddr, s.NBDAddr, s.APIAddr, security(s))
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%d\t%s\t%s\t%s\t%s\t%s\n", s.Name, s.State, suffrage(s), s.Gossip,
+					s.AppliedIndex, s.CommitIndex, s.Lag, s.RaftAddr, s.NBDAddr, s.APIAddr, security(s), degraded(s))
 			}
 			if err := tw.Flush(); err != nil {
 				return err
@@ -77,6 +92,17 @@ func newClusterStatusCmd(g *globals) *cobra.Command {
 			for _, s := range st.Sites {
 				if note := catchUpNote(s); note != "" {
 					fmt.Fprintf(out, "%s: %s\n", s.Name, note)
+				}
+				for _, d := range s.Degraded {
+					fmt.Fprintf(out, "%s: volume %s has %s damaged in %d ranges, served from other sites while it is rebuilt:",
+						s.Name, d.Volume, config.FormatSize(d.DamagedBytes), d.Ranges)
+					for _, r := range d.First {
+						fmt.Fprintf(out, " [%d,+%d)", r.Offset, r.Length)
+					}
+					if d.Ranges > len(d.First) {
+						fmt.Fprintf(out, " ...")
+					}
+					fmt.Fprintln(out)
 				}
 			}
 			return nil

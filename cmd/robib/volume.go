@@ -14,11 +14,11 @@ import (
 func newVolumeCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "volume",
-		Short: "Create, list, resize, verify and delete volumes",
+		Short: "Create, list, resize, verify, repair and delete volumes",
 		Args:  cobra.NoArgs, // an unknown subcommand is an error, not help
 		RunE:  func(cmd *cobra.Command, _ []string) error { return cmd.Help() },
 	}
-	cmd.AddCommand(newVolumeCreateCmd(g), newVolumeListCmd(g), newVolumeDeleteCmd(g), newVolumeResizeCmd(g), newVolumeVerifyCmd(g), newVolumeStatsCmd(g))
+	cmd.AddCommand(newVolumeCreateCmd(g), newVolumeListCmd(g), newVolumeDeleteCmd(g), newVolumeResizeCmd(g), newVolumeVerifyCmd(g), newVolumeRepairCmd(g), newVolumeStatsCmd(g))
 	return cmd
 }
 

@@ -92,6 +92,10 @@ var sentinels = []sentinel{
 	{"volume.ErrOutOfRange", volume.ErrOutOfRange, einval, s500},
 	{"volume.ErrCorrupt", volume.ErrCorrupt, eio, s500},
 	{"volume.ErrClosed", volume.ErrClosed, eshutdown, s500},
+	// Reads reach NBD through the repair path (heal.go), which turns a
+	// damaged read into the right bytes or cluster.ErrNoHealthyCopy; a
+	// damage error that gets through anyway is an I/O error.
+	{"volume.ErrDamaged", volume.ErrDamaged, eio, s500},
 
 	{"dcd.ErrClosed", dcd.ErrClosed, eshutdown, s500},
 	{"dcd.ErrOutOfRange", dcd.ErrOutOfRange, einval, s500},
@@ -114,6 +118,9 @@ var sentinels = []sentinel{
 	{"cluster.ErrKeyringRefused", cluster.ErrKeyringRefused, eio, s400},
 	{"cluster.ErrKeyringIncomplete", cluster.ErrKeyringIncomplete, eio, s500},
 	{"cluster.ErrBadKeyring", cluster.ErrBadKeyring, eio, s500},
+	{"cluster.ErrPeerRefused", cluster.ErrPeerRefused, eio, s503},
+	{"cluster.ErrNoHealthyCopy", cluster.ErrNoHealthyCopy, eio, s503},
+	{"cluster.ErrBadCatchUpBase", cluster.ErrBadCatchUpBase, eio, s500},
 
 	{"cluster/dcdlog.ErrClosed", dcdlog.ErrClosed, eio, s500},
 	{"cluster/dcdlog.ErrLocked", dcdlog.ErrLocked, eio, s500},
@@ -688,7 +695,7 @@ func TestNBDEdgeEndToEnd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ro := &roExport{vol: v, info: readOnlyInfo(v.Meta(), staleSuffix)}
+	ro := &roExport{vol: v, rd: healingReader{vol: v}, info: readOnlyInfo(v.Meta(), staleSuffix)}
 	if err := store.Resize("v", 512<<10); err != nil {
 		t.Fatal(err)
 	}

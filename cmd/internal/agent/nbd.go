@@ -257,7 +257,7 @@ func (b *nbdBackend) openReadOnly(v *volume.Volume, suffix string) (nbdfront.Exp
 	if suffix == staleSuffix {
 		info.Description = fmt.Sprintf("robib volume %s, read-only copy at site %s as applied there (index %d), not checked against the leader: may be stale",
 			m.Name, site, b.node.FSM().AppliedIndex())
-		return &roExport{vol: v, info: info}, nil
+		return &roExport{vol: v, rd: healingReader{vol: v, node: b.node}, info: info}, nil
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), catchUpTimeout)
 	defer cancel()
@@ -281,7 +281,7 @@ func (b *nbdBackend) openReadOnly(v *volume.Volume, suffix string) (nbdfront.Exp
 	}
 	info.Description = fmt.Sprintf("robib volume %s, read-only copy at site %s, current as of log index %d (%d entries behind the leader when attached)",
 		m.Name, site, idx, behind)
-	return &roExport{vol: v, info: info}, nil
+	return &roExport{vol: v, rd: healingReader{vol: v, node: b.node}, info: info}, nil
 }
 
 // openStage takes the volume's lease for this site, waits until this site
@@ -320,7 +320,7 @@ func (b *nbdBackend) openStage(name string, st *stage) error {
 	cfg.VolumeCreated = meta.Created.UnixNano()
 	cfg.Epoch = g.Epoch
 	cfg.Logger = b.log.With("volume", name, "epoch", g.Epoch)
-	d, err := dcd.New(name, st.vol, b.node, cfg)
+	d, err := dcd.New(name, healingReader{vol: st.vol, node: b.node}, b.node, cfg)
 	if err != nil {
 		return fail(fmt.Errorf("opening write-back stage for %s: %w", name, err))
 	}
@@ -547,14 +547,16 @@ func (b *nbdBackend) closeAll() {
 }
 
 // roExport is a read-only connection: it reads this site's copy of the
-// volume (everything applied here), needs no lease and buffers nothing.
+// volume (everything applied here; damaged blocks from another site's
+// copy, see healingReader), needs no lease and buffers nothing.
 type roExport struct {
 	vol  *volume.Volume
+	rd   healingReader
 	info nbdfront.ExportInfo
 }
 
 func (e *roExport) Info() nbdfront.ExportInfo               { return e.info }
-func (e *roExport) ReadAt(p []byte, off int64) (int, error) { return e.vol.ReadAt(p, off) }
+func (e *roExport) ReadAt(p []byte, off int64) (int, error) { return e.rd.ReadAt(p, off) }
 func (e *roExport) WriteAt([]byte, int64) (int, error) {
 	return 0, fmt.Errorf("%w: read-only attach", nbdfront.ErrReadOnly)
 }

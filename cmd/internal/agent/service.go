@@ -57,6 +57,8 @@ var apiClasses = []struct{ err, class error }{
 	{fsm.ErrOutOfRange, api.ErrBadRequest},
 	{cluster.ErrInvalidRequest, api.ErrBadRequest},
 	{cluster.ErrRetry, api.ErrUnavailable},
+	{cluster.ErrPeerRefused, api.ErrUnavailable},
+	{cluster.ErrNoHealthyCopy, api.ErrUnavailable},
 	{context.DeadlineExceeded, api.ErrUnavailable},
 	{cluster.ErrClosed, api.ErrUnavailable},
 	{auth.ErrUnauthenticated, api.ErrUnauthenticated},
@@ -169,6 +171,16 @@ func (s *clusterService) VerifyVolume(ctx context.Context, name string, req api.
 	ctx, cancel := context.WithTimeout(ctx, 2*adminTimeout)
 	defer cancel()
 	res, err := s.node.VerifyRange(ctx, name, req.Offset, req.Length, req.ChunkSize)
+	return res, apiErr(err)
+}
+
+func (s *clusterService) RepairVolume(ctx context.Context, name string, req api.RepairRequest) (cluster.RepairResult, error) {
+	if req.ChunkSize == 0 {
+		req.ChunkSize = 1 << 20
+	}
+	ctx, cancel := context.WithTimeout(ctx, 3*adminTimeout)
+	defer cancel()
+	res, err := s.node.RepairRange(ctx, name, req.Offset, req.Length, req.ChunkSize, req.Site)
 	return res, apiErr(err)
 }
 

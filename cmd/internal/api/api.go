@@ -122,6 +122,9 @@ type Service interface {
 	DeleteVolume(ctx context.Context, name string) error
 	ResizeVolume(ctx context.Context, name string, size int64) (Volume, error)
 	VerifyVolume(ctx context.Context, name string, req VerifyRequest) (cluster.VerifyResult, error)
+	// RepairVolume verifies one range and repairs the chunks where a
+	// minority of sites differs from a strict majority (cluster.Node.RepairRange).
+	RepairVolume(ctx context.Context, name string, req RepairRequest) (cluster.RepairResult, error)
 	// WriteStage reports the volume's write-back stage at this site
 	// (ErrNotFound for an unknown volume).
 	WriteStage(ctx context.Context, name string) (WriteStage, error)
@@ -142,6 +145,17 @@ type VerifyRequest struct {
 	Offset    int64 `json:"offset"`
 	Length    int64 `json:"length"`
 	ChunkSize int64 `json:"chunk_size"`
+}
+
+// RepairRequest is the body of POST /v1/volumes/{name}/repair: one range,
+// verified across sites; chunks where a strict majority of the voters
+// agrees are repaired at the other sites (only Site, if given) from the
+// majority. Offset and ChunkSize are multiples of 4 KiB.
+type RepairRequest struct {
+	Offset    int64  `json:"offset"`
+	Length    int64  `json:"length"`
+	ChunkSize int64  `json:"chunk_size"`
+	Site      string `json:"site,omitempty"`
 }
 
 // SiteRequest names a site (cluster remove, transfer-leadership).

@@ -17,8 +17,9 @@ import (
 
 // fakeService records calls and fails with err when set.
 type fakeService struct {
-	err  error
-	last CreateVolumeRequest
+	err        error
+	last       CreateVolumeRequest
+	lastRepair RepairRequest
 }
 
 func (f *fakeService) CreateVolume(_ context.Context, r CreateVolumeRequest) (Volume, error) {
@@ -35,6 +36,10 @@ func (f *fakeService) ResizeVolume(_ context.Context, n string, s int64) (Volume
 }
 func (f *fakeService) VerifyVolume(context.Context, string, VerifyRequest) (cluster.VerifyResult, error) {
 	return cluster.VerifyResult{}, f.err
+}
+func (f *fakeService) RepairVolume(_ context.Context, n string, r RepairRequest) (cluster.RepairResult, error) {
+	f.lastRepair = r
+	return cluster.RepairResult{Volume: n, Offset: r.Offset, Length: r.Length}, f.err
 }
 func (f *fakeService) WriteStage(_ context.Context, n string) (WriteStage, error) {
 	return WriteStage{Volume: n, Site: "s1", Attached: true, Commits: 3, CommitP50US: 800}, f.err
@@ -105,6 +110,10 @@ func TestClientServerRoundTrip(t *testing.T) {
 	if st, err := c.WriteStage(ctx, "a b/c"); err != nil || st.Volume != "a b/c" || !st.Attached || st.CommitP50US != 800 {
 		t.Fatalf("write stage with an escaped name: %+v %v", st, err)
 	}
+	want := RepairRequest{Offset: 4096, Length: 8192, ChunkSize: 4096, Site: "s2"}
+	if res, err := c.RepairVolume(ctx, "a b/c", want); err != nil || res.Volume != "a b/c" || res.Length != 8192 || svc.lastRepair != want {
+		t.Fatalf("repair: %+v %v (service saw %+v)", res, err, svc.lastRepair)
+	}
 }
 
 func TestErrorsMapToStatusAndBack(t *testing.T) {
@@ -150,7 +159,15 @@ func TestServerRejectsBadBodies(t *testing.T) {
 			t.Errorf("%s: status %d body %s", name, resp.StatusCode, b)
 		}
 	}
-	resp, err := http.Get(srv.URL + "/v1/nope")
+	resp, err := http.Post(srv.URL+"/v1/volumes/x/repair", "application/json", strings.NewReader(`{"offset":0,"length":1,"sites":"s2"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadRequest {
+		t.Errorf("repair with an unknown field: %d", resp.StatusCode)
+	}
+	resp, err = http.Get(srv.URL + "/v1/nope")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -182,6 +182,13 @@ func (c *Client) VerifyVolume(ctx context.Context, name string, req VerifyReques
 	return res, err
 }
 
+// RepairVolume verifies one range of a volume and repairs minority copies.
+func (c *Client) RepairVolume(ctx context.Context, name string, req RepairRequest) (cluster.RepairResult, error) {
+	var res cluster.RepairResult
+	err := c.Do(ctx, http.MethodPost, "/v1/volumes/"+url.PathEscape(name)+"/repair", req, &res)
+	return res, err
+}
+
 // ClusterStatus reads the cluster status.
 func (c *Client) ClusterStatus(ctx context.Context) (cluster.Status, error) {
 	var st cluster.Status

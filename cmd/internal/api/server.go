@@ -29,6 +29,7 @@ func NewHandler(svc Service, log *slog.Logger) *http.ServeMux {
 	mux.HandleFunc("DELETE /v1/volumes/{name}", h.deleteVolume)
 	mux.HandleFunc("POST /v1/volumes/{name}/resize", h.resizeVolume)
 	mux.HandleFunc("POST /v1/volumes/{name}/verify", h.verifyVolume)
+	mux.HandleFunc("POST /v1/volumes/{name}/repair", h.repairVolume)
 	mux.HandleFunc("GET /v1/volumes/{name}/stage", h.writeStage)
 	mux.HandleFunc("GET /v1/cluster/status", h.clusterStatus)
 	mux.HandleFunc("POST /v1/cluster/leave", h.leave)
@@ -130,6 +131,20 @@ func (h *handler) verifyVolume(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	res, err := h.svc.VerifyVolume(r.Context(), r.PathValue("name"), req)
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, res)
+}
+
+func (h *handler) repairVolume(w http.ResponseWriter, r *http.Request) {
+	var req RepairRequest
+	if err := decode(w, r, &req); err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	res, err := h.svc.RepairVolume(r.Context(), r.PathValue("name"), req)
 	if err != nil {
 		h.fail(w, r, err)
 		return
