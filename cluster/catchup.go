@@ -31,8 +31,6 @@ const (
 	// catchUpBaseTimeout bounds the leader's question: on any failure it
 	// sends the whole snapshot, as before.
 	catchUpBaseTimeout = 5 * time.Second
-	// maxCatchUpBaseBody bounds the answer (about 150 bytes per volume).
-	maxCatchUpBaseBody = 16 << 20
 )
 
 // catchUpBaseJSON is the JSON of a site's catch-up base (version 1):
