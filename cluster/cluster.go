@@ -153,7 +153,7 @@ func (n *Node) wire() {
 	}
 	n.heal = &healer{self: cfg.Name, log: n.log, fsm: n.fsm, vols: storeVolumes{n.fsm.Store()},
 		sources: voterSources{self: cfg.Name, config: n.raft, leader: lead, book: n.gossip}, rpc: rpc,
-		interval: cfg.RebuildInterval, rate: cfg.RebuildRate, stop: n.stop,
+		interval: cfg.RebuildInterval, rate: cfg.RebuildRate, scrubEvery: cfg.ScrubInterval, stop: n.stop,
 		kick: make(chan struct{}, 1), readSlots: make(chan struct{}, peerReadSlots), catchUp: peerCatchUpWait}
 	n.reporter.heal = n.heal
 	n.repair = &repairer{self: cfg.Name, log: n.log, verify: n.verify, heal: n.heal, book: n.gossip, rpc: rpc}

@@ -101,6 +101,13 @@ type Config struct {
 	// bytes per second.
 	RebuildInterval time.Duration
 	RebuildRate     int64
+	// ScrubInterval is how often the background rebuild reads every local
+	// volume whole and checks it against its block checksums
+	// (volume.Scrub), at RebuildRate, so damage nobody reads is found and
+	// repaired too; a volume where a read found damage is scrubbed at the
+	// next pass. Negative: no periodic scrub (damage found by reads is
+	// still followed by one).
+	ScrubInterval time.Duration
 
 	// Stages, if set, records where a write's time goes at this site
 	// (see stages.go); nil records nothing.
@@ -132,6 +139,7 @@ func DefaultConfig() Config {
 		LeaderOverlap:       true,
 		RebuildInterval:     DefaultRebuildInterval,
 		RebuildRate:         DefaultRebuildRate,
+		ScrubInterval:       DefaultScrubInterval,
 		HTTPClient:          &http.Client{Timeout: 2 * time.Minute},
 		Logger:              slog.Default(),
 	}
@@ -152,6 +160,7 @@ func (c *Config) setDefaults() {
 	orDefault(&c.LeaseTTL, d.LeaseTTL)
 	orDefault(&c.RebuildInterval, d.RebuildInterval)
 	orDefault(&c.RebuildRate, d.RebuildRate)
+	orDefault(&c.ScrubInterval, d.ScrubInterval)
 	orDefault(&c.HTTPClient, d.HTTPClient)
 	orDefault(&c.Logger, d.Logger)
 }

@@ -54,6 +54,9 @@ type RepairableVolume interface {
 	// not touched by any mutation after token; still lists the damaged
 	// blocks it left alone.
 	Repair(p []byte, off int64, token uint64) (repaired, still []Range, err error)
+	// Scrub checks every block of [off, off+length) against its checksum
+	// and marks the ones that fail damaged.
+	Scrub(off, length int64) (damaged []Range, err error)
 }
 
 // volumeSource looks up this site's volumes for the repair path.
@@ -161,6 +164,9 @@ const (
 const (
 	DefaultRebuildInterval = 30 * time.Second
 	DefaultRebuildRate     = 64 << 20 // bytes per second
+	// DefaultScrubInterval: every local volume is scrubbed once a week
+	// (Ceph's deep scrub default), at the rebuild rate.
+	DefaultScrubInterval = 7 * 24 * time.Hour
 )
 
 // healer reads damaged blocks of local volumes from other sites, repairs
@@ -186,8 +192,14 @@ type healer struct {
 	remoteBytes   atomic.Int64 // bytes of damaged blocks read from other sites
 	repairedBytes atomic.Int64 // bytes written back into local copies
 	servedRemote  atomic.Int64 // bytes served from other sites' copies without a local repair
+	scrubs        atomic.Int64 // whole-volume scrubs done
 
 	lastReport map[string]int64 // volume -> damaged bytes last logged at WARN (rebuild goroutine)
+
+	scrubEvery time.Duration        // Config.ScrubInterval (<= 0: no periodic scrub)
+	scrubbed   map[string]time.Time // volume -> end of its last scrub, or when the rebuild started (rebuild goroutine)
+	scrubMu    sync.Mutex           // guards scrubSoon
+	scrubSoon  map[string]bool      // volumes a read found damaged: scrub them whole at the next pass
 
 	warnMu sync.Mutex           // guards warned
 	warned map[string]time.Time // volume -> last WARN of the read path
@@ -207,6 +219,16 @@ func (h *healer) ReadAt(ctx context.Context, v RepairableVolume, p []byte, off i
 		h.log.Warn("cluster: a read of a damaged range could not be served", "volume", v.Name(), "site", h.self,
 			"off", off, "len", len(p), "err", err)
 		return err
+	}
+	if len(rep.damaged) > 0 {
+		// Damage seldom comes alone: look at the whole volume, not
+		// only at what clients happen to read.
+		h.scrubMu.Lock()
+		if h.scrubSoon == nil {
+			h.scrubSoon = map[string]bool{}
+		}
+		h.scrubSoon[v.Name()] = true
+		h.scrubMu.Unlock()
 	}
 	if len(rep.damaged) > 0 && h.warnNow(v.Name()) {
 		h.log.Warn("cluster: local copy of a volume is damaged; read its damaged blocks from other sites",
@@ -418,6 +440,14 @@ func (h *healer) rebuildPass(ctx context.Context) {
 		if err != nil {
 			continue
 		}
+		if h.scrubDue(name) {
+			if err := h.scrub(ctx, v, pace); err != nil {
+				if ctx.Err() != nil {
+					return
+				}
+				h.log.Warn("cluster: scrub of a local volume failed; retrying at the next pass", "volume", name, "site", h.self, "err", err)
+			}
+		}
 		dmg := blockSpan(v.Damaged(), 0, v.Size(), v.Size())
 		if len(dmg) == 0 {
 			continue
@@ -462,6 +492,70 @@ func (h *healer) rebuildPass(ctx context.Context) {
 		}
 	}
 }
+
+// scrubDue reports whether name should be scrubbed in this pass: a read
+// found damage in it, or its last scrub (or the rebuild's start) is
+// ScrubInterval ago. Rebuild goroutine only (scrubbed).
+func (h *healer) scrubDue(name string) bool {
+	h.scrubMu.Lock()
+	soon := h.scrubSoon[name]
+	h.scrubMu.Unlock()
+	if soon {
+		return true
+	}
+	if h.scrubbed == nil {
+		h.scrubbed = map[string]time.Time{}
+	}
+	last, ok := h.scrubbed[name]
+	if !ok {
+		// Not at start-up: a restart would read every volume whole.
+		h.scrubbed[name] = time.Now()
+		return false
+	}
+	return h.scrubEvery > 0 && time.Since(last) >= h.scrubEvery
+}
+
+// scrub reads v whole, 1 MiB at a time at the pass's pace, checking every
+// block against its checksum; what it finds is in v.Damaged() for the
+// repair that follows.
+func (h *healer) scrub(ctx context.Context, v RepairableVolume, pace func(context.Context, int64) error) error {
+	name, size := v.Name(), v.Size()
+	start := time.Now()
+	for off := int64(0); off < size; off += scrubPiece {
+		n := min(scrubPiece, size-off)
+		if pace != nil {
+			if err := pace(ctx, n); err != nil {
+				return err
+			}
+		} else if err := ctx.Err(); err != nil {
+			return err
+		}
+		if _, err := v.Scrub(off, n); err != nil {
+			return fmt.Errorf("scrub [%d, +%d): %w", off, n, err)
+		}
+	}
+	h.scrubMu.Lock()
+	delete(h.scrubSoon, name)
+	h.scrubMu.Unlock()
+	if h.scrubbed == nil {
+		h.scrubbed = map[string]time.Time{}
+	}
+	h.scrubbed[name] = time.Now()
+	dmg := rangeBytes(blockSpan(v.Damaged(), 0, size, size))
+	h.scrubs.Add(1)
+	if dmg > 0 {
+		h.log.Warn("cluster: scrub found damaged blocks in the local copy of a volume", "volume", name, "site", h.self,
+			"damaged_bytes", dmg, "bytes", size, "took", time.Since(start).Round(time.Millisecond))
+	} else {
+		h.log.Info("cluster: scrub found the local copy of a volume intact", "volume", name, "site", h.self,
+			"bytes", size, "took", time.Since(start).Round(time.Millisecond))
+	}
+	return nil
+}
+
+// scrubPiece is the unit of a scrub: the volume's region locks are held
+// for one piece at a time, so writers wait at most for one 1 MiB read.
+const scrubPiece = 1 << 20
 
 // pacer returns a pace function that keeps a pass at or below rate bytes
 // per second (rate <= 0: no limit).

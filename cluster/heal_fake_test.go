@@ -25,6 +25,7 @@ type fakeVolume struct {
 	name    string
 	data    []byte
 	damaged []bool
+	latent  []bool // corrupted, not yet found: a read or Scrub finds it
 	gen     []uint64
 	cur     uint64
 
@@ -32,11 +33,12 @@ type fakeVolume struct {
 	onRepair  func(call int)   // called (without the lock) before each Repair
 	repairs   int              // Repair calls
 	written   map[int64][]byte // block offset -> bytes each Repair wrote there (the last)
+	scrubbed  int64            // bytes Scrub looked at
 }
 
 func newFakeVolume(name string, size int64) *fakeVolume {
 	n := (size + RepairBlock - 1) / RepairBlock
-	return &fakeVolume{name: name, data: make([]byte, size), damaged: make([]bool, n), gen: make([]uint64, n), written: map[int64][]byte{}}
+	return &fakeVolume{name: name, data: make([]byte, size), damaged: make([]bool, n), latent: make([]bool, n), gen: make([]uint64, n), written: map[int64][]byte{}}
 }
 
 func (v *fakeVolume) Name() string { return v.name }
@@ -62,7 +64,7 @@ func (v *fakeVolume) write(p []byte, off int64) {
 		v.gen[b] = v.cur
 		bs, be := b*RepairBlock, min((b+1)*RepairBlock, int64(len(v.data)))
 		if off <= bs && be <= off+int64(len(p)) {
-			v.damaged[b] = false
+			v.damaged[b], v.latent[b] = false, false
 		}
 	}
 }
@@ -78,6 +80,41 @@ func (v *fakeVolume) corrupt(off, n int64) {
 	for b := off / RepairBlock; b*RepairBlock < off+n; b++ {
 		v.damaged[b] = true
 	}
+}
+
+// corruptLatent damages [off, off+n) behind the volume's back without
+// anyone noticing: the next read or Scrub of those blocks finds it.
+func (v *fakeVolume) corruptLatent(off, n int64) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	for i := off; i < off+n; i++ {
+		v.data[i] ^= 0x5A
+	}
+	for b := off / RepairBlock; b*RepairBlock < off+n; b++ {
+		v.latent[b] = true
+	}
+}
+
+// findLatentLocked turns the latent damage of blocks [b0, b1) into known
+// damage, as a checksum check would.
+func (v *fakeVolume) findLatentLocked(b0, b1 int64) {
+	for b := b0; b < b1 && b < int64(len(v.latent)); b++ {
+		if v.latent[b] {
+			v.latent[b], v.damaged[b] = false, true
+		}
+	}
+}
+
+func (v *fakeVolume) Scrub(off, n int64) ([]Range, error) {
+	v.mu.Lock()
+	if err := v.check(off, n); err != nil {
+		v.mu.Unlock()
+		return nil, err
+	}
+	v.scrubbed += n
+	v.findLatentLocked(off/RepairBlock, (off+n+RepairBlock-1)/RepairBlock)
+	v.mu.Unlock()
+	return v.Damaged(), nil
 }
 
 func (v *fakeVolume) blockRange(b int64) Range {
@@ -100,6 +137,7 @@ func (v *fakeVolume) ReadHealthy(p []byte, off int64) ([]Range, error) {
 	}
 	var dmg []Range
 	end := off + int64(len(p))
+	v.findLatentLocked(off/RepairBlock, (end+RepairBlock-1)/RepairBlock)
 	for b := off / RepairBlock; b*RepairBlock < end; b++ {
 		r := v.blockRange(b)
 		s, e := max(r.Off, off), min(r.Off+r.Len, end)

@@ -339,6 +339,69 @@ func TestRebuildRunsAfterDamagedRead(t *testing.T) {
 	}
 }
 
+// Damage that no client reads is found by a scrub: right after a read
+// found damage somewhere in the volume, and every ScrubInterval; never
+// at start-up, and never periodically with a negative interval.
+func TestScrubFindsUnreadDamage(t *testing.T) {
+	const size = 3 << 20
+	t.Run("after a damaged read", func(t *testing.T) {
+		sites := newHealSites(t, size, "a", "b")
+		a, b := sites[0], sites[1]
+		writeAt(randData(10, size), 0, sites...)
+		a.vol.corruptLatent(100, 10)
+		a.vol.corruptLatent(size-5000, 10) // never read
+		a.heal.rate = 1 << 30
+		a.heal.rebuildPass(testCtx(t)) // the first pass only notes the time
+		if a.vol.scrubbed != 0 {
+			t.Fatalf("the first pass scrubbed %d bytes", a.vol.scrubbed)
+		}
+		if err := a.heal.ReadAt(testCtx(t), a.vol, make([]byte, 4096), 0); err != nil {
+			t.Fatal(err)
+		}
+		a.heal.rebuildPass(testCtx(t))
+		if a.vol.scrubbed != size || len(a.vol.Damaged()) != 0 {
+			t.Fatalf("scrubbed %d of %d bytes; still damaged %v", a.vol.scrubbed, size, a.vol.Damaged())
+		}
+		if !bytes.Equal(a.vol.bytesAt(0, size), b.vol.bytesAt(0, size)) {
+			t.Fatal("the damage no read found was not repaired")
+		}
+		if a.log.count(slog.LevelWarn, "scrub found damaged") != 1 {
+			t.Fatalf("no WARN about what the scrub found:\n%s", a.log.texts())
+		}
+		a.heal.rebuildPass(testCtx(t))
+		if a.vol.scrubbed != size {
+			t.Fatalf("a second pass scrubbed again (%d bytes in all)", a.vol.scrubbed)
+		}
+	})
+	t.Run("periodic", func(t *testing.T) {
+		sites := newHealSites(t, size, "a", "b")
+		a, b := sites[0], sites[1]
+		writeAt(randData(11, size), 0, sites...)
+		a.heal.rate, a.heal.scrubEvery = 1<<30, time.Nanosecond
+		a.heal.rebuildPass(testCtx(t))
+		a.vol.corruptLatent(2<<20, 100)
+		a.heal.rebuildPass(testCtx(t))
+		if !bytes.Equal(a.vol.bytesAt(0, size), b.vol.bytesAt(0, size)) {
+			t.Fatal("the periodic scrub did not find and repair the damage")
+		}
+		if a.log.count(slog.LevelInfo, "scrub found the local copy of a volume intact") != 0 {
+			t.Fatalf("logged intact:\n%s", a.log.texts())
+		}
+	})
+	t.Run("off", func(t *testing.T) {
+		sites := newHealSites(t, size, "a", "b")
+		a := sites[0]
+		writeAt(randData(12, size), 0, sites...)
+		a.heal.rate, a.heal.scrubEvery = 1<<30, -1
+		a.heal.rebuildPass(testCtx(t))
+		a.vol.corruptLatent(0, 10)
+		a.heal.rebuildPass(testCtx(t))
+		if a.vol.scrubbed != 0 {
+			t.Fatalf("scrubbed %d bytes with scrubs off", a.vol.scrubbed)
+		}
+	})
+}
+
 // The pacer keeps a pass at the configured rate.
 func TestPacer(t *testing.T) {
 	pace := pacer(10 << 20) // 10 MiB/s

@@ -180,6 +180,15 @@ func (a *Agent) verifyPeer(ctx context.Context, site, raftAddr string) error {
 	return c.Close()
 }
 
+// scrubInterval maps --scrub-interval to cluster.Config.ScrubInterval:
+// 0 (off) is negative there, where 0 means the default.
+func scrubInterval(d time.Duration) time.Duration {
+	if d == 0 {
+		return -1
+	}
+	return d
+}
+
 // raftPeerName is cluster.Config.RaftPeerName: the site whose certificate
 // a Raft connection presented.
 func raftPeerName(c net.Conn) (string, bool) {
@@ -245,6 +254,7 @@ func (a *Agent) open() error {
 		LeaseTTL:            cfg.VolumeLeaseTTL,
 		LeaderFollowsWrites: cfg.LeaderFollowsWrites,
 		LeaderOverlap:       cfg.LeaderOverlap,
+		ScrubInterval:       scrubInterval(cfg.ScrubInterval),
 		RaftListener:        raftLn,
 		Dial: func(ctx context.Context, addr string) (net.Conn, error) {
 			return network.DialContext(ctx, netx.LinkRaft, addr)

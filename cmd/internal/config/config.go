@@ -68,6 +68,9 @@ type Config struct {
 	// FlushTimeout: a FLUSH (or FUA write) not committed on a majority of
 	// sites within it fails with EIO instead of waiting forever.
 	FlushTimeout time.Duration
+	// ScrubInterval: how often each local volume is read whole and checked
+	// against its block checksums; 0 turns the periodic scrub off.
+	ScrubInterval time.Duration
 
 	// LinkDelay is a testing/benchmark knob: a one-way delay added in each
 	// direction of every site-to-site connection this agent dials (Raft
@@ -176,6 +179,7 @@ const (
 	KeyLinkDelay         = "link-delay"
 	KeyLeaderFollows     = "leader-follows-writes"
 	KeyLeaderOverlap     = "raft-leader-overlap"
+	KeyScrubInterval     = "scrub-interval"
 
 	KeyTLSCA            = "tls-ca"
 	KeyTLSCert          = "tls-cert"

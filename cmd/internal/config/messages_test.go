@@ -127,7 +127,7 @@ func TestValidationMessages(t *testing.T) {
 		{append(base, "--log-format", "xml"),
 			"invalid configuration: log-format \"xml\": want text or json"},
 		{append(base, "--config", typo),
-			"invalid configuration: config file DIR/typo.yaml: unknown key \"data_dri\" (known: name, data-dir, nbd-addr, api-addr, log-level, log-format, raft-addr, gossip-addr, join, bootstrap-expect, snapshot-threshold, snapshot-interval, trailing-logs, heartbeat-timeout, election-timeout, leader-lease-timeout, dcd-buffer, dcd-inflight, volume-lease-ttl, flush-timeout, raft-log-store, raft-transport, link-delay, leader-follows-writes, raft-leader-overlap, tls-ca, tls-cert, tls-key, insecure, nbd-tls, nbd-tls-verify-peer, gossip-key, auth-policy)"},
+			"invalid configuration: config file DIR/typo.yaml: unknown key \"data_dri\" (known: name, data-dir, nbd-addr, api-addr, log-level, log-format, raft-addr, gossip-addr, join, bootstrap-expect, snapshot-threshold, snapshot-interval, trailing-logs, heartbeat-timeout, election-timeout, leader-lease-timeout, dcd-buffer, dcd-inflight, volume-lease-ttl, flush-timeout, scrub-interval, raft-log-store, raft-transport, link-delay, leader-follows-writes, raft-leader-overlap, tls-ca, tls-cert, tls-key, insecure, nbd-tls, nbd-tls-verify-peer, gossip-key, auth-policy)"},
 
 		// Secure by default.
 		{plain,

@@ -140,6 +140,12 @@ func agentSettings(c *Config) []setting {
 			}
 			return nil
 		}),
+		opt(KeyScrubInterval, &c.ScrubInterval, cl.ScrubInterval, "how often every local volume is read whole and checked against its block checksums, damage repaired from other sites (0: never; a read that finds damage still starts one)", func(v time.Duration) error {
+			if v != 0 && v < time.Second {
+				return fmt.Errorf("%s %v: want 0 (off) or at least 1s", KeyScrubInterval, v)
+			}
+			return nil
+		}),
 		opt(KeyRaftLogStore, &c.RaftLogStore, cl.LogStore, "Raft log store: dcd (robib's DCD log), boltdb or wal (raft-wal); chosen when the data dir is created and fixed for it", func(v string) error {
 			// Empty (a Config built in code) means the default, dcd.
 			if v != "" && v != LogStoreDCD && v != LogStoreBoltDB && v != LogStoreWAL {

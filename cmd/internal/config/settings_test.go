@@ -38,6 +38,7 @@ func TestDefaultsFromOwningPackages(t *testing.T) {
 		{KeyDCDBuffer, c.DCDBuffer, wb.MaxBufferBytes},
 		{KeyDCDInflight, c.DCDInflight, wb.MaxInflight},
 		{KeyFlushTimeout, c.FlushTimeout, wb.FlushTimeout},
+		{KeyScrubInterval, c.ScrubInterval, cl.ScrubInterval},
 	}
 	for _, ch := range checks {
 		if ch.got != ch.want {
@@ -69,7 +70,7 @@ func TestSettingsDescribeTheFlags(t *testing.T) {
 			t.Errorf("%s: described as %+v; flag %+v", s.Key, s, f)
 		}
 	}
-	if n := len(seen); n != 34 {
+	if n := len(seen); n != 35 {
 		t.Errorf("%d settings", n)
 	}
 }
