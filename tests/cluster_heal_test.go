@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -13,7 +14,7 @@ import (
 // TestClusterReadsThroughDamage is the seed's "remote disk": ext4 with a
 // file tree on a volume; at one site the volume's data file is damaged
 // behind the agent's back, as a failing disk would (bytes overwritten all
-// over the file; in the second case the file cut to half its length).
+// over the file; in the second case the file cut to its first MiB).
 // Reads at that site through NBD must return the right data at once (fsck
 // clean, every file's checksum right), and the site must repair its copy
 // by itself: `volume verify` reports identical copies and the file holds
@@ -49,7 +50,11 @@ func TestClusterReadsThroughDamage(t *testing.T) {
 			}
 		}},
 		{"truncated", func(t *testing.T, path string) {
-			if err := os.Truncate(path, size/2); err != nil {
+			// Past the first MiB: most of the file system's metadata
+			// and every file's data, and blocks no read will meet
+			// (backup superblocks), which the scrub that follows the
+			// first damaged read finds.
+			if err := os.Truncate(path, 1<<20); err != nil {
 				t.Fatal(err)
 			}
 		}},
@@ -82,6 +87,15 @@ func TestClusterReadsThroughDamage(t *testing.T) {
 			mustSys(t, time.Minute, "umount", r.mountDir)
 			r.Detach()
 
+			t.Cleanup(func() {
+				if t.Failed() {
+					for _, l := range strings.Split(damaged.Logs(), "\n") {
+						if strings.Contains(l, "damage") || strings.Contains(l, "scrub") || strings.Contains(l, "repair") {
+							t.Logf("%s: %s", damaged.Name, l)
+						}
+					}
+				}
+			})
 			harness.WaitFor(t, 2*time.Minute, "the damaged site to repair its copy of "+vol, func() (bool, error) {
 				if diff := firstDiff(paddedFile(t, path, size), want); diff != "" {
 					return false, fmt.Errorf("%s still differs from %s's copy: %s", path, healthy.Name, diff)
@@ -89,8 +103,15 @@ func TestClusterReadsThroughDamage(t *testing.T) {
 				return true, nil
 			})
 			mustVerify(t, healthy, vol, 3)
-			if !bytes.Contains([]byte(damaged.Logs()), []byte("damage")) {
-				t.Errorf("%s logged nothing about the damage it repaired", damaged.Name)
+			var seen, scrubbed bool
+			for _, l := range strings.Split(damaged.Logs(), "\n") {
+				if strings.Contains(l, "volume="+vol+" ") {
+					seen = seen || strings.Contains(l, "damaged; read its damaged blocks from other sites")
+					scrubbed = scrubbed || strings.Contains(l, "scrub found damaged blocks")
+				}
+			}
+			if !seen || !scrubbed {
+				t.Errorf("%s logged a read served from other sites %v, a scrub that found the rest %v", damaged.Name, seen, scrubbed)
 			}
 		})
 	}
