@@ -475,24 +475,40 @@ func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
 
 // writeChunk writes p (at most sumsChunk blocks) at off and stores the sums
 // of its blocks with one pwrite. The caller holds v.mu and the region locks
+// edges are the blocks at the two ends of a mutation of [off, end) that
+// it covers only in part (nil when it covers them whole).
+type edges struct {
+	he, te     edge
+	head, tail *edge
+}
+
+// loadEdges loads the partial end blocks of a mutation of [off, end),
+// whose first and last blocks are b0 and b1, into es.
+func (v *Volume) loadEdges(es *edges, b0, b1, off, end int64, sc *scratch) error {
+	if v.partial(b0, off, end) {
+		if err := v.loadEdge(&es.he, b0, sc.head[:]); err != nil {
+			return err
+		}
+		es.head = &es.he
+	}
+	if b1 > b0 && v.partial(b1, off, end) {
+		if err := v.loadEdge(&es.te, b1, sc.tail[:]); err != nil {
+			return err
+		}
+		es.tail = &es.te
+	}
+	return nil
+}
+
 // exclusively.
 func (v *Volume) writeChunk(p []byte, off int64, gen uint64, sc *scratch) error {
 	end := off + int64(len(p))
 	b0, b1 := off/SumBlockSize, (end-1)/SumBlockSize
-	var he, te edge
-	var head, tail *edge
-	if v.partial(b0, off, end) {
-		if err := v.loadEdge(&he, b0, sc.head[:]); err != nil {
-			return err
-		}
-		head = &he
+	var es edges
+	if err := v.loadEdges(&es, b0, b1, off, end, sc); err != nil {
+		return err
 	}
-	if b1 > b0 && v.partial(b1, off, end) {
-		if err := v.loadEdge(&te, b1, sc.tail[:]); err != nil {
-			return err
-		}
-		tail = &te
-	}
+	head, tail := es.head, es.tail
 	if _, err := v.f.WriteAt(p, off); err != nil {
 		v.dmg.markBlocks(b0, b1, gen) // contents unknown now
 		return err
@@ -574,20 +590,11 @@ func (v *Volume) WriteZeroes(off, length int64, noHole bool) error {
 func (v *Volume) zeroLocked(off, length int64, noHole bool, gen uint64, sc *scratch) error {
 	end := off + length
 	b0, b1 := off/SumBlockSize, (end-1)/SumBlockSize
-	var he, te edge
-	var head, tail *edge
-	if v.partial(b0, off, end) {
-		if err := v.loadEdge(&he, b0, sc.head[:]); err != nil {
-			return err
-		}
-		head = &he
+	var es edges
+	if err := v.loadEdges(&es, b0, b1, off, end, sc); err != nil {
+		return err
 	}
-	if b1 > b0 && v.partial(b1, off, end) {
-		if err := v.loadEdge(&te, b1, sc.tail[:]); err != nil {
-			return err
-		}
-		tail = &te
-	}
+	head, tail := es.head, es.tail
 	if err := v.zeroDataLocked(off, length, noHole); err != nil {
 		v.dmg.markBlocks(b0, b1, gen) // contents unknown now
 		return err

@@ -80,17 +80,7 @@ non-zero when something could not be repaired or still differs.`,
 			}
 			sort.Strings(sum.Sites)
 			sum.OK = len(sum.NoMajority) == 0 && sum.Failed == 0 && len(sum.Remaining) == 0 && len(sum.RecheckErrors) == 0
-			if asJSON {
-				if err := printJSON(out, sum); err != nil {
-					return err
-				}
-			} else {
-				sum.print(out)
-			}
-			if !sum.OK {
-				return errRepairIncomplete
-			}
-			return nil
+			return report(out, asJSON, sum, sum.OK, errRepairIncomplete)
 		},
 	}
 	cmd.Flags().StringVar(&site, "site", "", "repair only this site's copy")

@@ -104,6 +104,23 @@ func printJSON(out io.Writer, v any) error {
 	return enc.Encode(v)
 }
 
+// report prints a command's summary (as JSON with asJSON, else by its
+// print method) and returns failed unless ok: the end of verify and
+// repair, whose exit code says whether all went well.
+func report(out io.Writer, asJSON bool, sum interface{ print(io.Writer) }, ok bool, failed error) error {
+	if asJSON {
+		if err := printJSON(out, sum); err != nil {
+			return err
+		}
+	} else {
+		sum.print(out)
+	}
+	if !ok {
+		return failed
+	}
+	return nil
+}
+
 func usageError(format string, args ...any) error {
 	return fmt.Errorf("usage: "+format, args...)
 }

@@ -79,17 +79,7 @@ func newVolumeVerifyCmd(g *globals) *cobra.Command {
 				}
 			}
 			sum.OK = len(sum.Mismatches) == 0 && len(sum.Unreachable) == 0 && len(sum.Partial) == 0
-			if asJSON {
-				if err := printJSON(out, sum); err != nil {
-					return err
-				}
-			} else {
-				sum.print(out)
-			}
-			if !sum.OK {
-				return errVerifyFailed
-			}
-			return nil
+			return report(out, asJSON, sum, sum.OK, errVerifyFailed)
 		},
 	}
 	cmd.Flags().StringVar(&chunk, "chunk-size", "1MiB", "size of each compared chunk")
