@@ -473,8 +473,6 @@ func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
 	return len(p), nil
 }
 
-// writeChunk writes p (at most sumsChunk blocks) at off and stores the sums
-// of its blocks with one pwrite. The caller holds v.mu and the region locks
 // edges are the blocks at the two ends of a mutation of [off, end) that
 // it covers only in part (nil when it covers them whole).
 type edges struct {
@@ -500,6 +498,8 @@ func (v *Volume) loadEdges(es *edges, b0, b1, off, end int64, sc *scratch) error
 	return nil
 }
 
+// writeChunk writes p (at most sumsChunk blocks) at off and stores the sums
+// of its blocks with one pwrite. The caller holds v.mu and the region locks
 // exclusively.
 func (v *Volume) writeChunk(p []byte, off int64, gen uint64, sc *scratch) error {
 	end := off + int64(len(p))
