@@ -58,6 +58,7 @@ var recordedAgentFlags = []agentFlag{
 	{"raft-leader-overlap", "bool", "true", "ROBIB_RAFT_LEADER_OVERLAP", "false"},
 	{"raft-log-store", "string", "dcd", "ROBIB_RAFT_LOG_STORE", "wal"},
 	{"raft-transport", "string", "wire", "ROBIB_RAFT_TRANSPORT", "msgpack"},
+	{"scrub-interval", "duration", "168h0m0s", "ROBIB_SCRUB_INTERVAL", "24h0m0s"},
 	{"snapshot-interval", "duration", "2s", "ROBIB_SNAPSHOT_INTERVAL", "5s"},
 	{"snapshot-threshold", "uint64", "128", "ROBIB_SNAPSHOT_THRESHOLD", "1024"},
 	{"tls-ca", "string", "", "ROBIB_TLS_CA", "<ca>"},
