@@ -22,7 +22,7 @@ FUZZ      := ./nbdfront:FuzzHandshake ./nbdfront:FuzzTransmission ./nbdfront:Fuz
 	./cmd/internal/config:FuzzParseSize ./cmd/internal/auth:FuzzParse ./cmd/internal/pki:FuzzParseGossipKey \
 	./cmd/internal/pki:FuzzParseCerts ./cluster:FuzzDecodeKeyring ./cluster/dcdlog:FuzzSegment \
 	./cluster/dcdlog:FuzzDamagedSegment ./cluster/wire:FuzzDecodeFrame ./cluster/wire:FuzzDecodeStream \
-	./cluster:FuzzParseReadQuery ./cluster:FuzzParseReadResponse ./cluster:FuzzParseRepairRequest
+	./cluster:FuzzParseReadQuery ./cluster:FuzzParseReadResponse ./cluster:FuzzParseRepairRequest ./cluster:FuzzDecodeCatchUpBase
 
 # staticcheck 2026.2.2 (module v0.8.2) supports Go 1.26; `make lint`
 # installs it into $(go env GOPATH)/bin when that one is missing or another

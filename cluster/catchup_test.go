@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -14,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -480,4 +482,38 @@ func TestCatchUpStatus(t *testing.T) {
 		c.ElapsedNanos < int64(3*time.Second) || c.ElapsedNanos > int64(time.Minute) {
 		t.Fatalf("status %+v", c)
 	}
+}
+
+// FuzzDecodeCatchUpBase: the decoder never panics, refuses only with
+// ErrBadCatchUpBase, and what it accepts encodes and decodes to the same
+// base.
+func FuzzDecodeCatchUpBase(f *testing.F) {
+	if golden, err := os.ReadFile(filepath.Join("testdata", "catchup-base.v1.json")); err == nil {
+		f.Add(golden)
+	}
+	f.Add([]byte(`{"version":1,"index":7,"volumes":[]}`))
+	f.Add([]byte(`{"version":2,"index":7,"volumes":[]}`))
+	f.Add([]byte(`{"version":1,"index":7,"volumes":[{"name":"v","size":4096,"block_size":4096,"created_ns":1,"sync_writes":false}]}`))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		b, err := decodeCatchUpBase(data)
+		if err != nil {
+			if !errors.Is(err, ErrBadCatchUpBase) {
+				t.Fatalf("error %v does not wrap ErrBadCatchUpBase", err)
+			}
+			return
+		}
+		enc, err := json.Marshal(encodeCatchUpBase(b))
+		if err != nil {
+			t.Fatal(err)
+		}
+		again, err := decodeCatchUpBase(enc)
+		if err != nil {
+			t.Fatalf("re-encoded base refused: %v\n%s", err, enc)
+		}
+		if again.Index != b.Index || !slices.EqualFunc(again.Volumes, b.Volumes, func(x, y volume.Meta) bool {
+			return x.Name == y.Name && x.Size == y.Size && x.BlockSize == y.BlockSize && x.Created.Equal(y.Created) && x.SyncWrites == y.SyncWrites
+		}) {
+			t.Fatalf("round trip changed the base: %+v, then %+v", b, again)
+		}
+	})
 }
