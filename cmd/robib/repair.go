@@ -33,32 +33,11 @@ alone. Prints every change (site, offset, length) and a summary; exits
 non-zero when something could not be repaired or still differs.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			chunkSize, err := config.ParseSize(chunk)
-			if err != nil {
-				return fmt.Errorf("--chunk-size: %w", err)
-			}
-			step, err := config.ParseSize(rangeSize)
-			if err != nil {
-				return fmt.Errorf("--range-size: %w", err)
-			}
-			if chunkSize < cluster.RepairBlock || chunkSize%cluster.RepairBlock != 0 {
-				return usageError("--chunk-size must be a multiple of %s", config.FormatSize(cluster.RepairBlock))
-			}
-			if step > cluster.MaxVerifyRange || step < chunkSize || step%chunkSize != 0 {
-				return usageError("--range-size must be a multiple of --chunk-size and at most %s", config.FormatSize(cluster.MaxVerifyRange))
-			}
-			c, err := g.client()
+			s, err := newScan(cmd, g, args[0], chunk, rangeSize, cluster.RepairBlock, quiet || asJSON)
 			if err != nil {
 				return err
 			}
-			v, err := c.GetVolume(cmd.Context(), args[0])
-			if err != nil {
-				return err
-			}
-			out, progress := cmd.OutOrStdout(), cmd.ErrOrStderr()
-			if quiet || asJSON {
-				progress = io.Discard
-			}
+			chunkSize, step, c, v, out, progress := s.chunk, s.step, s.client, s.vol, s.out, s.progress
 			sum := repairSummary{Volume: v.Name, Size: v.Size, ChunkSize: chunkSize, Site: site, Unreachable: map[string]string{}}
 			sites := map[string]bool{}
 			for off := int64(0); off < v.Size; off += step {

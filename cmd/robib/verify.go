@@ -14,6 +14,48 @@ import (
 	"github.com/robib/robib/cmd/internal/config"
 )
 
+// scan is what verify and repair share before they walk a volume: the
+// chunk and range sizes, the API client, the volume, and where the report
+// and the progress lines go.
+type scan struct {
+	chunk, step   int64
+	client        *api.Client
+	vol           api.Volume
+	out, progress io.Writer
+}
+
+// newScan parses --chunk-size and --range-size (a chunk a multiple of
+// align, if align > 0; a range a multiple of the chunk, at most one
+// replicated verify step) and looks the volume up; silent sends no
+// progress.
+func newScan(cmd *cobra.Command, g *globals, name, chunk, rangeSize string, align int64, silent bool) (scan, error) {
+	var s scan
+	var err error
+	if s.chunk, err = config.ParseSize(chunk); err != nil {
+		return s, fmt.Errorf("--chunk-size: %w", err)
+	}
+	if s.step, err = config.ParseSize(rangeSize); err != nil {
+		return s, fmt.Errorf("--range-size: %w", err)
+	}
+	if align > 0 && (s.chunk < align || s.chunk%align != 0) {
+		return s, usageError("--chunk-size must be a multiple of %s", config.FormatSize(align))
+	}
+	if s.step > cluster.MaxVerifyRange || s.step < s.chunk || s.step%s.chunk != 0 {
+		return s, usageError("--range-size must be a multiple of --chunk-size and at most %s", config.FormatSize(cluster.MaxVerifyRange))
+	}
+	if s.client, err = g.client(); err != nil {
+		return s, err
+	}
+	if s.vol, err = s.client.GetVolume(cmd.Context(), name); err != nil {
+		return s, err
+	}
+	s.out, s.progress = cmd.OutOrStdout(), cmd.ErrOrStderr()
+	if silent {
+		s.progress = io.Discard
+	}
+	return s, nil
+}
+
 // errVerifyFailed makes `volume verify` exit non-zero after its report.
 var errVerifyFailed = errors.New("verify failed")
 
@@ -25,29 +67,11 @@ func newVolumeVerifyCmd(g *globals) *cobra.Command {
 		Short: "Compare every site's copy of a volume, chunk by chunk, at the same log index",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			chunkSize, err := config.ParseSize(chunk)
-			if err != nil {
-				return fmt.Errorf("--chunk-size: %w", err)
-			}
-			step, err := config.ParseSize(rangeSize)
-			if err != nil {
-				return fmt.Errorf("--range-size: %w", err)
-			}
-			if step > cluster.MaxVerifyRange || step < chunkSize || step%chunkSize != 0 {
-				return usageError("--range-size must be a multiple of --chunk-size and at most %s", config.FormatSize(cluster.MaxVerifyRange))
-			}
-			c, err := g.client()
+			s, err := newScan(cmd, g, args[0], chunk, rangeSize, 0, quiet || asJSON)
 			if err != nil {
 				return err
 			}
-			v, err := c.GetVolume(cmd.Context(), args[0])
-			if err != nil {
-				return err
-			}
-			out, progress := cmd.OutOrStdout(), cmd.ErrOrStderr()
-			if quiet || asJSON {
-				progress = io.Discard
-			}
+			chunkSize, step, c, v, out, progress := s.chunk, s.step, s.client, s.vol, s.out, s.progress
 			sum := verifySummary{Volume: v.Name, Size: v.Size, ChunkSize: chunkSize, Unreachable: map[string]string{}}
 			sites := map[string]bool{}
 			for off := int64(0); off < v.Size; off += step {
