@@ -598,15 +598,16 @@ func goldenFull() (*stateImage, map[string][]streamEvent, []streamEvent) {
 	return img, writes, events
 }
 
-// produceFullStream runs the live full-stream generator (snapshot.go) over
-// a store holding img's volumes with the given writes.
-func produceFullStream(t *testing.T, img *stateImage, writes map[string][]streamEvent, index, fuzzy uint64) []byte {
+// liveFullStream is the live full-stream generator (snapshot.go) over a
+// store, open until the test ends, holding img's volumes with the given
+// writes.
+func liveFullStream(t *testing.T, img *stateImage, writes map[string][]streamEvent, index, fuzzy uint64) *fullStream {
 	t.Helper()
 	st, err := volume.Open(t.TempDir(), testLogger(t))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer st.Close()
+	t.Cleanup(func() { st.Close() })
 	for _, m := range img.Volumes {
 		v, err := st.Create(m)
 		if err != nil {
@@ -622,6 +623,14 @@ func produceFullStream(t *testing.T, img *stateImage, writes map[string][]stream
 	if err != nil {
 		t.Fatal(err)
 	}
+	return s
+}
+
+// produceFullStream runs the live full-stream generator (snapshot.go) over
+// a store holding img's volumes with the given writes.
+func produceFullStream(t *testing.T, img *stateImage, writes map[string][]streamEvent, index, fuzzy uint64) []byte {
+	t.Helper()
+	s := liveFullStream(t, img, writes, index, fuzzy)
 	b, err := io.ReadAll(s)
 	if err != nil {
 		t.Fatal(err)
@@ -716,26 +725,7 @@ func goldenThin() (img *stateImage, writes map[string][]streamEvent, marks map[s
 func produceThinStream(t *testing.T, img *stateImage, writes map[string][]streamEvent, marks map[string][]uint64,
 	base CatchUpBase, index, fuzzy uint64) []byte {
 	t.Helper()
-	st, err := volume.Open(t.TempDir(), testLogger(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	for _, m := range img.Volumes {
-		v, err := st.Create(m)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, w := range writes[m.Name] {
-			if _, err := v.WriteAt(w.Data, w.Off); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	s, err := newFullStream(st, index, img, func() uint64 { return fuzzy })
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := liveFullStream(t, img, writes, index, fuzzy)
 	var w writeMap
 	w.reset(10, img.Volumes)
 	for name, ms := range marks {
