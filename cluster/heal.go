@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"log/slog"
@@ -638,7 +639,7 @@ func blockSpan(rs []Range, lo, hi, size int64) []Range {
 		}
 		out = append(out, Range{Off: s, Len: e - s})
 	}
-	slices.SortFunc(out, func(a, b Range) int { return compareInt(a.Off, b.Off) })
+	slices.SortFunc(out, func(a, b Range) int { return cmp.Compare(a.Off, b.Off) })
 	merged := out[:0]
 	for _, r := range out {
 		if n := len(merged); n > 0 && r.Off <= merged[n-1].Off+merged[n-1].Len {
@@ -649,16 +650,6 @@ func blockSpan(rs []Range, lo, hi, size int64) []Range {
 		merged = append(merged, r)
 	}
 	return merged
-}
-
-func compareInt(a, b int64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // subtractRanges returns the parts of rs (sorted, disjoint) that no copy
