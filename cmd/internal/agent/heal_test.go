@@ -146,3 +146,14 @@ func TestDamagedCopyServedAndRepaired(t *testing.T) {
 		t.Fatalf("misaligned repair: %v", err)
 	}
 }
+
+// --scrub-interval 0 turns the periodic scrub off, which the cluster
+// package spells as a negative interval (its 0 means the default).
+func TestScrubIntervalFlag(t *testing.T) {
+	if got := scrubInterval(0); got >= 0 {
+		t.Errorf("scrubInterval(0) = %v, want negative (off)", got)
+	}
+	if got := scrubInterval(24 * time.Hour); got != 24*time.Hour {
+		t.Errorf("scrubInterval(24h) = %v", got)
+	}
+}
